@@ -1,0 +1,17 @@
+//! The content-addressed store (castore), wire-compatible with `tvix.castore.v1`.
+//!
+//! - [`digest`]: BLAKE3 digests and how they are printed and parsed.
+//! - [`directory`]: Directory and Node domain types that can only hold valid values.
+//! - [`blob`]: the [`BlobService`] trait and its backends (local files, memory, gRPC).
+//! - [`directory_service`]: the [`DirectoryService`] trait and its backends (redb, memory, gRPC).
+
+pub mod blob;
+pub mod digest;
+pub mod directory;
+pub mod directory_service;
+mod error;
+
+pub use blob::{BlobReader, BlobService, BlobWriter};
+pub use digest::B3Digest;
+pub use directory_service::{DirectoryPutter, DirectoryService};
+pub use error::Error;

@@ -1,0 +1,1 @@
+//! The validated internal model of a BuildRequest.

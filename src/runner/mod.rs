@@ -1,0 +1,1 @@
+//! One BuildRequest -> one microVM -> one Build.

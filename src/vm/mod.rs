@@ -1,0 +1,1 @@
+//! VMM backends and what every VM needs: kernel command line, initrd, host-side vsock.
