@@ -18,3 +18,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Kernel command line key carrying the vsock port the agent dials on the host (CID 2).
 pub const CMDLINE_PORT_KEY: &str = "tvix.agent_port";
+
+/// The port the host listens on unless told otherwise.
+pub const DEFAULT_AGENT_PORT: u32 = 1024;
