@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and test tvix-build-vm, and nothing
+# that is already there: Debian packages, cargo-installed helpers, the guest kernel (cached
+# outside the checkout, see kernel-config/build.sh) and the static guest agent.
+# Idempotent and quick when everything is present. Prints `export` lines for the artefacts
+# when given --print-env.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+apt_packages=(
+  qemu-system-x86        # the VMM that runs here (TCG)
+  linux-source-6.1       # guest kernel source
+  bc flex bison libelf-dev libssl-dev  # guest kernel build
+  busybox-static         # test guests and example builds
+  e2fsprogs              # formats scratch disks
+  libseccomp-dev libcap-ng-dev  # the virtiofsd crate links libcap-ng
+  nix-bin                # nix-instantiate --parse default.nix
+  bubblewrap b3sum       # benchmark peers
+  xz-utils pkg-config gcc make
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq >&2
+  $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo_install() { # crate version binary
+  if ! "$3" --version 2>/dev/null | grep -qF "$2"; then
+    echo "install-deps: cargo install $1@$2" >&2
+    cargo install --locked --quiet "$1@$2" >&2
+  fi
+}
+cargo_install vhost-device-vsock 0.3.0 vhost-device-vsock
+command -v cargo-nextest >/dev/null || cargo install --locked --quiet cargo-nextest >&2
+
+kernel_dir=$(kernel-config/build.sh)
+agent=$(scripts/build-agent.sh)
+
+if [ "${1:-}" = "--print-env" ]; then
+  echo "export TVIX_BUILD_VM_KERNEL=$kernel_dir/vmlinux"
+  echo "export TVIX_BUILD_VM_AGENT=$agent"
+  echo "export PATH=$HOME/.cargo/bin:\$PATH"
+fi
