@@ -166,7 +166,10 @@ fn check_sorted<'a, T: Ord + fmt::Debug + ?Sized + 'a>(
     for (i, item) in items.enumerate() {
         if let Some(p) = prev {
             if p == item {
-                return Err(invalid(format!("{field}[{i}]"), format!("{item:?} is a duplicate")));
+                return Err(invalid(
+                    format!("{field}[{i}]"),
+                    format!("{item:?} is a duplicate"),
+                ));
             }
             if p > item {
                 return Err(invalid(
@@ -194,7 +197,11 @@ impl RawRequest {
             let (name, node) = Node::from_proto(node).map_err(|e| invalid(&field, e))?;
             if let Some(prev) = &prev_name {
                 if *prev >= name {
-                    let why = if *prev == name { "a duplicate" } else { "not sorted" };
+                    let why = if *prev == name {
+                        "a duplicate"
+                    } else {
+                        "not sorted"
+                    };
                     return Err(invalid(field, format!("name {name} is {why}")));
                 }
             }
@@ -228,11 +235,16 @@ impl RawRequest {
             let field = format!("outputs[{i}]");
             let path = parse_path(field.clone(), o)?;
             if !scratch_paths.iter().any(|s| path.is_inside(s)) {
-                return Err(invalid(field, format!("{path} is not inside any scratch path")));
+                return Err(invalid(
+                    field,
+                    format!("{path} is not inside any scratch path"),
+                ));
             }
             // An output that names an input would be "produced" by the overlay alone.
             if path.parent() == Some(inputs_dir.as_str())
-                && inputs.keys().any(|n| n.as_ref() == path.file_name().as_bytes())
+                && inputs
+                    .keys()
+                    .any(|n| n.as_ref() == path.file_name().as_bytes())
             {
                 return Err(invalid(field, format!("{path} is also an input")));
             }
@@ -247,13 +259,19 @@ impl RawRequest {
         for (i, (key, value)) in self.environment_vars.iter().enumerate() {
             let field = format!("environment_vars[{i}]");
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(invalid(field, format!("key {key:?} is empty or has '=' or NUL")));
+                return Err(invalid(
+                    field,
+                    format!("key {key:?} is empty or has '=' or NUL"),
+                ));
             }
             check_exec_string(&field, value)?;
         }
 
         let mut constraints = self.constraints;
-        check_len("constraints.available_ro_paths", &constraints.available_ro_paths)?;
+        check_len(
+            "constraints.available_ro_paths",
+            &constraints.available_ro_paths,
+        )?;
         check_sorted(
             "constraints.available_ro_paths",
             constraints.available_ro_paths.iter(),

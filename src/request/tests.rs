@@ -21,7 +21,11 @@ fn env(k: &str, v: &str) -> pb::build_request::EnvVar {
 
 fn seed() -> pb::BuildRequest {
     pb::BuildRequest {
-        command_args: vec!["/nix/store/aaa-busybox/bin/sh".into(), "-c".into(), "true".into()],
+        command_args: vec![
+            "/nix/store/aaa-busybox/bin/sh".into(),
+            "-c".into(),
+            "true".into(),
+        ],
         outputs: vec!["fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo".into()],
         environment_vars: vec![env("HOME", "/homeless-shelter"), env("out", "/nix/store/x")],
         inputs: vec![file_node("aaa-busybox"), file_node("bbb-src")],
@@ -45,9 +49,18 @@ fn seed_layout_maps_onto_the_model() {
     assert_eq!(r.working_dir.as_str(), "build");
     let scratch: Vec<_> = r.scratch_paths.iter().map(|p| p.as_str()).collect();
     assert_eq!(scratch, ["build", "nix/store"]);
-    assert_eq!(r.outputs[0].as_str(), "nix/store/fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo");
-    assert_eq!(r.outputs[0].file_name(), "fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo");
-    assert_eq!(r.outputs[0].guest_path(), "/nix/store/fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo");
+    assert_eq!(
+        r.outputs[0].as_str(),
+        "nix/store/fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo"
+    );
+    assert_eq!(
+        r.outputs[0].file_name(),
+        "fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo"
+    );
+    assert_eq!(
+        r.outputs[0].guest_path(),
+        "/nix/store/fhaj6gmwns62s6ypkcldbaj2ybvkhx3p-foo"
+    );
     assert_eq!(r.inputs.len(), 2);
     assert_eq!(r.constraints.available_ro_paths, ["/dev/kvm"]);
 }
@@ -160,21 +173,37 @@ fn the_2024_model_checks_paths_and_scratch_membership() {
 
     let mut r = base.clone();
     r.outputs = vec!["etc/x".into()];
-    assert_eq!(r.validate(Layout::Tvix2024).unwrap_err().field, "outputs[0]");
+    assert_eq!(
+        r.validate(Layout::Tvix2024).unwrap_err().field,
+        "outputs[0]"
+    );
 
     for bad in ["/build", "build/", "a//b", "./a", "a/.."] {
         let mut r = base.clone();
         r.working_dir = bad.into();
-        assert_eq!(r.validate(Layout::Tvix2024).unwrap_err().field, "working_dir", "{bad:?}");
+        assert_eq!(
+            r.validate(Layout::Tvix2024).unwrap_err().field,
+            "working_dir",
+            "{bad:?}"
+        );
     }
 
     let mut r = base.clone();
     r.additional_files = vec![("b".into(), Bytes::new()), ("a".into(), Bytes::new())];
-    assert_eq!(r.validate(Layout::Tvix2024).unwrap_err().field, "additional_files[1]");
+    assert_eq!(
+        r.validate(Layout::Tvix2024).unwrap_err().field,
+        "additional_files[1]"
+    );
 
     let mut r = base;
-    r.additional_files = vec![("build/big".into(), Bytes::from(vec![0u8; MAX_ADDITIONAL_FILES_BYTES + 1]))];
-    assert_eq!(r.validate(Layout::Tvix2024).unwrap_err().field, "additional_files[0]");
+    r.additional_files = vec![(
+        "build/big".into(),
+        Bytes::from(vec![0u8; MAX_ADDITIONAL_FILES_BYTES + 1]),
+    )];
+    assert_eq!(
+        r.validate(Layout::Tvix2024).unwrap_err().field,
+        "additional_files[0]"
+    );
 }
 
 #[test]

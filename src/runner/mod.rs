@@ -1,1 +1,2 @@
 //! One BuildRequest -> one microVM -> one Build.
+pub mod runtime_dir;

@@ -1,0 +1,289 @@
+//! The runtime directory of one build: its sockets, serial log, scratch image and the pids of
+//! its processes, removed on every way out.
+//!
+//! Ownership is a `flock` on `owner.lock` inside the directory, held for the build's whole
+//! life. The kernel drops it when the owner dies, however it dies, so a later start-up can
+//! tell a stale directory (lock free) from one a live process is using (lock held) without
+//! guessing from names or ages, and only then kill what that directory's `pids` file
+//! recorded.
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use tracing::{info, warn};
+
+const LOCK_FILE: &str = "owner.lock";
+const PIDS_FILE: &str = "pids";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeDirError {
+    #[error("creating runtime directory {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("locking {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("recording pid {pid} in {path}")]
+    RecordPid {
+        pid: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A build's runtime directory; removed when dropped.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl RuntimeDir {
+    /// Creates `root/name` (mode 0700, `root` too if missing) and takes its ownership lock.
+    pub fn create(root: &Path, name: &str) -> Result<Self, RuntimeDirError> {
+        let create_err = |path: &Path, source| RuntimeDirError::Create {
+            path: path.to_owned(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| create_err(root, e))?;
+        let path = root.join(name);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| create_err(&path, e))?;
+        let lock_path = path.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| create_err(&lock_path, e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, source)| {
+            RuntimeDirError::Lock {
+                path: lock_path,
+                source,
+            }
+        })?;
+        Ok(Self { path, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Records a process of this build, with its start time so that a sweep never kills a
+    /// later process that happens to reuse the pid.
+    pub fn record_pid(&self, pid: u32) -> Result<(), RuntimeDirError> {
+        let path = self.path.join(PIDS_FILE);
+        let record = || -> io::Result<()> {
+            let start = process_start_time(pid)?;
+            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+            writeln!(f, "{pid} {start}")
+        };
+        record().map_err(|source| RuntimeDirError::RecordPid {
+            pid,
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!(path = %self.path.display(), error = %e, "could not remove runtime directory");
+            }
+        }
+    }
+}
+
+/// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+fn process_start_time(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+}
+
+/// What a sweep found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub removed_dirs: usize,
+    pub killed_pids: usize,
+    pub busy_dirs: usize,
+}
+
+/// Removes the runtime directories under `root` whose owner is gone, after killing every
+/// process they recorded that is still the same process. Directories a live process owns
+/// are left alone, so this is safe to run while other builds are running.
+pub fn sweep(root: &Path) -> io::Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let dir = entry?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let lock = match File::open(dir.join(LOCK_FILE)) {
+            Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => Some(lock),
+                Err(_) => {
+                    report.busy_dirs += 1;
+                    continue;
+                }
+            },
+            // Crashed between mkdir and creating the lock: nothing can have been recorded.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        report.killed_pids += kill_recorded(&dir.join(PIDS_FILE));
+        fs::remove_dir_all(&dir)?;
+        drop(lock);
+        report.removed_dirs += 1;
+    }
+    if report.removed_dirs > 0 {
+        info!(
+            root = %root.display(),
+            removed = report.removed_dirs,
+            killed = report.killed_pids,
+            "swept runtime directories left by a previous run"
+        );
+    }
+    Ok(report)
+}
+
+fn kill_recorded(pids_file: &Path) -> usize {
+    let Ok(text) = fs::read_to_string(pids_file) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(Ok(pid)), Some(Ok(start))) = (
+            fields.next().map(str::parse::<u32>),
+            fields.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if process_start_time(pid).ok() == Some(start)
+            && kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn dropped_dir_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = RuntimeDir::create(root.path(), "b1").unwrap();
+        let p = dir.path().to_owned();
+        fs::write(dir.join("serial.log"), b"x").unwrap();
+        assert!(p.is_dir());
+        drop(dir);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn second_create_of_same_name_fails() {
+        let root = tempfile::tempdir().unwrap();
+        let _a = RuntimeDir::create(root.path(), "b1").unwrap();
+        assert!(matches!(
+            RuntimeDir::create(root.path(), "b1"),
+            Err(RuntimeDirError::Create { .. })
+        ));
+    }
+
+    #[test]
+    fn sweep_skips_live_owner_and_kills_orphans_of_dead_owner() {
+        let root = tempfile::tempdir().unwrap();
+        let live = RuntimeDir::create(root.path(), "live").unwrap();
+
+        // A stale directory: its owner is gone (lock file present, unlocked) and it recorded
+        // a process that is still running.
+        let stale = root.path().join("stale");
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join(LOCK_FILE), b"").unwrap();
+        let mut orphan = Command::new("sleep").arg("60").spawn().unwrap();
+        let start = process_start_time(orphan.id()).unwrap();
+        // A recorded pid whose start time does not match must be left alone.
+        let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+        fs::write(
+            stale.join(PIDS_FILE),
+            format!("{} {start}\n{} 1\ngarbage\n", orphan.id(), bystander.id()),
+        )
+        .unwrap();
+
+        let report = sweep(root.path()).unwrap();
+        assert_eq!(
+            report,
+            SweepReport {
+                removed_dirs: 1,
+                killed_pids: 1,
+                busy_dirs: 1
+            }
+        );
+        assert!(!stale.exists());
+        assert!(live.path().is_dir());
+        let status = orphan.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "bystander was killed"
+        );
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
+    }
+
+    #[test]
+    fn record_pid_writes_pid_and_start_time() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = RuntimeDir::create(root.path(), "b").unwrap();
+        let me = std::process::id();
+        dir.record_pid(me).unwrap();
+        let text = fs::read_to_string(dir.join(PIDS_FILE)).unwrap();
+        assert_eq!(text, format!("{me} {}\n", process_start_time(me).unwrap()));
+    }
+}
