@@ -1,2 +1,5 @@
 //! One BuildRequest -> one microVM -> one Build.
+
+pub mod constraints;
+pub mod job;
 pub mod runtime_dir;

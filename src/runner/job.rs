@@ -1,0 +1,96 @@
+//! Translating a validated request into the Job the guest agent runs.
+
+use crate::request::BuildRequest;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits};
+
+/// The build user, as in Nix's sandbox.
+pub const BUILD_UID: u32 = 1000;
+pub const BUILD_GID: u32 = 100;
+/// The virtio-fs tag of the inputs share.
+pub const INPUTS_TAG: &str = "inputs";
+
+/// Guest memory kept out of the build's cgroup so that the agent survives a build's OOM and
+/// can report it.
+const AGENT_RESERVE_MIB: u32 = 48;
+/// Processes in one build's cgroup: generous for parallel builds, fatal to a fork bomb.
+const MAX_PROCESSES: u64 = 4096;
+
+pub fn job_for(req: &BuildRequest, memory_mib: u32) -> Job {
+    let clock_unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Job {
+        argv: req
+            .command_args
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
+        env: req
+            .environment_vars
+            .iter()
+            .map(|(k, v)| EnvVar {
+                key: k.as_bytes().to_vec(),
+                value: v.to_vec(),
+            })
+            .collect(),
+        working_dir: req.working_dir.guest_path(),
+        inputs_dir: req.inputs_dir.guest_path(),
+        scratch_paths: req.scratch_paths.iter().map(|p| p.guest_path()).collect(),
+        outputs: req.outputs.iter().map(|p| p.guest_path()).collect(),
+        uid: BUILD_UID,
+        gid: BUILD_GID,
+        additional_files: req
+            .additional_files
+            .iter()
+            .map(|(p, c)| AdditionalFile {
+                path: p.guest_path(),
+                contents: c.to_vec(),
+            })
+            .collect(),
+        bin_sh: String::new(),
+        clock_unix_ns,
+        inputs_tag: INPUTS_TAG.into(),
+        scratch_device: String::new(),
+        network: false,
+        limits: Some(Limits {
+            memory_bytes: u64::from(memory_mib.saturating_sub(AGENT_RESERVE_MIB)) * 1024 * 1024,
+            max_processes: MAX_PROCESSES,
+            tmpfs_bytes: 0,
+        }),
+        extra_mounts: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{Layout, RawRequest};
+    use bytes::Bytes;
+
+    #[test]
+    fn paths_become_absolute_and_env_is_exact() {
+        let req = RawRequest {
+            command_args: vec!["/bin/sh".into(), "-c".into(), "x".into()],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            outputs: vec!["nix/store/abc-out".into()],
+            environment_vars: vec![("A".into(), Bytes::from_static(b"1"))],
+            ..Default::default()
+        }
+        .validate(Layout::Seed)
+        .unwrap();
+        let job = job_for(&req, 512);
+        assert_eq!(job.argv, [b"/bin/sh".to_vec(), b"-c".to_vec(), b"x".to_vec()]);
+        assert_eq!(job.working_dir, "/build");
+        assert_eq!(job.inputs_dir, "/nix/store");
+        assert_eq!(job.scratch_paths, ["/build", "/nix/store"]);
+        assert_eq!(job.outputs, ["/nix/store/abc-out"]);
+        assert_eq!(job.env.len(), 1);
+        assert_eq!((job.uid, job.gid), (1000, 100));
+        assert_eq!(job.limits.unwrap().memory_bytes, (512 - 48) * 1024 * 1024);
+        assert!(job.clock_unix_ns > 1_700_000_000_000_000_000);
+    }
+}
