@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
+pub mod request_args;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tvix-build-vm",

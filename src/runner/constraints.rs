@@ -47,7 +47,10 @@ pub struct VmShape {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Unsatisfiable {
     #[error("constraints.system {system:?} is not built on this host (it builds {offered:?})")]
-    System { system: String, offered: Vec<String> },
+    System {
+        system: String,
+        offered: Vec<String>,
+    },
     #[error("constraints.min_memory {requested} bytes exceeds this host's limit of {max_mib} MiB")]
     Memory { requested: u64, max_mib: u32 },
     #[error("constraints.available_ro_paths {path:?}: nested virtualization is not offered on this host")]
@@ -121,15 +124,25 @@ mod tests {
     #[test]
     fn default_memory_and_rounding() {
         let offer = HostOffer::default();
-        assert_eq!(offer.shape_for(&req("x86_64-linux", 0, &[])).unwrap().memory_mib, 512);
-        let s = offer.shape_for(&req("x86_64-linux", 1024 * MIB + 1, &[])).unwrap();
+        assert_eq!(
+            offer
+                .shape_for(&req("x86_64-linux", 0, &[]))
+                .unwrap()
+                .memory_mib,
+            512
+        );
+        let s = offer
+            .shape_for(&req("x86_64-linux", 1024 * MIB + 1, &[]))
+            .unwrap();
         assert_eq!(s.memory_mib, 1025);
         assert!(!s.nested_virtualization);
     }
 
     #[test]
     fn unknown_system_is_unsatisfiable() {
-        let e = HostOffer::default().shape_for(&req("aarch64-linux", 0, &[])).unwrap_err();
+        let e = HostOffer::default()
+            .shape_for(&req("aarch64-linux", 0, &[]))
+            .unwrap_err();
         assert!(matches!(e, Unsatisfiable::System { .. }));
         assert!(e.to_string().contains("aarch64-linux"));
     }
@@ -163,7 +176,10 @@ mod tests {
     fn other_paths_are_denied_unless_allowed() {
         let mut offer = HostOffer::default();
         let r = req("x86_64-linux", 0, &["/etc/ssl/certs"]);
-        assert!(matches!(offer.shape_for(&r), Err(Unsatisfiable::RoPath { .. })));
+        assert!(matches!(
+            offer.shape_for(&r),
+            Err(Unsatisfiable::RoPath { .. })
+        ));
         offer.allowed_ro_paths.push("/etc/ssl/certs".into());
         assert_eq!(offer.shape_for(&r).unwrap().ro_paths, ["/etc/ssl/certs"]);
     }

@@ -83,7 +83,10 @@ mod tests {
         .validate(Layout::Seed)
         .unwrap();
         let job = job_for(&req, 512);
-        assert_eq!(job.argv, [b"/bin/sh".to_vec(), b"-c".to_vec(), b"x".to_vec()]);
+        assert_eq!(
+            job.argv,
+            [b"/bin/sh".to_vec(), b"-c".to_vec(), b"x".to_vec()]
+        );
         assert_eq!(job.working_dir, "/build");
         assert_eq!(job.inputs_dir, "/nix/store");
         assert_eq!(job.scratch_paths, ["/build", "/nix/store"]);

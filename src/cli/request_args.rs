@@ -1,0 +1,251 @@
+//! Assembling a seed-layout BuildRequest from a proto3 JSON file and convenience flags.
+
+use crate::proto::{build as pb, castore as castore_pb};
+use bytes::Bytes;
+use clap::Args;
+use std::path::PathBuf;
+
+/// Nix's sandbox defaults, which tvix fills in from a derivation; used when the request is
+/// assembled from flags alone, each overridable with `--env`.
+const NIX_DEFAULT_ENV: &[(&str, &str)] = &[
+    ("HOME", "/homeless-shelter"),
+    ("NIX_BUILD_CORES", "0"),
+    ("NIX_BUILD_TOP", "/build"),
+    ("NIX_LOG_FD", "2"),
+    ("NIX_STORE", "/nix/store"),
+    ("PATH", "/path-not-set"),
+    ("PWD", "/build"),
+    ("TEMP", "/build"),
+    ("TEMPDIR", "/build"),
+    ("TERM", "xterm-256color"),
+    ("TMP", "/build"),
+    ("TMPDIR", "/build"),
+];
+
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// A BuildRequest in proto3 JSON (the seed layout); `-` reads standard input. The flags
+    /// below add to it.
+    #[arg(long, value_name = "FILE")]
+    pub request: Option<PathBuf>,
+    /// Import a host path into the store and add it as an input, named by its basename
+    /// (visible in the guest as /nix/store/<basename>).
+    #[arg(long = "input", value_name = "PATH")]
+    pub inputs: Vec<PathBuf>,
+    /// Set an environment variable (overrides the request's and Nix's defaults).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// An output basename in /nix/store the build must produce.
+    #[arg(long = "output", value_name = "NAME")]
+    pub outputs: Vec<String>,
+    /// constraints.system (default: x86_64-linux when no request file is given).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// constraints.min_memory, e.g. 512M or 2G.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// The command and its arguments (replaces the request's).
+    #[arg(last = true, value_name = "ARGV")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestArgsError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a BuildRequest in proto3 JSON")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Parses a byte size with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?}")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size like 512M"))
+}
+
+impl RequestArgs {
+    /// The request file (if any) with the flags applied; `imported` are the root nodes of
+    /// `--input` paths, already named by their basenames. Lists are sorted as the wire
+    /// contract requires; validation happens afterwards, once, like for any request.
+    pub fn assemble(
+        &self,
+        imported: Vec<castore_pb::Node>,
+    ) -> Result<pb::BuildRequest, RequestArgsError> {
+        let mut req = match &self.request {
+            Some(path) => {
+                let text = if path.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())
+                } else {
+                    std::fs::read_to_string(path)
+                }
+                .map_err(|source| RequestArgsError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_json::from_str::<pb::BuildRequest>(&text).map_err(|source| {
+                    RequestArgsError::Json {
+                        path: path.clone(),
+                        source,
+                    }
+                })?
+            }
+            None => pb::BuildRequest {
+                environment_vars: NIX_DEFAULT_ENV.iter().map(|(k, v)| env_var(k, v)).collect(),
+                ..Default::default()
+            },
+        };
+
+        if !self.argv.is_empty() {
+            req.command_args = self.argv.clone();
+        }
+        if !imported.is_empty() {
+            req.inputs.extend(imported);
+            req.inputs.sort_by(|a, b| node_name(a).cmp(node_name(b)));
+        }
+        for (k, v) in &self.env {
+            req.environment_vars.retain(|e| e.key != *k);
+            req.environment_vars.push(env_var(k, v));
+        }
+        req.environment_vars.sort_by(|a, b| a.key.cmp(&b.key));
+        if !self.outputs.is_empty() {
+            req.outputs.extend(self.outputs.iter().cloned());
+            req.outputs.sort();
+        }
+        let constraints = req.constraints.get_or_insert_with(Default::default);
+        if let Some(system) = &self.system {
+            constraints.system = system.clone();
+        } else if self.request.is_none() {
+            constraints.system = "x86_64-linux".into();
+        }
+        if let Some(m) = self.memory {
+            constraints.min_memory = m;
+        }
+        Ok(req)
+    }
+}
+
+fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
+    pb::build_request::EnvVar {
+        key: k.to_owned(),
+        value: Bytes::copy_from_slice(v.as_bytes()),
+    }
+}
+
+fn node_name(n: &castore_pb::Node) -> &[u8] {
+    use castore_pb::node::Node;
+    match &n.node {
+        Some(Node::Directory(d)) => &d.name,
+        Some(Node::File(f)) => &f.name,
+        Some(Node::Symlink(s)) => &s.name,
+        None => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: RequestArgs,
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn flags_alone_give_nix_defaults_sorted_with_overrides() {
+        let t = T::parse_from([
+            "t",
+            "--env",
+            "out=/nix/store/o",
+            "--env",
+            "PATH=/bin",
+            "--output",
+            "o",
+            "--",
+            "/bin/sh",
+            "-c",
+            "true",
+        ]);
+        let req = t.a.assemble(Vec::new()).unwrap();
+        assert_eq!(req.command_args, ["/bin/sh", "-c", "true"]);
+        assert_eq!(req.outputs, ["o"]);
+        let keys: Vec<_> = req
+            .environment_vars
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        let path = req
+            .environment_vars
+            .iter()
+            .find(|e| e.key == "PATH")
+            .unwrap();
+        assert_eq!(&path.value[..], b"/bin");
+        assert_eq!(req.environment_vars.len(), NIX_DEFAULT_ENV.len() + 1);
+        assert_eq!(req.constraints.unwrap().system, "x86_64-linux");
+    }
+
+    #[test]
+    fn request_file_is_read_and_bad_json_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("r.json");
+        std::fs::write(
+            &good,
+            r#"{"commandArgs":[":"],"outputs":["x"],"constraints":{"system":":"}}"#,
+        )
+        .unwrap();
+        let t = T::parse_from(["t", "--request", good.to_str().unwrap()]);
+        let req = t.a.assemble(Vec::new()).unwrap();
+        assert_eq!(req.command_args, [":"]);
+        assert_eq!(req.constraints.unwrap().system, ":");
+        assert!(req.environment_vars.is_empty());
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{").unwrap();
+        let t = T::parse_from(["t", "--request", bad.to_str().unwrap()]);
+        let e = t.a.assemble(Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("bad.json"), "{e}");
+    }
+}
