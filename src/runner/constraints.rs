@@ -62,7 +62,7 @@ pub enum Unsatisfiable {
 impl HostOffer {
     pub fn shape_for(&self, req: &BuildRequest) -> Result<VmShape, Unsatisfiable> {
         let c = &req.constraints;
-        if !self.systems.iter().any(|s| *s == c.system) {
+        if !self.systems.contains(&c.system) {
             return Err(Unsatisfiable::System {
                 system: c.system.clone(),
                 offered: self.systems.clone(),
@@ -88,7 +88,7 @@ impl HostOffer {
                     return Err(Unsatisfiable::NestedVirtualization { path: path.clone() });
                 }
                 nested_virtualization = true;
-            } else if self.allowed_ro_paths.iter().any(|p| p == path) {
+            } else if self.allowed_ro_paths.contains(path) {
                 ro_paths.push(path.clone());
             } else {
                 return Err(Unsatisfiable::RoPath { path: path.clone() });
