@@ -1,5 +1,6 @@
 //! One BuildRequest -> one microVM -> one Build.
 
+pub mod admission;
 pub mod constraints;
 pub mod job;
 pub mod runtime_dir;
