@@ -16,6 +16,7 @@ pub mod agent;
 pub mod castore;
 pub mod cli;
 pub mod fs;
+pub mod metrics;
 pub mod proto;
 pub mod request;
 pub mod runner;
