@@ -36,7 +36,7 @@ pub enum ExecError {
         #[source]
         source: Errno,
     },
-    #[error("{step} for {program}")]
+    #[error("start {program}: {step}")]
     Child {
         step: &'static str,
         program: String,

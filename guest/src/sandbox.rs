@@ -440,3 +440,52 @@ pub fn c_path(path: &Path) -> Option<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(path.as_os_str().as_bytes()).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn me() -> DirAttrs {
+        DirAttrs {
+            mode: 0o755,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    #[test]
+    fn write_file_creates_parents_with_owner_and_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = open_dir(tmp.path()).unwrap();
+        let path = GuestPath::parse("t", "/build/sub/.attrs.json").unwrap();
+        write_file(root.as_fd(), &path, b"{}", me()).unwrap();
+        let file = tmp.path().join("build/sub/.attrs.json");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{}");
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
+        assert_eq!(meta.uid(), me().uid);
+        let dir = std::fs::metadata(tmp.path().join("build/sub")).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o7777, 0o755);
+        // Writing again replaces the contents.
+        write_file(root.as_fd(), &path, b"x", me()).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn ensure_dir_refuses_symlinks_on_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
+        let root = open_dir(tmp.path()).unwrap();
+        let err = ensure_dir(root.as_fd(), "link/sub", me()).err().unwrap();
+        assert!(
+            matches!(&err, SandboxError::At { what: "open", path, .. } if path == "/link"),
+            "{err:?}"
+        );
+        assert!(!outside.path().join("sub").exists());
+        let file = GuestPath::parse("t", "/link/f").unwrap();
+        assert!(write_file(root.as_fd(), &file, b"x", me()).is_err());
+        assert!(!outside.path().join("f").exists());
+    }
+}
