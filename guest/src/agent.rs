@@ -1,4 +1,9 @@
 //! The agent's life, from the first mount to power-off. Every path ends in `power_off`.
+//!
+//! `AgentFailure.phase` names what failed: `init` (PID-1 mounts, hostname, loopback, signalfd;
+//! reported right after Hello), `cmdline`, `read job`, `job` (invalid Job), `clock`,
+//! `sandbox`, `network`, `cgroup`, `exec`, `logs`, `exited`, `outputs`, `panic`. Failures
+//! before there is a connection (`connect`, `hello`) only reach the serial console.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
