@@ -98,7 +98,7 @@ impl Decoder {
     /// The next whole message, or `None` if more bytes are needed.
     #[expect(
         clippy::should_implement_trait,
-        reason = "generic over the message type and fallible, so not an Iterator"
+        reason = "fallible and generic over the message type, so not an Iterator; the host uses this name"
     )]
     pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
         let Some(len) = self.announced()? else {

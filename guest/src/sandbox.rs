@@ -1,0 +1,491 @@
+//! The build's filesystem: a fresh root on the scratch filesystem that the build is chrooted
+//! into, so it never sees the agent's initramfs.
+//!
+//! ```text
+//! /scratch                 tmpfs (limits.tmpfs_bytes, else half of RAM) or the ext4 scratch disk
+//! /scratch/overlay/{upper,work}   writable layer of inputs_dir
+//! /scratch/root            the build's /
+//!   <inputs_dir>           overlay(lower = virtio-fs inputs, upper) if inputs_dir is a scratch
+//!                          path, else the virtio-fs share itself, read-only
+//!   <scratch paths>        empty directories owned by uid:gid
+//!   <extra mounts>         read-only virtio-fs shares
+//!   /dev                   tmpfs: null zero full random urandom tty [kvm], pts (own devpts
+//!                          instance), ptmx -> pts/ptmx, shm (tmpfs 1777), fd, stdin/out/err
+//!   /proc                  procfs, hidepid=2 (the build sees only its own processes)
+//!   /etc                   passwd, group, hosts [, resolv.conf with network]
+//!   /bin/sh                if bin_sh is set
+//! ```
+//!
+//! Everything is built before the command starts, so the only symlinks that could mislead the
+//! path walks here come from the inputs; those walks refuse symlinks altogether.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::mount::MsFlags;
+use nix::sys::stat::{fchmodat, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
+use nix::unistd::{fchownat, Gid, Uid};
+
+use crate::job::{GuestPath, JobSpec};
+use crate::sys::{self, SysError};
+use crate::users;
+
+/// Where the scratch filesystem is mounted in the agent's root.
+pub const SCRATCH: &str = "/scratch";
+/// The build's root directory, as the agent sees it.
+pub const ROOT: &str = "/scratch/root";
+const OVERLAY_UPPER: &str = "/scratch/overlay/upper";
+const OVERLAY_WORK: &str = "/scratch/overlay/work";
+/// Where the inputs share is mounted when it is the lower layer of an overlay.
+const INPUTS_LOWER: &str = "/mnt/inputs";
+
+/// Character devices of the sandbox's /dev: name, major, minor.
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("{what} {path}")]
+    At {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("write {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bin_sh {0} exists neither in the sandbox nor in the agent's root")]
+    NoBinSh(String),
+}
+
+fn at(what: &'static str, path: impl Into<String>) -> impl FnOnce(Errno) -> SandboxError {
+    let path = path.into();
+    move |source| SandboxError::At { what, path, source }
+}
+
+/// The prepared root of the build.
+pub struct Sandbox {
+    /// The root as a path in the agent's view, for chroot.
+    pub root: PathBuf,
+    /// The root, opened for resolving paths inside it.
+    pub root_fd: OwnedFd,
+}
+
+/// Mode, owner and group of directories this module creates.
+#[derive(Debug, Clone, Copy)]
+struct DirAttrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+const ROOT_DIR: DirAttrs = DirAttrs {
+    mode: 0o755,
+    uid: 0,
+    gid: 0,
+};
+
+/// Builds the whole sandbox for `job`.
+pub fn build(job: &JobSpec) -> Result<Sandbox, SandboxError> {
+    mount_scratch(job)?;
+    sys::mkdir_all(Path::new(ROOT), 0o755)?;
+    let root_fd = open_dir(Path::new(ROOT))?;
+    let root = root_fd.as_fd();
+    let user = DirAttrs {
+        mode: 0o755,
+        uid: job.uid,
+        gid: job.gid,
+    };
+
+    mount_inputs(root, job)?;
+    for dir in &job.scratch_dirs {
+        ensure_dir(root, dir.rel(), ROOT_DIR)?;
+        set_attrs(root, dir.rel(), user)?;
+    }
+    for (tag, path) in &job.extra_mounts {
+        ensure_dir(root, path.rel(), ROOT_DIR)?;
+        sys::mount(
+            Some(tag),
+            &in_root(path),
+            "virtiofs",
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        )?;
+    }
+    populate_dev(root)?;
+    ensure_dir(root, "proc", ROOT_DIR)?;
+    sys::mount(
+        None,
+        Path::new(&format!("{ROOT}/proc")),
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("hidepid=2"),
+    )?;
+    write_etc(root, job)?;
+    if let Some(sh) = &job.bin_sh {
+        provide_bin_sh(root, sh)?;
+    }
+    for (path, contents) in &job.additional_files {
+        write_file(root, path, contents, user)?;
+    }
+    ensure_dir(root, job.working_dir.rel(), user)?;
+    Ok(Sandbox {
+        root: PathBuf::from(ROOT),
+        root_fd,
+    })
+}
+
+/// The agent's view of a guest path inside the sandbox.
+fn in_root(path: &GuestPath) -> PathBuf {
+    PathBuf::from(format!("{ROOT}/{}", path.rel()))
+}
+
+fn mount_scratch(job: &JobSpec) -> Result<(), SandboxError> {
+    let target = Path::new(SCRATCH);
+    sys::mkdir_all(target, 0o755)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    match &job.scratch_device {
+        Some(dev) => sys::mount(Some(dev.as_str()), target, "ext4", flags, None)?,
+        None => {
+            let mut opts = String::from("mode=0755");
+            if job.tmpfs_bytes > 0 {
+                opts.push_str(&format!(",size={}", job.tmpfs_bytes));
+            }
+            sys::mount(None, target, "tmpfs", flags, Some(&opts))?
+        }
+    }
+    Ok(())
+}
+
+/// inputs_dir: an overlay when writable (Nix's store is 1775 root:nixbld there), else the
+/// share itself, read-only. Without a share there is nothing below, so no overlay is needed.
+fn mount_inputs(root: BorrowedFd, job: &JobSpec) -> Result<(), SandboxError> {
+    let dir = &job.inputs_dir;
+    let target = in_root(dir);
+    let store = DirAttrs {
+        mode: 0o1775,
+        uid: 0,
+        gid: job.gid,
+    };
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    ensure_dir(root, dir.rel(), ROOT_DIR)?;
+    match (&job.inputs_tag, job.inputs_writable) {
+        (None, false) => {}
+        (None, true) => set_attrs(root, dir.rel(), store)?,
+        (Some(tag), false) => sys::mount(Some(tag), &target, "virtiofs", ro, None)?,
+        (Some(tag), true) => {
+            let lower = Path::new(INPUTS_LOWER);
+            sys::mkdir_all(lower, 0o755)?;
+            sys::mount(Some(tag), lower, "virtiofs", ro, None)?;
+            sys::mkdir_all(Path::new(OVERLAY_UPPER), 0o755)?;
+            sys::mkdir_all(Path::new(OVERLAY_WORK), 0o755)?;
+            let upper = open_dir(Path::new(OVERLAY_UPPER))?;
+            set_attrs(upper.as_fd(), ".", store)?;
+            let opts =
+                format!("lowerdir={INPUTS_LOWER},upperdir={OVERLAY_UPPER},workdir={OVERLAY_WORK}");
+            sys::mount(
+                None,
+                &target,
+                "overlay",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(&opts),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn populate_dev(root: BorrowedFd) -> Result<(), SandboxError> {
+    ensure_dir(root, "dev", ROOT_DIR)?;
+    let dev_path = format!("{ROOT}/dev");
+    // Its own small tmpfs, so device nodes work while the scratch filesystem stays nodev.
+    sys::mount(
+        None,
+        Path::new(&dev_path),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    let dev = open_dir(Path::new(&dev_path))?;
+    let mut devices: Vec<(&str, u64, u64)> = DEVICES.to_vec();
+    // The guest has /dev/kvm only when the host gave it a CPU with virtualization, which it
+    // does only for requests that asked for /dev/kvm.
+    if let Ok(st) = nix::sys::stat::stat("/dev/kvm") {
+        let rdev = st.st_rdev;
+        devices.push((
+            "kvm",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev),
+        ));
+    }
+    for (name, major, minor) in devices {
+        mknodat(
+            dev.as_fd(),
+            name,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(at("mknod", format!("/dev/{name}")))?;
+    }
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        nix::unistd::symlinkat(target, dev.as_fd(), name)
+            .map_err(at("symlink", format!("/dev/{name}")))?;
+    }
+    ensure_dir(dev.as_fd(), "pts", ROOT_DIR)?;
+    sys::mount(
+        None,
+        Path::new(&format!("{dev_path}/pts")),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    ensure_dir(dev.as_fd(), "shm", ROOT_DIR)?;
+    sys::mount(
+        None,
+        Path::new(&format!("{dev_path}/shm")),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    Ok(())
+}
+
+fn write_etc(root: BorrowedFd, job: &JobSpec) -> Result<(), SandboxError> {
+    let root_file = DirAttrs {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    let mut files = vec![
+        (
+            "/etc/passwd",
+            users::passwd(job.uid, job.gid, job.working_dir.as_str()),
+        ),
+        ("/etc/group", users::group(job.gid)),
+        ("/etc/hosts", users::HOSTS.to_owned()),
+    ];
+    if job.network {
+        files.push(("/etc/resolv.conf", crate::net::RESOLV_CONF.to_owned()));
+    }
+    for (path, text) in files {
+        let path = GuestPath::parse("etc", path).map_err(|_| SandboxError::At {
+            what: "path",
+            path: path.to_owned(),
+            source: Errno::EINVAL,
+        })?;
+        write_file(root, &path, text.as_bytes(), root_file)?;
+    }
+    Ok(())
+}
+
+/// `/bin/sh`: a symlink to `sh` if the build can see it (e.g. an input), else a read-only
+/// bind mount of that path from the agent's own root (e.g. a shell in the initramfs).
+fn provide_bin_sh(root: BorrowedFd, sh: &GuestPath) -> Result<(), SandboxError> {
+    ensure_dir(root, "bin", ROOT_DIR)?;
+    let bin = open_beneath(root, "bin")?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    if openat2(root, sh.rel(), how).is_ok() {
+        return nix::unistd::symlinkat(sh.as_str(), bin.as_fd(), "sh")
+            .map_err(at("symlink", "/bin/sh"));
+    }
+    let source = Path::new(sh.as_str());
+    if !source.exists() {
+        return Err(SandboxError::NoBinSh(sh.as_str().to_owned()));
+    }
+    drop(
+        openat(
+            bin.as_fd(),
+            "sh",
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o755),
+        )
+        .map_err(at("create", "/bin/sh"))?,
+    );
+    sys::bind_ro(source, Path::new(&format!("{ROOT}/bin/sh")))?;
+    Ok(())
+}
+
+/// Writes `contents` to `path` in the sandbox, creating missing parents; the file and the
+/// parents it creates belong to `attrs`' owner, the file gets mode 0644.
+fn write_file(
+    root: BorrowedFd,
+    path: &GuestPath,
+    contents: &[u8],
+    attrs: DirAttrs,
+) -> Result<(), SandboxError> {
+    let (parent, name) = match path.rel().rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, path.rel()),
+    };
+    let parent_fd = match parent {
+        Some(p) => ensure_dir(
+            root,
+            p,
+            DirAttrs {
+                mode: 0o755,
+                ..attrs
+            },
+        )?,
+        None => open_beneath(root, ".")?,
+    };
+    let fd = openat(
+        parent_fd.as_fd(),
+        name,
+        OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(at("create", path.as_str()))?;
+    nix::unistd::fchown(
+        &fd,
+        Some(Uid::from_raw(attrs.uid)),
+        Some(Gid::from_raw(attrs.gid)),
+    )
+    .map_err(at("chown", path.as_str()))?;
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o644))
+        .map_err(at("chmod", path.as_str()))?;
+    std::fs::File::from(fd)
+        .write_all(contents)
+        .map_err(|source| SandboxError::Write {
+            path: path.as_str().to_owned(),
+            source,
+        })
+}
+
+/// Opens `path` in the agent's root as a directory handle.
+fn open_dir(path: &Path) -> Result<OwnedFd, SandboxError> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(at("open", path.display().to_string()))
+}
+
+/// Opens `rel` below `dir`, refusing symlinks and anything outside `dir`.
+fn open_beneath(dir: BorrowedFd, rel: &str) -> Result<OwnedFd, SandboxError> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    openat2(dir, rel, how).map_err(at("open", format!("/{rel}")))
+}
+
+/// Creates `rel` and its missing parents below `dir` with `attrs`, refusing symlinks on the
+/// way; existing directories are left as they are.
+fn ensure_dir(dir: BorrowedFd, rel: &str, attrs: DirAttrs) -> Result<OwnedFd, SandboxError> {
+    let mut cur = open_beneath(dir, ".")?;
+    let mut done = String::new();
+    for comp in rel.split('/') {
+        done.push('/');
+        done.push_str(comp);
+        match mkdirat(
+            cur.as_fd(),
+            comp,
+            Mode::from_bits_truncate(attrs.mode & 0o777),
+        ) {
+            Ok(()) => set_attrs(cur.as_fd(), comp, attrs)?,
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(at("mkdir", done.clone())(e)),
+        }
+        cur = open_beneath(cur.as_fd(), comp)?;
+    }
+    Ok(cur)
+}
+
+/// Sets owner and mode of `rel` below `dir` (mode after owner: chown clears set-id bits).
+fn set_attrs(dir: BorrowedFd, rel: &str, attrs: DirAttrs) -> Result<(), SandboxError> {
+    fchownat(
+        dir,
+        rel,
+        Some(Uid::from_raw(attrs.uid)),
+        Some(Gid::from_raw(attrs.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(at("chown", format!("/{rel}")))?;
+    fchmodat(
+        dir,
+        rel,
+        Mode::from_bits_truncate(attrs.mode),
+        FchmodatFlags::FollowSymlink,
+    )
+    .map_err(at("chmod", format!("/{rel}")))
+}
+
+/// A C string for a path in the agent's root (for chroot in the forked child).
+pub fn c_path(path: &Path) -> Option<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn me() -> DirAttrs {
+        DirAttrs {
+            mode: 0o755,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    #[test]
+    fn write_file_creates_parents_with_owner_and_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = open_dir(tmp.path()).unwrap();
+        let path = GuestPath::parse("t", "/build/sub/.attrs.json").unwrap();
+        write_file(root.as_fd(), &path, b"{}", me()).unwrap();
+        let file = tmp.path().join("build/sub/.attrs.json");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{}");
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
+        assert_eq!(meta.uid(), me().uid);
+        let dir = std::fs::metadata(tmp.path().join("build/sub")).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o7777, 0o755);
+        // Writing again replaces the contents.
+        write_file(root.as_fd(), &path, b"x", me()).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn ensure_dir_refuses_symlinks_on_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
+        let root = open_dir(tmp.path()).unwrap();
+        let err = ensure_dir(root.as_fd(), "link/sub", me()).err().unwrap();
+        assert!(
+            matches!(&err, SandboxError::At { what: "open", path, .. } if path == "/link"),
+            "{err:?}"
+        );
+        assert!(!outside.path().join("sub").exists());
+        let file = GuestPath::parse("t", "/link/f").unwrap();
+        assert!(write_file(root.as_fd(), &file, b"x", me()).is_err());
+        assert!(!outside.path().join("f").exists());
+    }
+}
