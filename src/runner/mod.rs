@@ -1,6 +1,123 @@
 //! One BuildRequest -> one microVM -> one Build.
+//!
+//! [`Runner::build`] takes a validated request through DESIGN.md's steps 2 and 4-11:
+//! constraints, inputs, runtime directory, the virtio-fs daemon, the VM, the conversation
+//! with the agent, the harvest, and clean-up on every way out (the runtime directory and the
+//! process group are guards, so an error, a deadline or a dropped future all end the same
+//! way: every process of the build killed, its directory removed).
 
 pub mod admission;
+mod build;
 pub mod constraints;
+mod error;
+pub mod inputs;
 pub mod job;
 pub mod runtime_dir;
+
+pub use build::{BuildOutcome, Timings};
+pub use error::{Fault, RunError};
+
+use crate::agent::{HarvestLimits, SessionLimits};
+use crate::castore::{BlobService, DirectoryService};
+use crate::vm::{Accel, VmmBackend};
+use constraints::HostOffer;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The deadlines of the phases around the command (the command's own wall-clock and
+/// silence limits are in [`SessionLimits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From starting the VMM to the agent's Hello.
+    pub boot: Duration,
+    /// From the last output to the VMM's exit, before it is killed.
+    pub shutdown: Duration,
+    /// For the virtio-fs daemon to listen.
+    pub helper_start: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            boot: Duration::from_secs(30),
+            shutdown: Duration::from_secs(10),
+            helper_start: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the virtio-fs daemon (a separate process) reaches the castore.
+#[derive(Clone, Debug)]
+pub struct FsDaemonConfig {
+    /// The binary with the hidden `fs-daemon` subcommand (normally this one).
+    pub program: PathBuf,
+    /// Blob service address for the daemon, e.g. the local blob directory, so that reads go
+    /// straight to the files.
+    pub blob_service_addr: String,
+    /// Directory service address for the daemon; an embedded redb cannot be opened by two
+    /// processes, so this is normally a gRPC socket the service serves itself.
+    pub directory_service_addr: String,
+    pub max_handles: u64,
+}
+
+/// Everything the runner needs, validated by whoever builds it (the CLI).
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// The guest kernel (PVH vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs with the agent as /init.
+    pub initrd: PathBuf,
+    pub accel: Accel,
+    pub vcpus: u32,
+    /// Where per-build runtime directories are created.
+    pub runtime_root: PathBuf,
+    pub offer: HostOffer,
+    pub deadlines: Deadlines,
+    pub session_limits: SessionLimits,
+    pub harvest_limits: HarvestLimits,
+    pub fs_daemon: FsDaemonConfig,
+}
+
+/// Runs builds; cheap to share between concurrent requests.
+pub struct Runner {
+    config: RunnerConfig,
+    vmm: Arc<dyn VmmBackend>,
+    blobs: Arc<dyn BlobService>,
+    dirs: Arc<dyn DirectoryService>,
+}
+
+impl Runner {
+    pub fn new(
+        config: RunnerConfig,
+        vmm: Arc<dyn VmmBackend>,
+        blobs: Arc<dyn BlobService>,
+        dirs: Arc<dyn DirectoryService>,
+    ) -> Self {
+        Self {
+            config,
+            vmm,
+            blobs,
+            dirs,
+        }
+    }
+
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    pub fn blobs(&self) -> &Arc<dyn BlobService> {
+        &self.blobs
+    }
+
+    pub fn dirs(&self) -> &Arc<dyn DirectoryService> {
+        &self.dirs
+    }
+}
+
+/// A short, unique build id: also the name of the build's runtime directory, so it is kept
+/// short enough for unix socket paths inside it.
+pub fn new_build_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..16].to_owned()
+}
