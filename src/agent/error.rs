@@ -171,7 +171,7 @@ pub struct LimitExceeded {
     pub value: u64,
     pub max: u64,
     /// Where in the outputs, for harvest limits.
-    pub at: Option<Location>,
+    pub at: Option<Box<Location>>,
 }
 
 /// The guest agent reported its own failure. Both fields are guest text, cut to the
@@ -238,7 +238,7 @@ pub enum ProtocolError {
     OutputOrder { expected: u32, got: u32 },
     #[error("{at}")]
     Tree {
-        at: Location,
+        at: Box<Location>,
         #[source]
         violation: TreeViolation,
     },
@@ -309,21 +309,21 @@ pub enum InfraError {
     #[error("castore: {what}{}", .at.as_ref().map(|l| format!(" ({l})")).unwrap_or_default())]
     Castore {
         what: &'static str,
-        at: Option<Location>,
+        at: Option<Box<Location>>,
         #[source]
-        source: castore::Error,
+        source: Box<castore::Error>,
     },
     #[error(
         "castore: the directory upload of {at} reports root {root}, the host computed {expected}"
     )]
     PutterRoot {
-        at: Location,
+        at: Box<Location>,
         expected: castore::B3Digest,
         root: castore::B3Digest,
     },
     #[error("writing a blob ({at})")]
     BlobWrite {
-        at: Location,
+        at: Box<Location>,
         #[source]
         source: std::io::Error,
     },
@@ -406,11 +406,11 @@ mod tests {
             limit: Limit::Depth,
             value: 5,
             max: 4,
-            at: Some(Location {
+            at: Some(Box::new(Location {
                 index: 1,
                 output: "/nix/store/x".into(),
                 path: "a/b".into(),
-            }),
+            })),
         };
         assert_eq!(
             limit.to_string(),

@@ -76,7 +76,7 @@ struct Harvester<'a, S> {
     bytes: u64,
     /// The file received last, while nothing else has come since: a FileChunk now means
     /// that file was longer than announced.
-    last_file: Option<(Location, u64)>,
+    last_file: Option<(Box<Location>, u64)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
@@ -111,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             let root = putter.close().await.map_err(|source| InfraError::Castore {
                 what: "storing the output's directories",
                 at: Some(at.clone()),
-                source,
+                source: Box::new(source),
             })?;
             if root != expected {
                 return Err(InfraError::PutterRoot { at, expected, root }.into());
@@ -126,7 +126,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     async fn tree(
         &mut self,
         index: u32,
-    ) -> Result<(Node, Option<(Box<dyn DirectoryPutter>, Location, B3Digest)>), Error> {
+    ) -> Result<
+        (
+            Node,
+            Option<(Box<dyn DirectoryPutter>, Box<Location>, B3Digest)>,
+        ),
+        Error,
+    > {
         let mut path: Vec<PathComponent> = Vec::new();
         let root = match self.recv("the output's root Entry").await? {
             Msg::Entry(e) => e,
@@ -142,7 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         self.count_entry(&at)?;
         match kind(&root, &at)? {
             EntryKind::File => return Ok((self.file(at, &root).await?, None)),
-            EntryKind::Symlink => return Ok((symlink(&root, &at)?, None)),
+            EntryKind::Symlink => return Ok((symlink_node(&root, &at)?, None)),
             EntryKind::Directory | EntryKind::Unspecified => {}
         }
 
@@ -164,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                             insert(parent, name, node, at)?;
                         }
                         EntryKind::Symlink => {
-                            let node = symlink(&entry, &at)?;
+                            let node = symlink_node(&entry, &at)?;
                             insert(parent, name, node, at)?;
                         }
                         EntryKind::Directory | EntryKind::Unspecified => {
@@ -201,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     }
 
     /// Receives a file's bytes into a new blob; the size must match exactly.
-    async fn file(&mut self, at: Location, entry: &Entry) -> Result<Node, Error> {
+    async fn file(&mut self, at: Box<Location>, entry: &Entry) -> Result<Node, Error> {
         let size = entry.size;
         let total = self.bytes.saturating_add(size);
         if total > self.limits.max_total_bytes {
@@ -221,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             .map_err(|source| InfraError::Castore {
                 what: "opening a blob for writing",
                 at: Some(at.clone()),
-                source,
+                source: Box::new(source),
             })?;
         let mut received = 0u64;
         while received < size {
@@ -269,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         let digest = writer.close().await.map_err(|source| InfraError::Castore {
             what: "storing a blob",
             at: Some(at.clone()),
-            source,
+            source: Box::new(source),
         })?;
         self.last_file = Some((at, size));
         Ok(Node::File {
@@ -292,14 +298,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 limit: Limit::NameBytes,
                 value: raw.len() as u64,
                 max: self.limits.max_name_bytes as u64,
-                at: Some(at.clone()),
+                at: Some(Box::new(at.clone())),
             }
             .into());
         }
         let shown = || show_bytes(raw, SHOWN_NAME_BYTES);
         let name = PathComponent::try_from(raw).map_err(|source| {
             tree(
-                at.clone(),
+                Box::new(at.clone()),
                 TreeViolation::InvalidName {
                     name: shown(),
                     source,
@@ -308,11 +314,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         })?;
         if let Some(previous) = &parent.last {
             if name == *previous {
-                return Err(tree(at.clone(), TreeViolation::Duplicate(shown())));
+                return Err(tree(
+                    Box::new(at.clone()),
+                    TreeViolation::Duplicate(shown()),
+                ));
             }
             if name < *previous {
                 return Err(tree(
-                    at.clone(),
+                    Box::new(at.clone()),
                     TreeViolation::NotSorted {
                         name: shown(),
                         previous: show_bytes(previous.as_bytes(), SHOWN_NAME_BYTES),
@@ -332,7 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 limit: Limit::Entries,
                 value: self.entries,
                 max: self.limits.max_entries,
-                at: Some(at.clone()),
+                at: Some(Box::new(at.clone())),
             }
             .into());
         }
@@ -373,7 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         .into()
     }
 
-    fn location(&self, index: u32, path: &[PathComponent], name: Option<&[u8]>) -> Location {
+    fn location(&self, index: u32, path: &[PathComponent], name: Option<&[u8]>) -> Box<Location> {
         let mut shown = String::new();
         for component in path.iter().map(|c| c.as_bytes()).chain(name) {
             if !shown.is_empty() {
@@ -381,7 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             }
             shown.push_str(&show_bytes(component, SHOWN_NAME_BYTES));
         }
-        Location {
+        Box::new(Location {
             index,
             output: self
                 .outputs
@@ -389,11 +398,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 .cloned()
                 .unwrap_or_default(),
             path: shown,
-        }
+        })
     }
 }
 
-fn tree(at: Location, violation: TreeViolation) -> Error {
+fn tree(at: Box<Location>, violation: TreeViolation) -> Error {
     ProtocolError::Tree { at, violation }.into()
 }
 
@@ -402,7 +411,7 @@ fn kind(entry: &Entry, at: &Location) -> Result<EntryKind, Error> {
     let kind = EntryKind::try_from(entry.kind)
         .ok()
         .filter(|k| *k != EntryKind::Unspecified)
-        .ok_or_else(|| tree(at.clone(), TreeViolation::UnknownKind(entry.kind)))?;
+        .ok_or_else(|| tree(Box::new(at.clone()), TreeViolation::UnknownKind(entry.kind)))?;
     let (name, stray) = match kind {
         EntryKind::File => ("file", [(!entry.target.is_empty(), "target")].to_vec()),
         EntryKind::Symlink => (
@@ -421,18 +430,18 @@ fn kind(entry: &Entry, at: &Location) -> Result<EntryKind, Error> {
     };
     if let Some((_, field)) = stray.into_iter().find(|(set, _)| *set) {
         return Err(tree(
-            at.clone(),
+            Box::new(at.clone()),
             TreeViolation::StrayField { kind: name, field },
         ));
     }
     Ok(kind)
 }
 
-fn symlink(entry: &Entry, at: &Location) -> Result<Node, Error> {
+fn symlink_node(entry: &Entry, at: &Location) -> Result<Node, Error> {
     let target =
         SymlinkTarget::try_from(Bytes::copy_from_slice(&entry.target)).map_err(|source| {
             tree(
-                at.clone(),
+                Box::new(at.clone()),
                 TreeViolation::InvalidSymlinkTarget {
                     target: show_bytes(&entry.target, SHOWN_NAME_BYTES),
                     source,
@@ -446,7 +455,7 @@ fn insert(
     parent: &mut OpenDir,
     name: PathComponent,
     node: Node,
-    at: Location,
+    at: Box<Location>,
 ) -> Result<(), Error> {
     let shown = show_bytes(name.as_bytes(), SHOWN_NAME_BYTES);
     parent.dir.try_insert(name, node).map_err(|source| {
@@ -472,8 +481,12 @@ async fn store(
         .await
         .map_err(|source| InfraError::Castore {
             what: "storing a directory",
-            at: Some(at.clone()),
-            source,
+            at: Some(Box::new(at.clone())),
+            source: Box::new(source),
         })?;
     Ok(named)
 }
+
+#[cfg(test)]
+#[path = "harvest_tests.rs"]
+mod tests;

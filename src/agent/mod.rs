@@ -19,6 +19,8 @@ pub mod harvest;
 pub mod limits;
 pub mod log;
 pub mod session;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, ErrorClass};
 pub use limits::{HarvestLimits, SessionLimits};

@@ -148,16 +148,17 @@ pub struct Running<S> {
     tail: LogTail,
 }
 
-/// How the command ended, validated. Only [`Running::run`] makes one, and
-/// [`Running::harvest`] asks for it, so outputs are read only after the exit.
+/// How the command ended, validated. Only [`Running::run`] makes one (outside this crate
+/// it cannot be built), and [`Running::harvest`] asks for it, so outputs are read only
+/// after the exit.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExitStatus {
     pub kind: ExitKind,
     /// Whether the kernel's OOM killer acted in the build's cgroup.
     pub oom_killed: bool,
     /// The command's run time as the guest measured it (informational).
     pub duration: Duration,
-    _only_from_run: (),
 }
 
 impl ExitStatus {
@@ -315,7 +316,6 @@ fn exit_status(exited: Exited) -> Result<ExitStatus, ProtocolError> {
         kind,
         oom_killed: exited.oom_killed,
         duration: Duration::from_micros(exited.duration_us),
-        _only_from_run: (),
     })
 }
 
@@ -326,3 +326,7 @@ pub(crate) fn agent_failure(f: ProtoFailure, limits: &SessionLimits) -> AgentFai
         message: cut(&f.message, limits.max_failure_message_bytes).to_owned(),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
