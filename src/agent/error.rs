@@ -147,6 +147,7 @@ pub enum Limit {
     Entries,
     Depth,
     NameBytes,
+    MetadataBytes,
 }
 
 impl fmt::Display for Limit {
@@ -158,6 +159,7 @@ impl fmt::Display for Limit {
             Limit::Entries => "number of output entries",
             Limit::Depth => "output directory depth",
             Limit::NameBytes => "entry name length in bytes",
+            Limit::MetadataBytes => "total size of entry names and symlink targets in bytes",
         })
     }
 }

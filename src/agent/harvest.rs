@@ -6,12 +6,16 @@
 //! valid by construction), checks order, counts and sizes against [`HarvestLimits`], and
 //! keeps at most `max_depth` directories open.
 //!
+//! Memory stays bounded: one frame at a time, the open directories (at most `max_depth`),
+//! and the directories of the outputs until they are stored, which `max_entries` and
+//! `max_metadata_bytes` bound.
+//!
 //! Directories go into one [`DirectoryPutter`] per output, leaves to root, and the putters
 //! are closed only after OutputsDone: a harvest that fails anywhere leaves no directory
 //! visible. Blobs become visible as each file completes; they are content-addressed and
 //! referenced by nothing until a directory is, so a failed harvest exposes no partial tree.
 
-use super::connection::{kind_of, Connection};
+use super::connection::{kind_of, Connection, ConnectionError};
 use super::error::{
     from_connection, show_bytes, DeadlineKind, Error, InfraError, Limit, LimitExceeded, Location,
     Phase, ProtocolError, Timeout, TreeViolation,
@@ -50,6 +54,7 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
         limits,
         entries: 0,
         bytes: 0,
+        metadata_bytes: 0,
         last_file: None,
     };
     tokio::time::timeout(limits.deadline, harvester.all())
@@ -65,6 +70,33 @@ struct OpenDir {
     last: Option<PathComponent>,
 }
 
+/// Where an entry is: cheap to pass around, rendered into a [`Location`] only for an error.
+#[derive(Clone, Copy)]
+struct Place<'p> {
+    index: u32,
+    /// The open directories below the output's root.
+    path: &'p [PathComponent],
+    /// The entry's own name; `None` for the directory `path` names.
+    name: Option<&'p [u8]>,
+}
+
+impl<'p> Place<'p> {
+    fn root(index: u32) -> Self {
+        Place {
+            index,
+            path: &[],
+            name: None,
+        }
+    }
+}
+
+/// A directory output whose directories wait in their open putter until OutputsDone.
+struct PendingRoot {
+    putter: Box<dyn DirectoryPutter>,
+    index: u32,
+    digest: B3Digest,
+}
+
 struct Harvester<'a, S> {
     conn: &'a mut Connection<S>,
     outputs: &'a [String],
@@ -74,19 +106,21 @@ struct Harvester<'a, S> {
     limits: &'a HarvestLimits,
     entries: u64,
     bytes: u64,
-    /// The file received last, while nothing else has come since: a FileChunk now means
-    /// that file was longer than announced.
-    last_file: Option<(Box<Location>, u64)>,
+    metadata_bytes: u64,
+    /// The file received last, while nothing else has come since: its output, its name
+    /// (`None` for an output's root) and announced size. A FileChunk now means that file
+    /// was longer than announced.
+    last_file: Option<(u32, Option<PathComponent>, u64)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     async fn all(&mut self) -> Result<Vec<Option<Node>>, Error> {
         let mut nodes = Vec::with_capacity(self.outputs.len());
-        let mut putters = Vec::new();
+        let mut pending = Vec::new();
         for i in 0..self.outputs.len() {
             // Job.outputs is built by the host and far below u32::MAX entries.
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            match self.recv("OutputStart").await? {
+            match self.recv().await? {
                 Msg::OutputStart(start) if start.index != index => {
                     return Err(ProtocolError::OutputOrder {
                         expected: index,
@@ -96,128 +130,138 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 }
                 Msg::OutputStart(start) if start.missing => nodes.push(None),
                 Msg::OutputStart(_) => {
-                    let (node, putter) = self.tree(index).await?;
+                    let (node, root) = self.tree(index).await?;
                     nodes.push(Some(node));
-                    putters.extend(putter);
+                    pending.extend(root);
                 }
-                other => return Err(self.unexpected("OutputStart", &other)),
+                other => return Err(self.unexpected("OutputStart", &other, &[])),
             }
         }
-        match self.recv("OutputsDone").await? {
+        match self.recv().await? {
             Msg::OutputsDone(_) => {}
-            other => return Err(self.unexpected("OutputsDone", &other)),
+            other => return Err(self.unexpected("OutputsDone", &other, &[])),
         }
-        for (mut putter, at, expected) in putters {
-            let root = putter.close().await.map_err(|source| InfraError::Castore {
-                what: "storing the output's directories",
-                at: Some(at.clone()),
-                source: Box::new(source),
-            })?;
-            if root != expected {
-                return Err(InfraError::PutterRoot { at, expected, root }.into());
+        for mut root in pending {
+            let at = self.location(Place::root(root.index));
+            let got = root
+                .putter
+                .close()
+                .await
+                .map_err(|source| InfraError::Castore {
+                    what: "storing the output's directories",
+                    at: Some(at.clone()),
+                    source: Box::new(source),
+                })?;
+            if got != root.digest {
+                return Err(InfraError::PutterRoot {
+                    at,
+                    expected: root.digest,
+                    root: got,
+                }
+                .into());
             }
         }
         Ok(nodes)
     }
 
-    /// One output's tree. For a directory output, also the putter holding its directories
-    /// (still open), where it is, and the root digest the putter must report.
-    #[allow(clippy::type_complexity)]
-    async fn tree(
-        &mut self,
-        index: u32,
-    ) -> Result<
-        (
-            Node,
-            Option<(Box<dyn DirectoryPutter>, Box<Location>, B3Digest)>,
-        ),
-        Error,
-    > {
-        let mut path: Vec<PathComponent> = Vec::new();
-        let root = match self.recv("the output's root Entry").await? {
+    /// One output's tree. For a directory output, also its still open putter.
+    async fn tree(&mut self, index: u32) -> Result<(Node, Option<PendingRoot>), Error> {
+        let root_place = Place::root(index);
+        let root = match self.recv().await? {
             Msg::Entry(e) => e,
-            other => return Err(self.unexpected("the output's root Entry", &other)),
+            other => return Err(self.unexpected("the output's root Entry", &other, &[])),
         };
-        let at = self.location(index, &path, None);
         if !root.name.is_empty() {
-            return Err(tree(
-                at,
-                TreeViolation::NamedRoot(show_bytes(&root.name, SHOWN_NAME_BYTES)),
-            ));
+            let shown = show_bytes(&root.name, SHOWN_NAME_BYTES);
+            return Err(self.violation(root_place, TreeViolation::NamedRoot(shown)));
         }
-        self.count_entry(&at)?;
-        match kind(&root, &at)? {
-            EntryKind::File => return Ok((self.file(at, &root).await?, None)),
-            EntryKind::Symlink => return Ok((symlink_node(&root, &at)?, None)),
+        self.count_entry(root_place, &root)?;
+        match self.kind(root_place, &root)? {
+            EntryKind::File => return Ok((self.file(root_place, None, &root).await?, None)),
+            EntryKind::Symlink => return Ok((self.symlink(root_place, &root)?, None)),
             EntryKind::Directory | EntryKind::Unspecified => {}
         }
 
         let mut putter = self.dirs.put_multiple_start();
         let mut root_dir = OpenDir::default();
-        // The open directories below the root, innermost last; bounded by max_depth.
+        // The open directories below the root and their names, innermost last; both
+        // bounded by max_depth.
         let mut open: Vec<OpenDir> = Vec::new();
+        let mut path: Vec<PathComponent> = Vec::new();
         loop {
-            let msg = self.recv("Entry or DirectoryEnd").await?;
-            match msg {
+            match self.recv().await? {
                 Msg::Entry(entry) => {
-                    let at = self.location(index, &path, Some(entry.name.as_slice()));
-                    self.count_entry(&at)?;
+                    let place = Place {
+                        index,
+                        path: &path,
+                        name: Some(&entry.name),
+                    };
+                    self.count_entry(place, &entry)?;
                     let parent = open.last_mut().unwrap_or(&mut root_dir);
-                    let name = self.child_name(parent, &entry.name, &at)?;
-                    match kind(&entry, &at)? {
-                        EntryKind::File => {
-                            let node = self.file(at.clone(), &entry).await?;
-                            insert(parent, name, node, at)?;
-                        }
-                        EntryKind::Symlink => {
-                            let node = symlink_node(&entry, &at)?;
-                            insert(parent, name, node, at)?;
-                        }
+                    let name = self.child_name(place, parent)?;
+                    let node = match self.kind(place, &entry)? {
+                        EntryKind::File => self.file(place, Some(name.clone()), &entry).await?,
+                        EntryKind::Symlink => self.symlink(place, &entry)?,
                         EntryKind::Directory | EntryKind::Unspecified => {
                             let depth = open.len() + 2;
                             if depth > self.limits.max_depth {
-                                return Err(LimitExceeded {
-                                    limit: Limit::Depth,
-                                    value: depth as u64,
-                                    max: self.limits.max_depth as u64,
-                                    at: Some(at),
-                                }
-                                .into());
+                                return Err(self.limit(
+                                    place,
+                                    Limit::Depth,
+                                    depth as u64,
+                                    self.limits.max_depth as u64,
+                                ));
                             }
                             path.push(name);
                             open.push(OpenDir::default());
+                            continue;
                         }
-                    }
+                    };
+                    self.insert(place, parent, name, node)?;
                 }
                 Msg::DirectoryEnd(_) => {
                     self.last_file = None;
-                    let at = self.location(index, &path, None);
                     let (Some(done), Some(name)) = (open.pop(), path.pop()) else {
-                        let (digest, size) = store(&mut *putter, root_dir.dir, &at).await?;
-                        let node = Node::Directory { digest, size };
-                        return Ok((node, Some((putter, at, digest))));
+                        let (digest, size) =
+                            self.store(root_place, &mut *putter, root_dir.dir).await?;
+                        let pending = PendingRoot {
+                            putter,
+                            index,
+                            digest,
+                        };
+                        return Ok((Node::Directory { digest, size }, Some(pending)));
                     };
-                    let (digest, size) = store(&mut *putter, done.dir, &at).await?;
+                    let place = Place {
+                        index,
+                        path: &path,
+                        name: Some(name.as_bytes()),
+                    };
+                    let (digest, size) = self.store(place, &mut *putter, done.dir).await?;
                     let parent = open.last_mut().unwrap_or(&mut root_dir);
-                    insert(parent, name, Node::Directory { digest, size }, at)?;
+                    let node = Node::Directory { digest, size };
+                    self.insert(place, parent, name.clone(), node)?;
                 }
-                other => return Err(self.unexpected("Entry or DirectoryEnd", &other)),
+                other => return Err(self.unexpected("Entry or DirectoryEnd", &other, &path)),
             }
         }
     }
 
     /// Receives a file's bytes into a new blob; the size must match exactly.
-    async fn file(&mut self, at: Box<Location>, entry: &Entry) -> Result<Node, Error> {
+    async fn file(
+        &mut self,
+        place: Place<'_>,
+        name: Option<PathComponent>,
+        entry: &Entry,
+    ) -> Result<Node, Error> {
         let size = entry.size;
         let total = self.bytes.saturating_add(size);
         if total > self.limits.max_total_bytes {
-            return Err(LimitExceeded {
-                limit: Limit::OutputBytes,
-                value: total,
-                max: self.limits.max_total_bytes,
-                at: Some(at),
-            }
-            .into());
+            return Err(self.limit(
+                place,
+                Limit::OutputBytes,
+                total,
+                self.limits.max_total_bytes,
+            ));
         }
         self.bytes = total;
         let mut writer = self
@@ -226,58 +270,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             .await
             .map_err(|source| InfraError::Castore {
                 what: "opening a blob for writing",
-                at: Some(at.clone()),
+                at: Some(self.location(place)),
                 source: Box::new(source),
             })?;
         let mut received = 0u64;
         while received < size {
+            let short = |got| TreeViolation::FileTooShort {
+                announced: size,
+                received,
+                got,
+            };
             let chunk = match self.conn.recv().await {
                 Ok(Msg::FileChunk(chunk)) => chunk,
                 Ok(Msg::Failure(f)) => return Err(agent_failure(f, self.session_limits).into()),
-                Ok(other) => {
-                    return Err(tree(
-                        at,
-                        TreeViolation::FileTooShort {
-                            announced: size,
-                            received,
-                            got: kind_of(&other),
-                        },
-                    ))
-                }
-                Err(super::connection::ConnectionError::Closed { .. }) => {
-                    return Err(tree(
-                        at,
-                        TreeViolation::FileTooShort {
-                            announced: size,
-                            received,
-                            got: "the end of the stream",
-                        },
-                    ))
+                Ok(other) => return Err(self.violation(place, short(kind_of(&other)))),
+                Err(ConnectionError::Closed { .. }) => {
+                    return Err(self.violation(place, short("the end of the stream")))
                 }
                 Err(e) => return Err(self.conn_error(e)),
             };
             if chunk.data.is_empty() {
-                return Err(tree(at, TreeViolation::EmptyChunk));
+                return Err(self.violation(place, TreeViolation::EmptyChunk));
             }
             let len = chunk.data.len() as u64;
             if len > size - received {
-                return Err(tree(at, TreeViolation::FileTooLong { announced: size }));
+                return Err(self.violation(place, TreeViolation::FileTooLong { announced: size }));
             }
-            writer
-                .write_all(&chunk.data)
-                .await
-                .map_err(|source| InfraError::BlobWrite {
-                    at: at.clone(),
-                    source,
-                })?;
+            if let Err(source) = writer.write_all(&chunk.data).await {
+                let at = self.location(place);
+                return Err(InfraError::BlobWrite { at, source }.into());
+            }
             received += len;
         }
         let digest = writer.close().await.map_err(|source| InfraError::Castore {
             what: "storing a blob",
-            at: Some(at.clone()),
+            at: Some(self.location(place)),
             source: Box::new(source),
         })?;
-        self.last_file = Some((at, size));
+        self.last_file = Some((place.index, name, size));
         Ok(Node::File {
             digest,
             size,
@@ -285,71 +315,135 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         })
     }
 
+    fn symlink(&self, place: Place<'_>, entry: &Entry) -> Result<Node, Error> {
+        let target =
+            SymlinkTarget::try_from(Bytes::copy_from_slice(&entry.target)).map_err(|source| {
+                let target = show_bytes(&entry.target, SHOWN_NAME_BYTES);
+                self.violation(
+                    place,
+                    TreeViolation::InvalidSymlinkTarget { target, source },
+                )
+            })?;
+        Ok(Node::Symlink { target })
+    }
+
     /// Validates a child's name: length limit, castore rules, strictly after its elder
     /// sibling. Records it as the directory's last name.
-    fn child_name(
-        &self,
-        parent: &mut OpenDir,
-        raw: &[u8],
-        at: &Location,
-    ) -> Result<PathComponent, Error> {
+    fn child_name(&self, place: Place<'_>, parent: &mut OpenDir) -> Result<PathComponent, Error> {
+        let raw = place.name.unwrap_or_default();
         if raw.len() > self.limits.max_name_bytes {
-            return Err(LimitExceeded {
-                limit: Limit::NameBytes,
-                value: raw.len() as u64,
-                max: self.limits.max_name_bytes as u64,
-                at: Some(Box::new(at.clone())),
-            }
-            .into());
+            let max = self.limits.max_name_bytes as u64;
+            return Err(self.limit(place, Limit::NameBytes, raw.len() as u64, max));
         }
         let shown = || show_bytes(raw, SHOWN_NAME_BYTES);
         let name = PathComponent::try_from(raw).map_err(|source| {
-            tree(
-                Box::new(at.clone()),
-                TreeViolation::InvalidName {
-                    name: shown(),
-                    source,
-                },
-            )
+            let name = shown();
+            self.violation(place, TreeViolation::InvalidName { name, source })
         })?;
         if let Some(previous) = &parent.last {
             if name == *previous {
-                return Err(tree(
-                    Box::new(at.clone()),
-                    TreeViolation::Duplicate(shown()),
-                ));
+                return Err(self.violation(place, TreeViolation::Duplicate(shown())));
             }
             if name < *previous {
-                return Err(tree(
-                    Box::new(at.clone()),
-                    TreeViolation::NotSorted {
-                        name: shown(),
-                        previous: show_bytes(previous.as_bytes(), SHOWN_NAME_BYTES),
-                    },
-                ));
+                let previous = show_bytes(previous.as_bytes(), SHOWN_NAME_BYTES);
+                let name = shown();
+                return Err(self.violation(place, TreeViolation::NotSorted { name, previous }));
             }
         }
         parent.last = Some(name.clone());
         Ok(name)
     }
 
-    fn count_entry(&mut self, at: &Location) -> Result<(), Error> {
+    /// Counts an entry, and its name and target bytes, against the limits.
+    fn count_entry(&mut self, place: Place<'_>, entry: &Entry) -> Result<(), Error> {
         self.last_file = None;
         self.entries += 1;
         if self.entries > self.limits.max_entries {
-            return Err(LimitExceeded {
-                limit: Limit::Entries,
-                value: self.entries,
-                max: self.limits.max_entries,
-                at: Some(Box::new(at.clone())),
-            }
-            .into());
+            return Err(self.limit(place, Limit::Entries, self.entries, self.limits.max_entries));
+        }
+        let metadata = (entry.name.len() as u64).saturating_add(entry.target.len() as u64);
+        self.metadata_bytes = self.metadata_bytes.saturating_add(metadata);
+        if self.metadata_bytes > self.limits.max_metadata_bytes {
+            return Err(self.limit(
+                place,
+                Limit::MetadataBytes,
+                self.metadata_bytes,
+                self.limits.max_metadata_bytes,
+            ));
         }
         Ok(())
     }
 
+    /// The entry's kind, after checking it sets no field that belongs to another kind.
+    fn kind(&self, place: Place<'_>, entry: &Entry) -> Result<EntryKind, Error> {
+        let kind = match EntryKind::try_from(entry.kind) {
+            Ok(EntryKind::Unspecified) | Err(_) => {
+                return Err(self.violation(place, TreeViolation::UnknownKind(entry.kind)))
+            }
+            Ok(kind) => kind,
+        };
+        let (name, stray): (_, &[(bool, &'static str)]) = match kind {
+            EntryKind::File => ("file", &[(!entry.target.is_empty(), "target")]),
+            EntryKind::Symlink => (
+                "symlink",
+                &[(entry.size != 0, "size"), (entry.executable, "executable")],
+            ),
+            EntryKind::Directory | EntryKind::Unspecified => (
+                "directory",
+                &[
+                    (entry.size != 0, "size"),
+                    (entry.executable, "executable"),
+                    (!entry.target.is_empty(), "target"),
+                ],
+            ),
+        };
+        if let Some((_, field)) = stray.iter().find(|(set, _)| *set) {
+            let violation = TreeViolation::StrayField { kind: name, field };
+            return Err(self.violation(place, violation));
+        }
+        Ok(kind)
+    }
+
+    fn insert(
+        &self,
+        place: Place<'_>,
+        parent: &mut OpenDir,
+        name: PathComponent,
+        node: Node,
+    ) -> Result<(), Error> {
+        let shown = show_bytes(name.as_bytes(), SHOWN_NAME_BYTES);
+        parent.dir.try_insert(name, node).map_err(|source| {
+            self.violation(
+                place,
+                TreeViolation::Insert {
+                    name: shown,
+                    source,
+                },
+            )
+        })
+    }
+
+    /// Puts a finished directory into the closure upload; returns its digest and size.
+    async fn store(
+        &self,
+        place: Place<'_>,
+        putter: &mut dyn DirectoryPutter,
+        dir: Directory,
+    ) -> Result<(B3Digest, u64), Error> {
+        let named = (dir.digest(), dir.size());
+        putter
+            .put(dir)
+            .await
+            .map_err(|source| InfraError::Castore {
+                what: "storing a directory",
+                at: Some(self.location(place)),
+                source: Box::new(source),
+            })?;
+        Ok(named)
+    }
+
     /// The next message; an AgentFailure becomes its error.
-    async fn recv(&mut self, _expected: &'static str) -> Result<Msg, Error> {
+    async fn recv(&mut self) -> Result<Msg, Error> {
         match self.conn.recv().await {
             Ok(Msg::Failure(f)) => Err(agent_failure(f, self.session_limits).into()),
             Ok(msg) => Ok(msg),
@@ -357,22 +451,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         }
     }
 
-    fn conn_error(&self, e: super::connection::ConnectionError) -> Error {
-        from_connection(
-            Phase::Harvest,
-            e,
-            Timeout {
-                which: DeadlineKind::Harvest,
-                after: self.limits.deadline,
-            },
-        )
+    fn conn_error(&self, e: ConnectionError) -> Error {
+        let timeout = Timeout {
+            which: DeadlineKind::Harvest,
+            after: self.limits.deadline,
+        };
+        from_connection(Phase::Harvest, e, timeout)
     }
 
-    /// `got` came where `expected` should have. A FileChunk right after a file means that
-    /// file was longer than announced, which is the more useful thing to say.
-    fn unexpected(&mut self, expected: &'static str, got: &Msg) -> Error {
-        if let (Msg::FileChunk(_), Some((at, announced))) = (got, self.last_file.take()) {
-            return tree(at, TreeViolation::FileTooLong { announced });
+    /// `got` came where `expected` should have, in the directory `path` names. A FileChunk
+    /// right after a file means that file was longer than announced, which is the more
+    /// useful thing to say.
+    fn unexpected(&mut self, expected: &'static str, got: &Msg, path: &[PathComponent]) -> Error {
+        if let (Msg::FileChunk(_), Some((index, name, announced))) = (got, self.last_file.take()) {
+            let place = Place {
+                index,
+                path,
+                name: name.as_ref().map(|n| n.as_bytes()),
+            };
+            return self.violation(place, TreeViolation::FileTooLong { announced });
         }
         ProtocolError::Unexpected {
             phase: Phase::Harvest,
@@ -382,109 +479,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         .into()
     }
 
-    fn location(&self, index: u32, path: &[PathComponent], name: Option<&[u8]>) -> Box<Location> {
+    fn violation(&self, place: Place<'_>, violation: TreeViolation) -> Error {
+        ProtocolError::Tree {
+            at: self.location(place),
+            violation,
+        }
+        .into()
+    }
+
+    fn limit(&self, place: Place<'_>, limit: Limit, value: u64, max: u64) -> Error {
+        LimitExceeded {
+            limit,
+            value,
+            max,
+            at: Some(self.location(place)),
+        }
+        .into()
+    }
+
+    fn location(&self, place: Place<'_>) -> Box<Location> {
         let mut shown = String::new();
-        for component in path.iter().map(|c| c.as_bytes()).chain(name) {
+        for component in place.path.iter().map(|c| c.as_bytes()).chain(place.name) {
             if !shown.is_empty() {
                 shown.push('/');
             }
             shown.push_str(&show_bytes(component, SHOWN_NAME_BYTES));
         }
         Box::new(Location {
-            index,
+            index: place.index,
             output: self
                 .outputs
-                .get(index as usize)
+                .get(place.index as usize)
                 .cloned()
                 .unwrap_or_default(),
             path: shown,
         })
     }
-}
-
-fn tree(at: Box<Location>, violation: TreeViolation) -> Error {
-    ProtocolError::Tree { at, violation }.into()
-}
-
-/// The entry's kind, after checking it sets no field that belongs to another kind.
-fn kind(entry: &Entry, at: &Location) -> Result<EntryKind, Error> {
-    let kind = EntryKind::try_from(entry.kind)
-        .ok()
-        .filter(|k| *k != EntryKind::Unspecified)
-        .ok_or_else(|| tree(Box::new(at.clone()), TreeViolation::UnknownKind(entry.kind)))?;
-    let (name, stray) = match kind {
-        EntryKind::File => ("file", [(!entry.target.is_empty(), "target")].to_vec()),
-        EntryKind::Symlink => (
-            "symlink",
-            [(entry.size != 0, "size"), (entry.executable, "executable")].to_vec(),
-        ),
-        EntryKind::Directory | EntryKind::Unspecified => (
-            "directory",
-            [
-                (entry.size != 0, "size"),
-                (entry.executable, "executable"),
-                (!entry.target.is_empty(), "target"),
-            ]
-            .to_vec(),
-        ),
-    };
-    if let Some((_, field)) = stray.into_iter().find(|(set, _)| *set) {
-        return Err(tree(
-            Box::new(at.clone()),
-            TreeViolation::StrayField { kind: name, field },
-        ));
-    }
-    Ok(kind)
-}
-
-fn symlink_node(entry: &Entry, at: &Location) -> Result<Node, Error> {
-    let target =
-        SymlinkTarget::try_from(Bytes::copy_from_slice(&entry.target)).map_err(|source| {
-            tree(
-                Box::new(at.clone()),
-                TreeViolation::InvalidSymlinkTarget {
-                    target: show_bytes(&entry.target, SHOWN_NAME_BYTES),
-                    source,
-                },
-            )
-        })?;
-    Ok(Node::Symlink { target })
-}
-
-fn insert(
-    parent: &mut OpenDir,
-    name: PathComponent,
-    node: Node,
-    at: Box<Location>,
-) -> Result<(), Error> {
-    let shown = show_bytes(name.as_bytes(), SHOWN_NAME_BYTES);
-    parent.dir.try_insert(name, node).map_err(|source| {
-        tree(
-            at,
-            TreeViolation::Insert {
-                name: shown,
-                source,
-            },
-        )
-    })
-}
-
-/// Puts a finished directory into the closure upload; returns its digest and size.
-async fn store(
-    putter: &mut dyn DirectoryPutter,
-    dir: Directory,
-    at: &Location,
-) -> Result<(B3Digest, u64), Error> {
-    let named = (dir.digest(), dir.size());
-    putter
-        .put(dir)
-        .await
-        .map_err(|source| InfraError::Castore {
-            what: "storing a directory",
-            at: Some(Box::new(at.clone())),
-            source: Box::new(source),
-        })?;
-    Ok(named)
 }
 
 #[cfg(test)]

@@ -518,3 +518,22 @@ async fn the_harvest_deadline_fires() {
     assert!(begun.elapsed() >= Duration::from_secs(60));
     assert_eq!(h.dirs.len(), 0);
 }
+
+#[tokio::test]
+async fn names_and_targets_together_are_bounded() {
+    let limits = HarvestLimits {
+        max_metadata_bytes: 10,
+        ..Default::default()
+    };
+    let children = vec![symlink(b"a", b"123456789"), symlink(b"b", b"x")];
+    let err = failing(children, limits).await;
+    assert!(matches!(
+        &err,
+        Error::Limit(LimitExceeded {
+            limit: Limit::MetadataBytes,
+            value: 12,
+            max: 10,
+            at: Some(at),
+        }) if at.path == "b"
+    ));
+}

@@ -22,7 +22,8 @@ pub struct SessionLimits {
     pub max_log_bytes: u64,
     /// The longest time without a Log frame while the command runs; `None` for no limit.
     pub silence: Option<Duration>,
-    /// The longest time from the job's hand-over to the command's exit; `None` for no limit.
+    /// The longest time from the job's hand-over to the command's exit; `None` for no limit
+    /// (which lets a guest hold its VM forever: the default is a day).
     pub wall: Option<Duration>,
     /// `AgentFailure.phase` beyond this is cut (it is diagnostic text, not worth an error).
     pub max_failure_phase_bytes: usize,
@@ -38,7 +39,7 @@ impl Default for SessionLimits {
             log_tail_bytes: 64 * 1024,
             max_log_bytes: 256 * 1024 * 1024,
             silence: None,
-            wall: None,
+            wall: Some(Duration::from_secs(24 * 60 * 60)),
             max_failure_phase_bytes: 256,
             max_failure_message_bytes: 4096,
         }
@@ -55,6 +56,9 @@ pub struct HarvestLimits {
     /// Directories open at once, the output's root directory counting as 1. Also bounds the
     /// host's directory stack.
     pub max_depth: usize,
+    /// Sum of all entry names and symlink targets, in bytes. With `max_entries` this bounds
+    /// the memory the host spends on the outputs' directories before they are stored.
+    pub max_metadata_bytes: u64,
     /// The longest entry name; castore itself allows no more than
     /// [`CASTORE_MAX_NAME_BYTES`], so a larger value has no effect.
     pub max_name_bytes: usize,
@@ -67,6 +71,7 @@ impl Default for HarvestLimits {
         Self {
             max_total_bytes: 64 * 1024 * 1024 * 1024,
             max_entries: 1_000_000,
+            max_metadata_bytes: 64 * 1024 * 1024,
             max_depth: 256,
             max_name_bytes: CASTORE_MAX_NAME_BYTES,
             deadline: Duration::from_secs(30 * 60),
