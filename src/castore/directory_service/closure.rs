@@ -42,7 +42,7 @@ impl PutValidator {
         for (name, child, recorded) in dir.directories() {
             match self.received.get(child) {
                 Some(c) => check_child_size(name, recorded, c, *child)
-                    .map_err(|source| Error::InvalidDirectory { digest, source })?,
+                    .map_err(|source| Error::invalid_directory(digest, source))?,
                 None => external.push(ExternalRef {
                     parent: digest,
                     name: name.clone(),
@@ -97,14 +97,8 @@ where
                 }
                 .into())
             }
-            Some(c) => {
-                check_child_size(&r.name, r.recorded_size, &c, r.child).map_err(|source| {
-                    Error::InvalidDirectory {
-                        digest: r.parent,
-                        source,
-                    }
-                })?
-            }
+            Some(c) => check_child_size(&r.name, r.recorded_size, &c, r.child)
+                .map_err(|source| Error::invalid_directory(r.parent, source))?,
         }
     }
     Ok(())
@@ -139,7 +133,7 @@ impl GetValidator {
         };
         if let Some((name, size)) = recorded {
             check_child_size(&name, size, dir, digest)
-                .map_err(|source| Error::InvalidDirectory { digest, source })?;
+                .map_err(|source| Error::invalid_directory(digest, source))?;
         }
         self.received.insert(digest);
         for (name, child, size) in dir.directories() {
