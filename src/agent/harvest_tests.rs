@@ -6,14 +6,16 @@ use crate::agent::error::{AgentFailure, DeadlineKind, Limit, ProtocolError, Tree
 use crate::agent::log::DiscardLog;
 use crate::agent::session::accept_hello;
 use crate::agent::testing::*;
+use crate::castore::blob::MemoryBlobService;
 use crate::castore::directory::{NameError, SymlinkTargetError};
+use crate::castore::BlobService;
 use std::time::Duration;
 use tvix_build_vm_agent::proto::{AgentFailure as ProtoFailure, Job};
 
 struct Harvested {
     result: Result<Vec<Option<Node>>, Error>,
-    blobs: MemBlobs,
-    dirs: MemDirs,
+    blobs: MemoryBlobService,
+    dirs: RecordingDirs,
 }
 
 async fn harvest_msgs(
@@ -34,7 +36,7 @@ async fn harvest_msgs(
     };
     let mut running = greeted.send_job(job).await.unwrap();
     let status = running.run(&mut DiscardLog).await.unwrap();
-    let (blobs, dirs) = (MemBlobs::default(), MemDirs::default());
+    let (blobs, dirs) = (MemoryBlobService::new(), RecordingDirs::default());
     let result = running.harvest(&status, &blobs, &dirs, &limits).await;
     Harvested {
         result,
@@ -54,7 +56,11 @@ fn one_dir(children: Vec<Msg>) -> Vec<Msg> {
 /// Harvests a single directory output and returns the error, checking nothing is visible.
 async fn failing(children: Vec<Msg>, limits: HarvestLimits) -> Error {
     let h = harvest_msgs(&["/nix/store/out"], &one_dir(children), limits, false).await;
-    assert_eq!(h.dirs.len(), 0, "a failed harvest left directories visible");
+    assert_eq!(
+        h.dirs.visible().await,
+        0,
+        "a failed harvest left directories visible"
+    );
     match h.result {
         Ok(nodes) => panic!("harvest succeeded: {nodes:?}"),
         Err(e) => e,
@@ -133,13 +139,11 @@ async fn a_nested_tree_is_stored_with_the_digests_the_host_computes() {
     for d in [&root, &a_dir, &nested, &empty] {
         assert_eq!(h.dirs.get(&d.digest()).await.unwrap().as_ref(), Some(d));
     }
-    assert_eq!(h.dirs.len(), 4);
-    let blobs = h.blobs.0.lock().unwrap();
+    assert_eq!(h.dirs.handed(), 4);
+    assert_eq!(h.dirs.visible().await, 4);
     for data in [&exe[..], &nested_f[..], b"", &big] {
-        assert_eq!(
-            blobs.get(&B3Digest::of(data)).map(Vec::as_slice),
-            Some(data)
-        );
+        let stored = blob(&h.blobs, &B3Digest::of(data)).await;
+        assert_eq!(stored.as_deref(), Some(data));
     }
 }
 
@@ -273,9 +277,10 @@ async fn a_stream_ending_mid_file_is_refused() {
         chunk(b"123"),
     ];
     let h = harvest_msgs(&["/o"], &msgs, HarvestLimits::default(), false).await;
-    assert_eq!(h.dirs.len(), 0);
+    assert_eq!(h.dirs.visible().await, 0);
+    let partial = B3Digest::of(b"123");
     assert!(
-        h.blobs.0.lock().unwrap().is_empty(),
+        !h.blobs.has(&partial).await.unwrap(),
         "a partial blob was stored"
     );
     let err = h.result.err().unwrap();
@@ -416,7 +421,12 @@ async fn a_complete_output_stays_invisible_when_a_later_one_fails() {
     let err = h.result.err().unwrap();
     let (at, _) = tree_violation(&err);
     assert_eq!((at.index, at.output.as_str()), (1, "/b"));
-    assert_eq!(h.dirs.len(), 0);
+    assert_eq!(
+        h.dirs.handed(),
+        1,
+        "output 0's directory was handed to its putter"
+    );
+    assert_eq!(h.dirs.visible().await, 0);
 }
 
 #[tokio::test]
@@ -492,7 +502,7 @@ async fn an_agent_failure_mid_harvest_is_reported() {
         }),
     ];
     let h = harvest_msgs(&["/o"], &msgs, HarvestLimits::default(), false).await;
-    assert_eq!(h.dirs.len(), 0);
+    assert_eq!(h.dirs.visible().await, 0);
     assert!(matches!(
         h.result,
         Err(Error::Agent(AgentFailure { phase, .. })) if phase == "read output"
@@ -516,7 +526,7 @@ async fn the_harvest_deadline_fires() {
         })) if after == Duration::from_secs(60)
     ));
     assert!(begun.elapsed() >= Duration::from_secs(60));
-    assert_eq!(h.dirs.len(), 0);
+    assert_eq!(h.dirs.visible().await, 0);
 }
 
 #[tokio::test]

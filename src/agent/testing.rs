@@ -1,16 +1,14 @@
-//! Test helpers: a fake guest that writes frames, and minimal in-memory castore fakes that
-//! keep directory uploads invisible until `close` (as the real backends promise).
+//! Test helpers: a fake guest that writes frames, and the in-memory castore with a record of
+//! what the harvest handed to it.
 
+use crate::castore::blob::MemoryBlobService;
 use crate::castore::directory::{Directory, Node};
-use crate::castore::{B3Digest, BlobReader, BlobService, BlobWriter, DirectoryPutter};
+use crate::castore::directory_service::MemoryDirectoryService;
+use crate::castore::{B3Digest, BlobService, DirectoryPutter};
 use crate::castore::{DirectoryService, Error as CastoreError};
 use futures::stream::BoxStream;
-use futures::StreamExt;
-use std::collections::{HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tvix_build_vm_agent::frame;
 use tvix_build_vm_agent::proto::{
     exited, guest_message::Msg, DirectoryEnd, Entry, EntryKind, Exited, FileChunk, GuestMessage,
@@ -141,166 +139,79 @@ pub fn fake_guest(bytes: Vec<u8>, hold_open: bool) -> DuplexStream {
     host
 }
 
-// ---- castore fakes ----------------------------------------------------------------------
+// ---- castore ----------------------------------------------------------------------------
 
+/// The in-memory directory service, recording every directory handed to a putter so a
+/// test can ask whether any of them became visible.
 #[derive(Clone, Default)]
-pub struct MemBlobs(pub Arc<Mutex<HashMap<B3Digest, Vec<u8>>>>);
-
-struct MemBlobWriter {
-    buf: Vec<u8>,
-    store: Arc<Mutex<HashMap<B3Digest, Vec<u8>>>>,
+pub struct RecordingDirs {
+    pub inner: MemoryDirectoryService,
+    handed: Arc<Mutex<Vec<B3Digest>>>,
 }
 
-impl AsyncWrite for MemBlobWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-#[async_trait::async_trait]
-impl BlobWriter for MemBlobWriter {
-    async fn close(&mut self) -> Result<B3Digest, CastoreError> {
-        let digest = B3Digest::of(&self.buf);
-        self.store
-            .lock()
-            .expect("lock")
-            .insert(digest, std::mem::take(&mut self.buf));
-        Ok(digest)
-    }
-}
-
-#[async_trait::async_trait]
-impl BlobService for MemBlobs {
-    async fn has(&self, digest: &B3Digest) -> Result<bool, CastoreError> {
-        Ok(self.0.lock().expect("lock").contains_key(digest))
-    }
-    async fn open_read(
-        &self,
-        digest: &B3Digest,
-    ) -> Result<Option<Box<dyn BlobReader>>, CastoreError> {
-        let data = self.0.lock().expect("lock").get(digest).cloned();
-        Ok(data.map(|d| Box::new(std::io::Cursor::new(d)) as Box<dyn BlobReader>))
-    }
-    async fn open_write(&self) -> Result<Box<dyn BlobWriter>, CastoreError> {
-        Ok(Box::new(MemBlobWriter {
-            buf: Vec::new(),
-            store: self.0.clone(),
-        }))
-    }
-}
-
-#[derive(Clone, Default)]
-pub struct MemDirs(pub Arc<Mutex<HashMap<B3Digest, Directory>>>);
-
-impl MemDirs {
-    pub fn len(&self) -> usize {
-        self.0.lock().expect("lock").len()
-    }
-}
-
-fn fake_error(what: &str) -> CastoreError {
-    CastoreError::Io {
-        context: what.to_owned(),
-        source: std::io::Error::other(what.to_owned()),
-    }
-}
-
-struct MemPutter {
-    pending: Vec<Directory>,
-    store: Arc<Mutex<HashMap<B3Digest, Directory>>>,
-}
-
-#[async_trait::async_trait]
-impl DirectoryPutter for MemPutter {
-    async fn put(&mut self, directory: Directory) -> Result<(), CastoreError> {
-        let store = self.store.lock().expect("lock");
-        let known: HashSet<B3Digest> = self.pending.iter().map(|d| d.digest()).collect();
-        for (_, digest, _) in directory.directories() {
-            if !known.contains(digest) && !store.contains_key(digest) {
-                return Err(fake_error("dangling directory reference"));
+impl RecordingDirs {
+    /// How many of the directories handed to putters can be read back.
+    pub async fn visible(&self) -> usize {
+        let handed = self.handed.lock().expect("lock").clone();
+        let mut n = 0;
+        for d in handed {
+            if self.inner.get(&d).await.expect("get").is_some() {
+                n += 1;
             }
         }
-        drop(store);
-        self.pending.push(directory);
-        Ok(())
+        n
     }
 
+    /// How many directories were handed to putters.
+    pub fn handed(&self) -> usize {
+        self.handed.lock().expect("lock").len()
+    }
+}
+
+struct RecordingPutter {
+    inner: Box<dyn DirectoryPutter>,
+    handed: Arc<Mutex<Vec<B3Digest>>>,
+}
+
+#[async_trait::async_trait]
+impl DirectoryPutter for RecordingPutter {
+    async fn put(&mut self, directory: Directory) -> Result<(), CastoreError> {
+        self.handed.lock().expect("lock").push(directory.digest());
+        self.inner.put(directory).await
+    }
     async fn close(&mut self) -> Result<B3Digest, CastoreError> {
-        let referenced: HashSet<B3Digest> = self
-            .pending
-            .iter()
-            .flat_map(|d| {
-                d.directories()
-                    .map(|(_, digest, _)| *digest)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let roots: HashSet<B3Digest> = self
-            .pending
-            .iter()
-            .map(|d| d.digest())
-            .filter(|d| !referenced.contains(d))
-            .collect();
-        let [root] = roots.into_iter().collect::<Vec<_>>()[..] else {
-            return Err(fake_error("not exactly one root"));
-        };
-        let mut store = self.store.lock().expect("lock");
-        for d in self.pending.drain(..) {
-            store.insert(d.digest(), d);
-        }
-        Ok(root)
+        self.inner.close().await
     }
 }
 
 #[async_trait::async_trait]
-impl DirectoryService for MemDirs {
+impl DirectoryService for RecordingDirs {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, CastoreError> {
-        Ok(self.0.lock().expect("lock").get(digest).cloned())
+        self.inner.get(digest).await
     }
     async fn put(&self, directory: Directory) -> Result<B3Digest, CastoreError> {
-        let digest = directory.digest();
-        self.0.lock().expect("lock").insert(digest, directory);
-        Ok(digest)
+        self.inner.put(directory).await
     }
     fn get_recursive(
         &self,
         root: &B3Digest,
     ) -> BoxStream<'static, Result<Directory, CastoreError>> {
-        let store = self.0.lock().expect("lock").clone();
-        let mut queue = std::collections::VecDeque::from([*root]);
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        while let Some(d) = queue.pop_front() {
-            if !seen.insert(d) {
-                continue;
-            }
-            match store.get(&d) {
-                Some(dir) => {
-                    queue.extend(dir.directories().map(|(_, digest, _)| *digest));
-                    out.push(Ok(dir.clone()));
-                }
-                None => out.push(Err(fake_error("missing directory"))),
-            }
-        }
-        futures::stream::iter(out).boxed()
+        self.inner.get_recursive(root)
     }
     fn put_multiple_start(&self) -> Box<dyn DirectoryPutter> {
-        Box::new(MemPutter {
-            pending: Vec::new(),
-            store: self.0.clone(),
+        Box::new(RecordingPutter {
+            inner: self.inner.put_multiple_start(),
+            handed: self.handed.clone(),
         })
     }
+}
+
+/// The blob's contents, if stored.
+pub async fn blob(blobs: &MemoryBlobService, digest: &B3Digest) -> Option<Vec<u8>> {
+    let mut reader = blobs.open_read(digest).await.expect("open_read")?;
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).await.expect("read");
+    Some(out)
 }
 
 /// The node for `data` as a file, computed independently of the harvest.
