@@ -547,3 +547,55 @@ async fn names_and_targets_together_are_bounded() {
         }) if at.path == "b"
     ));
 }
+
+mod random {
+    //! Random message sequences: the harvest never panics, and either succeeds with every
+    //! output's directories visible or fails with none visible.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        let name = prop_oneof![
+            Just(b"".to_vec()),
+            Just(b"a".to_vec()),
+            Just(b"b".to_vec()),
+            Just(b"..".to_vec()),
+            Just(b"x/y".to_vec()),
+        ];
+        prop_oneof![
+            4 => name.clone().prop_map(|n| dir(&n)),
+            4 => Just(end()),
+            3 => (name.clone(), 0u64..4, any::<bool>()).prop_map(|(n, s, x)| file_entry(&n, s, x)),
+            3 => proptest::collection::vec(any::<u8>(), 0..3).prop_map(|d| chunk(&d)),
+            2 => (name, proptest::collection::vec(any::<u8>(), 0..3))
+                .prop_map(|(n, t)| symlink(&n, &t)),
+            1 => (0u32..3).prop_map(start),
+            1 => (0u32..3).prop_map(missing),
+            1 => Just(done()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn harvest_is_all_or_nothing(tail in proptest::collection::vec(msg(), 0..24)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // Open a directory output first, so the tree code is reached on every case.
+            let mut msgs = vec![start(0), dir(b"")];
+            msgs.extend(tail);
+            let limits = HarvestLimits { max_depth: 4, ..Default::default() };
+            let h = rt.block_on(harvest_msgs(&["/a", "/b"], &msgs, limits, false));
+            let visible = rt.block_on(h.dirs.visible());
+            match &h.result {
+                Ok(nodes) => {
+                    prop_assert_eq!(nodes.len(), 2);
+                    prop_assert_eq!(visible, h.dirs.handed());
+                }
+                Err(_) => prop_assert_eq!(visible, 0),
+            }
+        }
+    }
+}
