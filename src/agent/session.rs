@@ -44,7 +44,7 @@ pub async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
         after: deadline,
     };
     let msg = conn
-        .recv_until(Instant::now() + deadline)
+        .recv_until(after(Instant::now(), deadline))
         .await
         .map_err(|e| from_connection(Phase::Hello, e, timeout))?;
     let hello = match msg {
@@ -109,7 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Greeted<S> {
         let wall = self.limits.wall;
         let send = self.conn.send(&msg);
         let sent = match wall {
-            Some(wall) => tokio::time::timeout_at(started + wall, send)
+            Some(wall) => tokio::time::timeout_at(after(started, wall), send)
                 .await
                 .map_err(|_elapsed| {
                     Error::from(Timeout {
@@ -187,12 +187,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
         let wall = self
             .limits
             .wall
-            .map(|limit| (self.started + limit, DeadlineKind::Wall, limit));
+            .map(|limit| (after(self.started, limit), DeadlineKind::Wall, limit));
         loop {
             let silence = self
                 .limits
                 .silence
-                .map(|limit| (Instant::now() + limit, DeadlineKind::Silence, limit));
+                .map(|limit| (after(Instant::now(), limit), DeadlineKind::Silence, limit));
             // The earlier deadline wins; on a tie the wall clock, the harder limit.
             let deadline = match (wall, silence) {
                 (Some(w), Some(s)) => Some(if s.0 < w.0 { s } else { w }),
@@ -297,6 +297,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
         )
         .await
     }
+}
+
+/// `start + limit`, or a time a century away if that does not fit: an operator may write
+/// "no limit" as a huge duration, and adding it must not panic.
+fn after(start: Instant, limit: Duration) -> Instant {
+    start
+        .checked_add(limit)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 60 * 60))
 }
 
 fn exit_status(exited: Exited) -> Result<ExitStatus, ProtocolError> {

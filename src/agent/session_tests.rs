@@ -453,3 +453,21 @@ impl ChainContains for Error {
         false
     }
 }
+
+#[tokio::test]
+async fn a_huge_limit_does_not_overflow() {
+    let limits = SessionLimits {
+        silence: Some(Duration::MAX),
+        wall: Some(Duration::MAX),
+        ..Default::default()
+    };
+    let (result, _) = run_with(&[exited_code(0)], false, limits).await;
+    assert_eq!(result.unwrap().kind, ExitKind::Code(0));
+    let greeted = accept_hello(
+        fake_guest(wire(&[hello()]), false),
+        SessionLimits::default(),
+        Duration::MAX,
+    )
+    .await;
+    assert!(greeted.is_ok());
+}
