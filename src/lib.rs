@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod proto;
 pub mod request;
 pub mod runner;
+pub mod server;
 pub mod vm;
