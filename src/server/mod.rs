@@ -2,7 +2,7 @@
 //! on a TCP or unix socket, until a shutdown future completes.
 //!
 //! [`router`] builds the service set; more services (the build service) can be added to
-//! the returned [`Router`] before handing it to [`serve`].
+//! the returned [`CastoreRouter`] before handing it to [`serve`].
 
 pub mod blob;
 pub mod directory;
@@ -16,6 +16,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tower::layer::util::{Identity, Stack};
+use tower::util::MapRequestLayer;
 
 pub use blob::BlobServer;
 pub use directory::DirectoryServer;
@@ -73,11 +75,36 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
+/// A request body error that tonic cannot recognise.
+#[derive(Debug, thiserror::Error)]
+#[error("request stream broke off: {0}")]
+struct RequestStreamBroken(String);
+
+type Req = http::Request<tonic::body::Body>;
+
+/// tonic treats a client-streaming request whose HTTP/2 stream was reset with CANCEL (a
+/// client that dropped the call mid-upload) as a clean end of stream, so a handler would
+/// store a truncated blob or closure. Wrapping body errors in a type tonic does not look
+/// into keeps them errors. The message keeps the original text.
+fn strict_request_end(req: Req) -> Req {
+    req.map(|body| {
+        tonic::body::Body::new(http_body_util::BodyExt::map_err(body, |e| {
+            RequestStreamBroken(e.to_string())
+        }))
+    })
+}
+
+/// The layer every server here runs requests through (see [`strict_request_end`]).
+pub type StrictLayer = Stack<MapRequestLayer<fn(Req) -> Req>, Identity>;
+
+/// The service set built by [`router`]; add more services with `add_service`.
+pub type CastoreRouter = Router<StrictLayer>;
+
 /// Blob and Directory services, plus health (all serving) and reflection.
 pub async fn router(
     blobs: Arc<dyn BlobService>,
     directories: Arc<dyn DirectoryService>,
-) -> Result<Router, ServerError> {
+) -> Result<CastoreRouter, ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::blob_service_server::BlobServiceServer<BlobServer>>()
@@ -91,6 +118,7 @@ pub async fn router(
         .build_v1()
         .map_err(ServerError::Reflection)?;
     Ok(Server::builder()
+        .layer(MapRequestLayer::new(strict_request_end as fn(Req) -> Req))
         .add_service(health)
         .add_service(reflection)
         .add_service(pb::blob_service_server::BlobServiceServer::new(
@@ -143,7 +171,7 @@ impl Listener {
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes running calls.
 pub async fn serve(
-    router: Router,
+    router: CastoreRouter,
     listener: Listener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
