@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
+pub mod build;
 pub mod request_args;
+pub mod runner_args;
 pub mod serve;
 pub mod store;
 pub mod store_args;
@@ -36,6 +38,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one build in a fresh microVM (see `build --help` for exit codes).
+    Build(Box<build::BuildArgs>),
     /// Work with the content-addressed store: import, ls, cat, export.
     Store(store::StoreCommand),
     /// Serve the castore (and later the build service) over gRPC.
@@ -63,22 +67,42 @@ fn init_logging(cli: &Cli) {
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(&cli);
     match cli.command {
-        Command::Store(cmd) => run_async(store::run(cmd)),
-        Command::Serve(args) => run_async(serve::run(args)),
+        Command::Build(args) => run_async(build::run(*args)).unwrap_or(ExitCode::from(4)),
+        Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
+        Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
     }
 }
 
-/// Runs a command on a fresh tokio runtime; prints the whole error chain on failure.
-/// Exit codes: 0 success, 1 failure.
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// What a command's future may return: nothing (exit 0) or its own exit code.
+trait IntoExitCode {
+    fn into_exit_code(self) -> ExitCode;
+}
+
+impl IntoExitCode for () {
+    fn into_exit_code(self) -> ExitCode {
+        ExitCode::SUCCESS
+    }
+}
+
+impl IntoExitCode for ExitCode {
+    fn into_exit_code(self) -> ExitCode {
+        self
+    }
+}
+
+/// Runs a command on a fresh tokio runtime. On error prints the whole error chain and
+/// returns `None`, for the caller to pick the command's exit code.
+fn run_async<T: IntoExitCode>(
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Option<ExitCode> {
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(fut));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(t) => Some(t.into_exit_code()),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            None
         }
     }
 }

@@ -1,0 +1,111 @@
+//! `tvix-build-vm build`: run one BuildRequest in a VM from the command line.
+//!
+//! The build log streams to stderr as it comes; the `Build` is printed as proto3 JSON on
+//! stdout. Exit codes: 0 the build succeeded; 1 the build failed (exit code, signal, OOM,
+//! missing output, wall-clock or silence limit); 2 the request is invalid; 3 it cannot run
+//! here (constraints, missing inputs); 4 our infrastructure failed; 5 the guest broke the
+//! protocol or a limit.
+
+use super::request_args::RequestArgs;
+use super::runner_args::RunnerArgs;
+use super::store_args::StoreArgs;
+use crate::agent::{LogChunk, LogSink};
+use crate::castore::import::import_path;
+use crate::proto::{build as pb, castore as castore_pb};
+use crate::request::BuildRequest;
+use crate::runner::{new_build_id, BuildOutcome, Fault};
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use std::process::ExitCode;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub request: RequestArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+}
+
+/// Writes the live build log to our stderr.
+struct StderrLog(tokio::io::Stderr);
+
+#[async_trait::async_trait]
+impl LogSink for StderrLog {
+    async fn send(&mut self, chunk: LogChunk) {
+        // A closed stderr must not stop the build; the log tail is kept regardless.
+        let _ = self.0.write_all(&chunk.data).await;
+        let _ = self.0.flush().await;
+    }
+}
+
+/// The `Build` answer of the seed layout: outputs named by their basename, sorted by name.
+pub fn seed_build(request: pb::BuildRequest, outcome: &BuildOutcome) -> pb::Build {
+    let mut outputs: Vec<castore_pb::Node> = outcome
+        .outputs
+        .iter()
+        .map(|(path, node)| node.to_proto(Bytes::copy_from_slice(path.file_name().as_bytes())))
+        .collect();
+    outputs.sort_by(|a, b| node_name(a).cmp(node_name(b)));
+    pb::Build {
+        build_request: Some(request),
+        outputs,
+    }
+}
+
+fn node_name(n: &castore_pb::Node) -> &[u8] {
+    use castore_pb::node::Node;
+    match &n.node {
+        Some(Node::Directory(d)) => &d.name,
+        Some(Node::File(f)) => &f.name,
+        Some(Node::Symlink(s)) => &s.name,
+        None => &[],
+    }
+}
+
+pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let (blobs, dirs) = args.store.open()?;
+
+    let mut imported = Vec::with_capacity(args.request.inputs.len());
+    for path in &args.request.inputs {
+        let name = path
+            .file_name()
+            .with_context(|| format!("--input {} has no basename", path.display()))?;
+        let node = import_path(blobs.clone(), dirs.clone(), path)
+            .await
+            .with_context(|| format!("importing --input {}", path.display()))?;
+        imported.push(node.to_proto(Bytes::copy_from_slice(name.as_encoded_bytes())));
+    }
+    let wire = args.request.assemble(imported)?;
+    let req = match BuildRequest::try_from(wire.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: invalid request: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+
+    let handle = args.runner.runner(&args.store, blobs, dirs).await?;
+    let id = new_build_id();
+    let mut log = StderrLog(tokio::io::stderr());
+    match handle.runner.build(&id, &req, &mut log).await {
+        Ok(outcome) => {
+            let build = seed_build(wire, &outcome);
+            println!("{}", serde_json::to_string(&build)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = match e.fault() {
+                Fault::Build => 1,
+                Fault::Precondition => 3,
+                Fault::Infrastructure => 4,
+                Fault::Guest => 5,
+            };
+            eprintln!("error: build {id}: {:#}", anyhow::Error::from(e));
+            Ok(ExitCode::from(code))
+        }
+    }
+}
