@@ -1,6 +1,11 @@
 //! gRPC round trips over a real unix socket, with the raw generated clients, checking the
 //! status code of every error tvix relies on.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failure should fail the test"
+)]
+
 use bytes::Bytes;
 use pb::blob_service_client::BlobServiceClient;
 use pb::directory_service_client::DirectoryServiceClient;

@@ -1,5 +1,10 @@
 //! Import host paths into the castore and export them back.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failure should fail the test"
+)]
+
 use proptest::prelude::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,11 @@
 //! Crash safety of the on-disk blob store: a name under the store only ever holds complete
 //! contents with that digest, whatever happens to a writer.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failure should fail the test"
+)]
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;

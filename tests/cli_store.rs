@@ -1,5 +1,10 @@
 //! The real binary: `store import`, `ls`, `cat`, `export`, and `serve` with a remote store.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failure should fail the test"
+)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
