@@ -394,3 +394,109 @@ fn listen_addresses_parse() {
         assert!(e.contains(&format!("{bad:?}")), "{e}");
     }
 }
+
+/// A directory server that answers every Get with a fixed list, to feed the client
+/// streams a correct server never sends.
+struct Scripted(Vec<pb::Directory>);
+
+#[tonic::async_trait]
+impl pb::directory_service_server::DirectoryService for Scripted {
+    type GetStream = futures::stream::BoxStream<'static, Result<pb::Directory, tonic::Status>>;
+    async fn get(
+        &self,
+        _: tonic::Request<pb::GetDirectoryRequest>,
+    ) -> Result<tonic::Response<Self::GetStream>, tonic::Status> {
+        use futures::StreamExt;
+        Ok(tonic::Response::new(
+            futures::stream::iter(self.0.clone().into_iter().map(Ok)).boxed(),
+        ))
+    }
+    async fn put(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::Directory>>,
+    ) -> Result<tonic::Response<pb::PutDirectoryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("scripted"))
+    }
+}
+
+async fn scripted_client(
+    dirs: Vec<pb::Directory>,
+) -> (
+    Arc<dyn tvix_build_vm::castore::DirectoryService>,
+    tempfile::TempDir,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("scripted.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::directory_service_server::DirectoryServiceServer::new(
+                Scripted(dirs),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let svc = tvix_build_vm::castore::addr::directory_service_from_addr(&format!(
+        "grpc+unix://{}",
+        sock.display()
+    ))
+    .unwrap();
+    (svc, tmp)
+}
+
+#[tokio::test]
+async fn grpc_client_rejects_bad_closures() {
+    use futures::TryStreamExt;
+    use tvix_build_vm::castore::error::ClosureError;
+    use tvix_build_vm::castore::Error;
+    let leaf = pb::Directory {
+        files: vec![file("f")],
+        ..Default::default()
+    };
+    let other = pb::Directory {
+        files: vec![file("g")],
+        ..Default::default()
+    };
+    let root = pb::Directory {
+        directories: vec![dir_node("a", &leaf, 1)],
+        ..Default::default()
+    };
+    let root_digest = B3Digest::of(&root.encode_to_vec());
+    let leaf_digest = B3Digest::of(&leaf.encode_to_vec());
+    let other_digest = B3Digest::of(&other.encode_to_vec());
+
+    let cases: Vec<(Vec<pb::Directory>, ClosureError)> = vec![
+        (
+            vec![root.clone(), leaf.clone(), leaf.clone()],
+            ClosureError::Repeated(leaf_digest),
+        ),
+        (
+            vec![root.clone(), other.clone()],
+            ClosureError::Unexpected(other_digest),
+        ),
+        (vec![root.clone()], ClosureError::Missing(leaf_digest)),
+        (vec![leaf.clone()], ClosureError::Unexpected(leaf_digest)),
+    ];
+    for (script, want) in cases {
+        let (svc, _tmp) = scripted_client(script).await;
+        let r: Result<Vec<_>, Error> = svc.get_recursive(&root_digest).try_collect().await;
+        match r {
+            Err(Error::InvalidClosure(got)) => assert_eq!(got, want),
+            other => panic!("expected {want:?}, got {other:?}"),
+        }
+    }
+
+    // An invalid directory is refused, naming the entry.
+    let bad = pb::Directory {
+        files: vec![file("x"), file("a")],
+        ..Default::default()
+    };
+    let (svc, _tmp) = scripted_client(vec![bad.clone()]).await;
+    let bad_digest = B3Digest::of(&bad.encode_to_vec());
+    let e = svc.get(&bad_digest).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidDirectory { .. }), "{e:?}");
+
+    // A plain get answered with a different directory is refused.
+    let (svc, _tmp) = scripted_client(vec![other]).await;
+    let e = svc.get(&leaf_digest).await.unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+}
