@@ -1,6 +1,11 @@
 //! One conformance suite, run against every backend of each castore trait, the gRPC clients
 //! included (they talk to a real server on a unix socket, backed by the memory services).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failure should fail the test"
+)]
+
 use bytes::Bytes;
 use futures::TryStreamExt;
 use std::any::Any;
