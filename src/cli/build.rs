@@ -53,6 +53,8 @@ pub fn seed_build(request: pb::BuildRequest, outcome: &BuildOutcome) -> pb::Buil
     pb::Build {
         build_request: Some(request),
         outputs,
+        // The extensions (exit status, timings, log) are filled in by whoever knows them.
+        ..Default::default()
     }
 }
 
