@@ -16,7 +16,6 @@ use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::request::BuildRequest;
 use crate::runner::admission::Admission;
 use crate::runner::{new_build_id, BuildOutcome, RunError, Runner};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -67,7 +66,7 @@ pub struct BuildHost {
     admission: Admission,
     metrics: Arc<Metrics>,
     options: HostOptions,
-    draining: AtomicBool,
+    draining: CancellationToken,
     cancel: CancellationToken,
 }
 
@@ -83,7 +82,7 @@ impl BuildHost {
             admission,
             metrics,
             options,
-            draining: AtomicBool::new(false),
+            draining: CancellationToken::new(),
             cancel: CancellationToken::new(),
         }
     }
@@ -111,9 +110,10 @@ impl BuildHost {
         self.metrics.render(self.queued(), self.running())
     }
 
-    /// Refuses new builds from now on (`UNAVAILABLE`); running ones go on.
+    /// Refuses new builds from now on, and sends the queued ones away (`UNAVAILABLE`, so
+    /// clients retry elsewhere); running ones go on.
     pub fn drain(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.cancel();
     }
 
     /// Ends every queued and running build now (their VMs are killed).
@@ -170,7 +170,7 @@ impl BuildHost {
         live: Option<mpsc::Sender<Event>>,
     ) -> Result<Finished, BuildError> {
         let accepted = Instant::now();
-        if self.draining.load(Ordering::Acquire) {
+        if self.draining.is_cancelled() {
             return Err(BuildError::ShuttingDown);
         }
         // Refuse at once what can never run here, rather than after waiting in the queue.
@@ -190,7 +190,7 @@ impl BuildHost {
 
         let slot = tokio::select! {
             slot = self.admission.admit() => slot?,
-            _ = self.cancel.cancelled() => return Err(BuildError::ShuttingDown),
+            _ = self.draining.cancelled() => return Err(BuildError::ShuttingDown),
         };
         let queued = accepted.elapsed();
         self.metrics.observe(Phase::Queue, queued);

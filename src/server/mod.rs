@@ -8,6 +8,7 @@
 pub mod blob;
 pub mod build_host;
 pub mod build_service;
+pub mod config;
 pub mod directory;
 pub mod layout_2024;
 pub mod log_store;
