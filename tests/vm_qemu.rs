@@ -31,16 +31,69 @@ async fn boot_to_poweroff(script: &str) -> (tvix_build_vm::vm::VmExit, String) {
     (exit, serial)
 }
 
+/// Mounts devtmpfs and reports which devices the guest has.
+const PROBE_DEVICES: &str = "/bin/busybox mount -t devtmpfs dev /dev
+if [ -c /dev/kvm ]; then echo KVM=yes; else echo KVM=no; fi
+if [ -b /dev/vda ]; then echo VDA=yes; else echo VDA=no; fi";
+
 #[tokio::test]
 async fn busybox_guest_prints_and_powers_off() {
-    let (exit, serial) =
-        boot_to_poweroff(&format!("/bin/busybox echo MARKER-$((6*7))\n{POWEROFF}")).await;
+    let (exit, serial) = boot_to_poweroff(&format!(
+        "/bin/busybox echo MARKER-$((6*7))\n{PROBE_DEVICES}\n{POWEROFF}"
+    ))
+    .await;
     assert!(exit.is_clean(), "{exit:?}\nserial:\n{serial}");
     assert!(
         serial.contains("MARKER-42"),
         "marker missing; serial:\n{serial}"
     );
+    // Nothing beyond what was asked for: no nested KVM, no disk.
+    assert!(
+        serial.contains("KVM=no") && serial.contains("VDA=no"),
+        "serial:\n{serial}"
+    );
     eprintln!("boot to poweroff: {:?}", exit.elapsed);
+}
+
+#[tokio::test]
+async fn optional_devices_when_asked() {
+    let _slot = vm_slot();
+    let mut vm = TestVm::new(support::busybox_initrd(&format!(
+        "{PROBE_DEVICES}\n/bin/busybox mount -t sysfs sys /sys\n/bin/busybox cat /sys/block/vda/size\n{POWEROFF}"
+    )));
+    let disk = vm.path().join("scratch.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("creating the scratch image");
+    vm.config.scratch_disk = Some(disk);
+    vm.config.nested_virt = true;
+    // The guest kernel has no virtio-net driver yet; this checks that QEMU accepts the device
+    // under its sandbox.
+    vm.config.network = true;
+    let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
+    let mut running = support::qemu()
+        .launch(&spec)
+        .await
+        .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
+    let exit = running
+        .wait_until(Instant::now() + BOOT_DEADLINE)
+        .await
+        .expect("wait");
+    let serial = running.serial_tail(64 << 10);
+    assert!(exit.is_clean(), "{exit:?}\nserial:\n{serial}");
+    assert!(
+        serial.contains("KVM=yes"),
+        "no /dev/kvm in the guest; serial:\n{serial}"
+    );
+    assert!(
+        serial.contains("VDA=yes"),
+        "no scratch disk; serial:\n{serial}"
+    );
+    // 8 MiB in 512-byte sectors.
+    assert!(
+        serial.contains("16384"),
+        "wrong disk size; serial:\n{serial}"
+    );
 }
 
 #[tokio::test]
@@ -77,6 +130,21 @@ async fn a_guest_that_never_powers_off_is_killed_at_the_deadline() {
             .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"))
             .collect();
         eprintln!("pid {pid}: {}", rss.join(", "));
+    }
+    let qemu_status = std::fs::read_to_string(format!("/proc/{}/status", running.vmm_pid()))
+        .expect("qemu status");
+    assert!(
+        qemu_status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "QEMU runs without its seccomp filter:\n{qemu_status}"
+    );
+    let recorded = std::fs::read_to_string(vm.path().join("pids")).expect("pids file");
+    for pid in &pids {
+        assert!(
+            recorded.contains(&format!("{pid} ")),
+            "{pid} not in pids file:\n{recorded}"
+        );
     }
     let exit = running
         .wait_until(Instant::now() + Duration::from_millis(300))

@@ -194,7 +194,8 @@ pub fn qemu_args(spec: &LaunchSpec, append: &str, vhost_vsock: Option<&Path>) ->
     let c = spec.config();
     let mem = c.memory_mib;
     let cpu = match (c.accel, c.nested_virt) {
-        (Accel::Tcg, false) => "qemu64",
+        // qemu64 includes svm: it must be taken away, not merely not added.
+        (Accel::Tcg, false) => "qemu64,-svm",
         (Accel::Tcg, true) => "qemu64,+svm",
         (Accel::Kvm, false) => "host,-vmx,-svm",
         (Accel::Kvm, true) => "host",
@@ -336,7 +337,7 @@ mod tests {
         let vsu = dir.path().join("vhost-vsock.sock");
         let args = qemu_args(&spec, "console=ttyS0", Some(&vsu));
         assert_eq!(after(&args, "-accel"), ["tcg"]);
-        assert_eq!(after(&args, "-cpu"), ["qemu64"]);
+        assert_eq!(after(&args, "-cpu"), ["qemu64,-svm"]);
         assert_eq!(after(&args, "-m"), ["512M"]);
         assert_eq!(after(&args, "-smp"), ["2"]);
         assert_eq!(after(&args, "-append"), ["console=ttyS0"]);
