@@ -12,7 +12,8 @@ use crate::vm::process::{ProcessGroup, Stdout};
 use crate::vm::vsock::HostListener;
 use crate::vm::{cmdline, FsShare, HybridVsock, LaunchConfig, LaunchSpec, RunningVm};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 use tvix_build_vm_agent::DEFAULT_AGENT_PORT;
 
@@ -259,11 +260,8 @@ async fn wait_for_socket(
         if tokio::fs::symlink_metadata(socket).await.is_ok() {
             return Ok(());
         }
-        let log_tail = || {
-            std::fs::read(group.log_path(id))
-                .map(|b| String::from_utf8_lossy(&b[b.len().saturating_sub(4096)..]).into_owned())
-                .unwrap_or_default()
-        };
+        let log_path = group.log_path(id);
+        let log_tail = || crate::vm::logsink::tail(&log_path, 4096);
         if let Ok(Some(status)) = group.try_wait(id) {
             return Err(RunError::FsDaemon {
                 reason: format!("it exited ({status}) before listening"),

@@ -307,8 +307,11 @@ pub trait VmmBackend: Send + Sync + std::fmt::Debug {
     /// A short name for logs ("qemu").
     fn name(&self) -> &'static str;
 
-    /// Starts the VM. On error, every process it started is already gone.
-    async fn launch(&self, spec: &LaunchSpec) -> Result<RunningVm, LaunchError>;
+    /// Starts the VM with its processes in `group`, which may already hold the VM's other
+    /// helpers (the virtio-fs daemons), so that one kill ends them all. On error, every
+    /// process of the group is already gone.
+    async fn launch(&self, spec: &LaunchSpec, group: ProcessGroup)
+        -> Result<RunningVm, LaunchError>;
 }
 
 /// How a VM ended.

@@ -100,12 +100,15 @@ impl VmmBackend for QemuBackend {
         "qemu"
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<RunningVm, LaunchError> {
+    async fn launch(
+        &self,
+        spec: &LaunchSpec,
+        mut group: ProcessGroup,
+    ) -> Result<RunningVm, LaunchError> {
         let started = Instant::now();
         let config = spec.config();
         let base = cmdline::base(config.accel, &self.cpu);
         let append = cmdline::render(&base, &config.cmdline).map_err(LaunchError::Cmdline)?;
-        let mut group = ProcessGroup::new(&config.runtime_dir);
 
         let vhost_vsock = match &config.vsock {
             Some(vsock) => {
