@@ -7,6 +7,7 @@ use std::time::Duration;
 use support::{error_chain, process_exists, vm_slot, TestVm};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
+use tvix_build_vm::vm::process::ProcessGroup;
 use tvix_build_vm::vm::vsock::HostListener;
 use tvix_build_vm::vm::{HybridVsock, LaunchSpec, VmStatus, VmmBackend};
 
@@ -20,7 +21,7 @@ async fn boot_to_poweroff(script: &str) -> (tvix_build_vm::vm::VmExit, String) {
     let vm = TestVm::new(support::busybox_initrd(script));
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = support::qemu()
-        .launch(&spec)
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
     let exit = running
@@ -72,7 +73,7 @@ async fn optional_devices_when_asked() {
     vm.config.network = true;
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = support::qemu()
-        .launch(&spec)
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
     let exit = running
@@ -108,7 +109,7 @@ async fn a_guest_that_never_powers_off_is_killed_at_the_deadline() {
     });
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = support::qemu()
-        .launch(&spec)
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
     let pids = running.pids();
@@ -178,7 +179,7 @@ async fn guest_talks_to_the_host_over_vsock() {
     let listener = HostListener::bind(&uds, PORT).expect("bind before launch");
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = support::qemu()
-        .launch(&spec)
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
     let deadline = Instant::now() + BOOT_DEADLINE;
@@ -218,7 +219,10 @@ async fn a_vmm_that_cannot_start_reports_why() {
         socket: vm.path().join("missing-fs.sock"),
     }];
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu().launch(&spec).await.expect("spawned");
+    let mut running = support::qemu()
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
+        .await
+        .expect("spawned");
     let exit = running
         .wait_until(Instant::now() + BOOT_DEADLINE)
         .await
@@ -263,7 +267,7 @@ async fn dropping_a_running_vm_kills_it() {
     });
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let running = support::qemu()
-        .launch(&spec)
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
     let pids = running.pids();

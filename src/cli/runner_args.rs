@@ -134,7 +134,10 @@ impl RunnerArgs {
         blobs: Arc<dyn BlobService>,
         dirs: Arc<dyn DirectoryService>,
     ) -> anyhow::Result<RunnerHandle> {
-        let runtime_root = self.runtime_dir.clone().unwrap_or_else(default_runtime_root);
+        let runtime_root = self
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(default_runtime_root);
         runtime_dir::sweep(&runtime_root)
             .with_context(|| format!("sweeping {}", runtime_root.display()))?;
 

@@ -207,7 +207,10 @@ impl Runner {
             harvest,
             total: started.elapsed(),
         };
-        info!(total_ms = timings.total.as_millis() as u64, "build succeeded");
+        info!(
+            total_ms = timings.total.as_millis() as u64,
+            "build succeeded"
+        );
         Ok(BuildOutcome {
             outputs,
             exit,
@@ -240,7 +243,7 @@ fn vm_died(
 
 fn session_error(vm: &RunningVm, source: agent::Error, log_tail: String) -> RunError {
     RunError::Session {
-        source,
+        source: Box::new(source),
         log_tail,
         serial_tail: vm.serial_tail(SERIAL_TAIL_BYTES),
     }

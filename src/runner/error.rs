@@ -54,18 +54,23 @@ pub enum RunError {
         during: &'static str,
         serial_tail: String,
     },
-    #[error("the {helper} died during the build ({status})\n--- serial console ---\n{serial_tail}")]
+    #[error(
+        "the {helper} died during the build ({status})\n--- serial console ---\n{serial_tail}"
+    )]
     HelperDied {
         helper: &'static str,
         status: String,
         serial_tail: String,
     },
     #[error("the guest did not connect within {after:?} of starting\n--- serial console ---\n{serial_tail}")]
-    BootTimeout { after: Duration, serial_tail: String },
+    BootTimeout {
+        after: Duration,
+        serial_tail: String,
+    },
     #[error("{source}\n--- build log (last {} bytes) ---\n{log_tail}", log_tail.len())]
     Session {
         #[source]
-        source: agent::Error,
+        source: Box<agent::Error>,
         log_tail: String,
         serial_tail: String,
     },
@@ -78,8 +83,7 @@ pub enum RunError {
 impl RunError {
     pub fn fault(&self) -> Fault {
         match self {
-            RunError::Unsatisfiable(_)
-            | RunError::MissingInput { .. } => Fault::Precondition,
+            RunError::Unsatisfiable(_) | RunError::MissingInput { .. } => Fault::Precondition,
             RunError::OutputMissing { .. } => Fault::Build,
             RunError::Session { source, .. } => match source.class() {
                 agent::ErrorClass::BuildFailed => Fault::Build,
@@ -101,13 +105,10 @@ impl RunError {
 
     /// Whether a deadline (boot, wall, silence, harvest) ended the build.
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self,
-            RunError::BootTimeout { .. }
-                | RunError::Session {
-                    source: agent::Error::Timeout(_),
-                    ..
-                }
-        )
+        match self {
+            RunError::BootTimeout { .. } => true,
+            RunError::Session { source, .. } => matches!(**source, agent::Error::Timeout(_)),
+            _ => false,
+        }
     }
 }

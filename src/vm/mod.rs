@@ -310,8 +310,11 @@ pub trait VmmBackend: Send + Sync + std::fmt::Debug {
     /// Starts the VM with its processes in `group`, which may already hold the VM's other
     /// helpers (the virtio-fs daemons), so that one kill ends them all. On error, every
     /// process of the group is already gone.
-    async fn launch(&self, spec: &LaunchSpec, group: ProcessGroup)
-        -> Result<RunningVm, LaunchError>;
+    async fn launch(
+        &self,
+        spec: &LaunchSpec,
+        group: ProcessGroup,
+    ) -> Result<RunningVm, LaunchError>;
 }
 
 /// How a VM ended.
