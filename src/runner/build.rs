@@ -55,7 +55,8 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
 impl Runner {
     /// Runs `req` in a fresh VM; the live log goes to `sink`. Dropping the returned future
     /// kills the VM and its helpers and removes the runtime directory.
-    #[instrument(skip_all, err(Display), fields(build_id = %id))]
+    // The caller reports a failure (the CLI prints it, the server answers and logs it).
+    #[instrument(skip_all, fields(build_id = %id))]
     pub async fn build(
         &self,
         id: &str,
