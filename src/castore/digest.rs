@@ -13,7 +13,7 @@ pub const DIGEST_LEN: usize = 32;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct B3Digest([u8; DIGEST_LEN]);
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum DigestError {
     #[error("digest has {0} bytes, expected 32")]
     WrongLength(usize),
