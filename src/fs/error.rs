@@ -9,6 +9,8 @@ use std::io;
 pub enum FsError {
     #[error("directory {digest} is not in the directory service")]
     DirectoryMissing { digest: B3Digest },
+    #[error("directory service returned a directory with digest {got} for {digest}")]
+    DirectoryDigestMismatch { digest: B3Digest, got: B3Digest },
     #[error("blob {digest} is not in the blob service")]
     BlobMissing { digest: B3Digest },
     #[error("castore request for {what} {digest} failed")]
@@ -71,6 +73,7 @@ impl FsError {
         use FsError::*;
         match self {
             DirectoryMissing { .. }
+            | DirectoryDigestMismatch { .. }
             | BlobMissing { .. }
             | Castore { .. }
             | BlobRead { .. }

@@ -2,6 +2,7 @@
 //! `readdir` and of its offsets), each name a C string ready for the FUSE reply.
 
 use super::error::FsError;
+use crate::castore::directory::{Directory, Node};
 use crate::castore::B3Digest;
 use bytes::Bytes;
 use std::ffi::{CStr, CString};
@@ -23,6 +24,25 @@ pub enum FsNode {
 }
 
 impl FsNode {
+    /// The filesystem's view of a validated castore node.
+    pub fn from_castore(node: &Node) -> Self {
+        match node {
+            Node::Directory { digest, .. } => FsNode::Directory { digest: *digest },
+            Node::File {
+                digest,
+                size,
+                executable,
+            } => FsNode::File {
+                digest: *digest,
+                size: *size,
+                executable: *executable,
+            },
+            Node::Symlink { target } => FsNode::Symlink {
+                target: Bytes::copy_from_slice(target.as_bytes()),
+            },
+        }
+    }
+
     /// The `d_type` of a directory entry for this node.
     pub fn dirent_type(&self) -> u32 {
         u32::from(match self {
@@ -68,6 +88,15 @@ impl Listing {
         entries.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
         entries.dedup_by(|later, earlier| later.name == earlier.name);
         Ok(Self { entries })
+    }
+
+    /// The entries of a validated castore directory; `digest` names it in errors.
+    pub fn from_directory(digest: &B3Digest, dir: &Directory) -> Result<Self, FsError> {
+        Self::from_entries(
+            digest,
+            dir.nodes()
+                .map(|(name, node)| (name.as_bytes().to_vec(), FsNode::from_castore(node))),
+        )
     }
 
     /// The entry named `name` and its index.
@@ -125,6 +154,62 @@ mod tests {
         assert!(l.find(c"c").is_none());
         assert!(l.from_index(4).is_empty());
         assert!(l.from_index(99).is_empty());
+    }
+
+    #[test]
+    fn converts_a_castore_directory() {
+        use crate::castore::directory::{PathComponent, SymlinkTarget};
+        let mut dir = Directory::new();
+        let f = B3Digest::of(b"f");
+        let d = B3Digest::of(b"d");
+        let add = |dir: &mut Directory, name: &str, node| {
+            dir.try_insert(PathComponent::try_from(name).unwrap(), node)
+                .unwrap()
+        };
+        add(&mut dir, "z", Node::Directory { digest: d, size: 3 });
+        add(
+            &mut dir,
+            "exe",
+            Node::File {
+                digest: f,
+                size: 9,
+                executable: true,
+            },
+        );
+        add(
+            &mut dir,
+            "ln",
+            Node::Symlink {
+                target: SymlinkTarget::try_from("../x").unwrap(),
+            },
+        );
+        let l = Listing::from_directory(&dir.digest(), &dir).unwrap();
+        assert_eq!(l.len(), 3);
+        let e: Vec<(&[u8], &FsNode)> = l
+            .from_index(0)
+            .iter()
+            .map(|e| (e.name.as_bytes(), &e.node))
+            .collect();
+        assert_eq!(
+            e,
+            vec![
+                (
+                    &b"exe"[..],
+                    &FsNode::File {
+                        digest: f,
+                        size: 9,
+                        executable: true
+                    }
+                ),
+                (
+                    b"ln",
+                    &FsNode::Symlink {
+                        target: Bytes::from_static(b"../x")
+                    }
+                ),
+                (b"z", &FsNode::Directory { digest: d }),
+            ]
+        );
     }
 
     #[test]

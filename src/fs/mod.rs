@@ -8,6 +8,7 @@
 
 pub mod attr;
 pub mod blob;
+pub mod daemon;
 pub mod error;
 pub mod filesystem;
 pub mod handles;
@@ -20,4 +21,4 @@ mod staging;
 pub use error::FsError;
 pub use filesystem::{CastoreFs, FsLimits};
 pub use listing::{FsNode, Listing};
-pub use source::ContentSource;
+pub use source::{CastoreSource, ContentSource};
