@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
+pub mod fs_daemon;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tvix-build-vm",
@@ -30,7 +32,12 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
+    /// the runner).
+    #[command(hide = true)]
+    FsDaemon(fs_daemon::FsDaemonArgs),
+}
 
 /// Sets up tracing on stderr at the level the flags ask for (RUST_LOG overrides).
 fn init_logging(cli: &Cli) {
@@ -52,5 +59,7 @@ fn init_logging(cli: &Cli) {
 
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(&cli);
-    match cli.command {}
+    match cli.command {
+        Command::FsDaemon(args) => fs_daemon::run(args),
+    }
 }

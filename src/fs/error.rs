@@ -17,8 +17,10 @@ pub enum FsError {
     Castore {
         what: &'static str,
         digest: B3Digest,
+        // Boxed: the castore's error is large (it can hold a gRPC status) and this enum travels
+        // on every request's hot path.
         #[source]
-        source: castore::Error,
+        source: Box<castore::Error>,
     },
     #[error("reading blob {digest} at offset {offset} failed")]
     BlobRead {

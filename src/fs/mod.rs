@@ -15,6 +15,7 @@ pub mod handles;
 pub mod inode;
 pub mod listing;
 mod log_limit;
+pub mod sandbox;
 pub mod source;
 mod staging;
 
