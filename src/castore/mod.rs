@@ -4,14 +4,21 @@
 //! - [`directory`]: Directory and Node domain types that can only hold valid values.
 //! - [`blob`]: the [`BlobService`] trait and its backends (local files, memory, gRPC).
 //! - [`directory_service`]: the [`DirectoryService`] trait and its backends (redb, memory, gRPC).
+//! - [`addr`]: backends from tvix-style addresses (`memory://`, `grpc+unix://...`, ...).
+//! - [`import`] / [`export`]: host paths to castore nodes and back.
 
+pub mod addr;
 pub mod blob;
+pub mod channel;
 pub mod digest;
 pub mod directory;
 pub mod directory_service;
-mod error;
+pub mod error;
+pub mod export;
+pub mod import;
 
 pub use blob::{BlobReader, BlobService, BlobWriter};
 pub use digest::B3Digest;
+pub use directory::{Directory, Node, PathComponent, SymlinkTarget, ValidationError};
 pub use directory_service::{DirectoryPutter, DirectoryService};
 pub use error::Error;

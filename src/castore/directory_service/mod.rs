@@ -1,8 +1,24 @@
 //! Directories: addressed by the BLAKE3 digest of their canonical encoding.
+//!
+//! - [`memory`]: in a hash map (tests, scratch).
+//! - [`redb`]: in a redb file (the embedded default, `directories.redb`).
+//! - [`grpc`]: a client of a remote `tvix.castore.v1.DirectoryService`.
+//! - [`closure`]: the upload and fetch rules every backend applies.
+
+pub mod closure;
+pub mod grpc;
+pub mod memory;
+pub mod redb;
 
 use super::directory::Directory;
 use super::{B3Digest, Error};
 use futures::stream::BoxStream;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+
+pub use self::grpc::GrpcDirectoryService;
+pub use self::memory::MemoryDirectoryService;
+pub use self::redb::RedbDirectoryService;
 
 /// Stores and serves directories. Implementations: redb (the embedded default), memory,
 /// gRPC client.
@@ -26,4 +42,38 @@ pub trait DirectoryService: Send + Sync + 'static {
 pub trait DirectoryPutter: Send {
     async fn put(&mut self, directory: Directory) -> Result<(), Error>;
     async fn close(&mut self) -> Result<B3Digest, Error>;
+}
+
+/// Walks the closure of `root` breadth first with `get`, each directory once.
+pub(crate) fn bfs_stream<G, Fut>(
+    root: B3Digest,
+    get: G,
+) -> BoxStream<'static, Result<Directory, Error>>
+where
+    G: Fn(B3Digest) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<Directory>, Error>> + Send + 'static,
+{
+    Box::pin(async_stream::try_stream! {
+        let mut queue = VecDeque::from([root]);
+        let mut seen = HashSet::from([root]);
+        while let Some(digest) = queue.pop_front() {
+            let dir = get(digest).await?.ok_or(Error::DirectoryNotFound(digest))?;
+            for (_, child, _) in dir.directories() {
+                if seen.insert(*child) {
+                    queue.push_back(*child);
+                }
+            }
+            yield dir;
+        }
+    })
+}
+
+/// Stores one directory through a closure upload of just itself, so the same checks apply.
+pub(crate) async fn put_single(
+    svc: &dyn DirectoryService,
+    directory: Directory,
+) -> Result<B3Digest, Error> {
+    let mut putter = svc.put_multiple_start();
+    putter.put(directory).await?;
+    putter.close().await
 }
