@@ -210,13 +210,39 @@ type Services = (
 );
 
 async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
-    let _ = (blob_addr, dir_addr);
-    Err(FsDaemonError::Castore {
-        what: "blob",
-        addr: blob_addr.to_owned(),
-        source: Box::new(castore::Error::Io {
-            context: "castore addresses are not wired yet".to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
-        }),
-    })
+    use crate::castore::blob::LocalBlobService;
+    use crate::castore::directory_service::redb::RedbDirectoryService;
+    // TODO(castore::addr): replace by the castore's address constructors once merged; until
+    // then only the two embedded backends are understood.
+    let unsupported = |what: &'static str, addr: &str| FsDaemonError::Castore {
+        what,
+        addr: addr.to_owned(),
+        source: Box::new(castore::Error::InvalidRequest(
+            "only objectstore+file:// (blobs) and redb:// (directories) are wired yet".to_owned(),
+        )),
+    };
+    let castore_err = |what: &'static str, addr: &str| {
+        let addr = addr.to_owned();
+        move |source| FsDaemonError::Castore {
+            what,
+            addr,
+            source: Box::new(source),
+        }
+    };
+    let blob_path = blob_addr
+        .strip_prefix("objectstore+file://")
+        .ok_or_else(|| unsupported("blob", blob_addr))?;
+    let local = LocalBlobService::open(std::path::Path::new(blob_path))
+        .map_err(castore_err("blob", blob_addr))?;
+    let dir_path = dir_addr
+        .strip_prefix("redb://")
+        .ok_or_else(|| unsupported("directory", dir_addr))?;
+    let dirs = RedbDirectoryService::open(std::path::Path::new(dir_path))
+        .map_err(castore_err("directory", dir_addr))?;
+    let paths = local.clone();
+    Ok((
+        Arc::new(local),
+        Arc::new(dirs),
+        Some(Box::new(move |d: &castore::B3Digest| paths.blob_path(d))),
+    ))
 }
