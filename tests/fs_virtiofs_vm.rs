@@ -9,6 +9,9 @@
 //! The QEMU command and the initramfs (busybox `cpio -o -H newc`) are built here directly;
 //! `src/vm` is not used yet.
 
+// Test scaffolding outside `#[test]` functions: a failed step must fail the test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
