@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
 pub mod build;
+pub mod fs_daemon;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
@@ -44,6 +45,10 @@ pub enum Command {
     Store(store::StoreCommand),
     /// Serve the castore (and later the build service) over gRPC.
     Serve(serve::ServeArgs),
+    /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
+    /// the runner).
+    #[command(hide = true)]
+    FsDaemon(fs_daemon::FsDaemonArgs),
 }
 
 /// Sets up tracing on stderr at the level the flags ask for (RUST_LOG overrides).
@@ -73,6 +78,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Build(args) => run_async(build::run(*args)).unwrap_or(ExitCode::from(4)),
         Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
         Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
+        Command::FsDaemon(args) => fs_daemon::run(args),
     }
 }
 
