@@ -83,6 +83,13 @@ enum FsDaemonError {
     Sandbox(#[source] SandboxError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("bad {what} service address {addr:?}")]
+    Addr {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: crate::castore::addr::AddrError,
+    },
     #[error("cannot open the {what} service at {addr:?}")]
     Castore {
         what: &'static str,
@@ -210,39 +217,33 @@ type Services = (
 );
 
 async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
+    use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr};
     use crate::castore::blob::LocalBlobService;
-    use crate::castore::directory_service::redb::RedbDirectoryService;
-    // TODO(castore::addr): replace by the castore's address constructors once merged; until
-    // then only the two embedded backends are understood.
-    let unsupported = |what: &'static str, addr: &str| FsDaemonError::Castore {
-        what,
-        addr: addr.to_owned(),
-        source: Box::new(castore::Error::InvalidRequest(
-            "only objectstore+file:// (blobs) and redb:// (directories) are wired yet".to_owned(),
-        )),
-    };
-    let castore_err = |what: &'static str, addr: &str| {
+    let addr_err = |what: &'static str, addr: &str| {
         let addr = addr.to_owned();
-        move |source| FsDaemonError::Castore {
-            what,
-            addr,
+        move |source| FsDaemonError::Addr { what, addr, source }
+    };
+    let dirs = directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
+    // Local blobs are read straight from their files (the fast path); any other store
+    // through its service.
+    let local_dir = blob_addr
+        .strip_prefix("objectstore+file://")
+        .or_else(|| blob_addr.starts_with('/').then_some(blob_addr));
+    let Some(local_dir) = local_dir else {
+        let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
+        return Ok((blobs, dirs, None));
+    };
+    let local = LocalBlobService::open(std::path::Path::new(local_dir)).map_err(|source| {
+        FsDaemonError::Castore {
+            what: "blob",
+            addr: blob_addr.to_owned(),
             source: Box::new(source),
         }
-    };
-    let blob_path = blob_addr
-        .strip_prefix("objectstore+file://")
-        .ok_or_else(|| unsupported("blob", blob_addr))?;
-    let local = LocalBlobService::open(std::path::Path::new(blob_path))
-        .map_err(castore_err("blob", blob_addr))?;
-    let dir_path = dir_addr
-        .strip_prefix("redb://")
-        .ok_or_else(|| unsupported("directory", dir_addr))?;
-    let dirs = RedbDirectoryService::open(std::path::Path::new(dir_path))
-        .map_err(castore_err("directory", dir_addr))?;
+    })?;
     let paths = local.clone();
     Ok((
         Arc::new(local),
-        Arc::new(dirs),
+        dirs,
         Some(Box::new(move |d: &castore::B3Digest| paths.blob_path(d))),
     ))
 }
