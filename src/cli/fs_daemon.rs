@@ -88,7 +88,7 @@ enum FsDaemonError {
         what: &'static str,
         addr: String,
         #[source]
-        source: crate::castore::addr::AddrError,
+        source: Box<crate::castore::addr::AddrError>,
     },
     #[error("cannot open the {what} service at {addr:?}")]
     Castore {
@@ -221,7 +221,11 @@ async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDa
     use crate::castore::blob::LocalBlobService;
     let addr_err = |what: &'static str, addr: &str| {
         let addr = addr.to_owned();
-        move |source| FsDaemonError::Addr { what, addr, source }
+        move |source| FsDaemonError::Addr {
+            what,
+            addr,
+            source: Box::new(source),
+        }
     };
     let dirs = directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
     // Local blobs are read straight from their files (the fast path); any other store
