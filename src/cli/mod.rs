@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod build;
 pub mod fs_daemon;
+pub mod initrd;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
@@ -45,6 +46,8 @@ pub enum Command {
     Store(store::StoreCommand),
     /// Serve the castore (and later the build service) over gRPC.
     Serve(serve::ServeArgs),
+    /// Write the initramfs the VMs boot (the agent as /init).
+    Initrd(initrd::InitrdArgs),
     /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
     /// the runner).
     #[command(hide = true)]
@@ -79,6 +82,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
         Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
         Command::FsDaemon(args) => fs_daemon::run(args),
+        Command::Initrd(args) => match initrd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
