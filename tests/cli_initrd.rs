@@ -17,7 +17,11 @@ fn writes_the_same_newc_archive_every_time() {
     let (a, b) = (dir.path().join("a.cpio"), dir.path().join("b.cpio"));
     for out in [&a, &b] {
         let run = initrd("/bin/busybox", out);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
     }
     let bytes = std::fs::read(&a).unwrap();
     assert!(bytes.starts_with(b"070701"), "not a newc archive");

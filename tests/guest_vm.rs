@@ -165,7 +165,7 @@ fn a_guest_that_never_says_hello_is_stopped_by_the_boot_deadline() {
     run.assert_failed(4, "did not connect within 4s");
     let tail = run
         .stderr
-        .split("--- serial console ---")
+        .split("--- serial console (tail) ---")
         .nth(1)
         .expect("the error carries the serial console's tail");
     assert!(

@@ -222,3 +222,57 @@ fn three_builds_at_once_all_succeed() {
         env.assert_clean();
     }
 }
+
+#[test]
+fn a_killed_virtio_fs_daemon_ends_the_build_and_is_named() {
+    let env = Env::new();
+    let mut cmd = env.command();
+    cmd.args(["build", "-q", "--timeout", "120s", "--store"])
+        .arg(env.store.path())
+        .args([
+            "--input",
+            BUSYBOX,
+            "--",
+            SH,
+            "sh",
+            "-c",
+            "echo started; /nix/store/busybox sleep 600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    let needle = env.runtime.path().to_string_lossy().into_owned();
+    let daemon = loop {
+        assert!(started.elapsed().as_secs() < 30, "no fs-daemon appeared");
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("fs-daemon") && cmdline.contains(&needle))
+                .then(|| p.file_name().to_string_lossy().into_owned())
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Let the guest boot and the command start before pulling the daemon away.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(Command::new("kill")
+        .args(["-9", &daemon])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("the fs-daemon died during the build"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "the build did not end promptly"
+    );
+    env.assert_clean();
+}

@@ -325,6 +325,13 @@ pub enum VmStatus {
     Exited(i32),
     /// The VMM was killed by this signal (not by us).
     Signaled(i32),
+    /// A helper of the VM (virtio-fs daemon, vsock device) failed; the VM was killed.
+    HelperFailed {
+        /// The helper's name, e.g. `fs-daemon`.
+        helper: String,
+        /// How it ended.
+        status: String,
+    },
     /// The deadline passed; the VM was killed.
     DeadlineExceeded,
     /// The caller killed the VM.
@@ -372,6 +379,10 @@ pub struct RunningVm {
     serial_log: PathBuf,
     started: Instant,
     exit: Option<VmExit>,
+    /// How the VM ended, recorded before the (awaited) clean-up starts, so that a `wait`
+    /// cancelled in the middle of it reports the first cause when called again, not the
+    /// SIGKILL the clean-up itself sent.
+    ending: Option<VmStatus>,
 }
 
 impl RunningVm {
@@ -383,6 +394,7 @@ impl RunningVm {
             serial_log,
             started,
             exit: None,
+            ending: None,
         }
     }
 
@@ -401,27 +413,43 @@ impl RunningVm {
         self.group.pid(self.vmm)
     }
 
-    /// Waits for the VMM to exit; then kills and reaps its helpers. Cancel-safe; once it
-    /// returned, later calls return the same result.
+    /// Waits for the VMM to exit, or for a helper (virtio-fs daemon, vsock device) to fail,
+    /// which ends the VM too; then kills and reaps the rest. A helper that exits cleanly
+    /// (its VMM disconnected) is not a failure. Cancel-safe; once it returned, later calls
+    /// return the same result.
     pub async fn wait(&mut self) -> Result<VmExit, VmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let status = self
-            .group
-            .wait(self.vmm)
-            .await
-            .map_err(|source| VmError::Wait {
-                pid: self.group.pid(self.vmm),
-                source,
-            })?;
         use std::os::unix::process::ExitStatusExt;
-        let status = match (status.code(), status.signal()) {
-            (Some(code), _) => VmStatus::Exited(code),
-            (None, Some(signal)) => VmStatus::Signaled(signal),
-            (None, None) => VmStatus::Signaled(0),
-        };
-        Ok(self.finish(status).await)
+        loop {
+            if let Some(exit) = &self.exit {
+                return Ok(exit.clone());
+            }
+            if let Some(status) = self.ending.clone() {
+                return Ok(self.finish(status).await);
+            }
+            let (id, status) = self
+                .group
+                .wait_any()
+                .await
+                .map_err(|source| VmError::Wait {
+                    pid: self.group.pid(self.vmm),
+                    source,
+                })?;
+            if id == self.vmm {
+                let status = match (status.code(), status.signal()) {
+                    (Some(code), _) => VmStatus::Exited(code),
+                    (None, Some(signal)) => VmStatus::Signaled(signal),
+                    (None, None) => VmStatus::Signaled(0),
+                };
+                return Ok(self.finish(status).await);
+            }
+            if !status.success() {
+                let status = VmStatus::HelperFailed {
+                    helper: self.group.name(id).to_owned(),
+                    status: status.to_string(),
+                };
+                return Ok(self.finish(status).await);
+            }
+        }
     }
 
     /// Like [`RunningVm::wait`], but kills the VM at `deadline`.
@@ -441,6 +469,7 @@ impl RunningVm {
         if let Some(exit) = &self.exit {
             return exit.clone();
         }
+        let status = self.ending.get_or_insert(status).clone();
         self.group.kill_and_reap().await;
         let vmm_log_tail =
             (status != VmStatus::Exited(0)).then(|| self.vmm_log_tail(LOG_TAIL_BYTES));

@@ -270,6 +270,33 @@ impl ProcessGroup {
         Ok(status)
     }
 
+    /// Waits until any member not yet reaped exits, and reaps it. Cancel-safe. Errors if
+    /// every member has been reaped already.
+    pub async fn wait_any(&mut self) -> std::io::Result<(MemberId, ExitStatus)> {
+        let waits: Vec<_> = self
+            .members
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, m)| m.status.is_none())
+            .map(|(i, m)| Box::pin(async move { (i, m.child.wait().await) }))
+            .collect();
+        if waits.is_empty() {
+            return Err(std::io::Error::other(
+                "every process of the group has exited",
+            ));
+        }
+        let ((i, status), _, rest) = futures::future::select_all(waits).await;
+        drop(rest);
+        let status = status?;
+        self.members[i].status = Some(status);
+        Ok((MemberId(i), status))
+    }
+
+    /// The name a member was spawned with.
+    pub fn name(&self, id: MemberId) -> &str {
+        &self.members[id.0].name
+    }
+
     /// Sends SIGKILL to the whole group, unless every member has been reaped already (then
     /// the group id may belong to someone else).
     pub fn kill(&mut self) {
