@@ -1,19 +1,13 @@
 #!/usr/bin/env bash
 # Builds the guest agent as a static binary (static glibc: no musl target is installed) and
 # prints its path. Extra arguments go to cargo.
-#   TVIX_AGENT_TARGET_DIR  cargo's target directory (default: /work/target/guest when /work
-#                          exists, else target/guest in the checkout). A separate directory
-#                          keeps the static RUSTFLAGS from invalidating the host's build.
+#   TVIX_AGENT_TARGET_DIR  cargo's target directory (default: target/guest in the checkout).
+#                          A separate directory keeps the static RUSTFLAGS from invalidating
+#                          the host's build.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${TVIX_AGENT_TARGET_DIR:-}" ]; then
-  target_dir=$TVIX_AGENT_TARGET_DIR
-elif [ -d /work ]; then
-  target_dir=/work/target/guest
-else
-  target_dir=$root/target/guest
-fi
+target_dir=${TVIX_AGENT_TARGET_DIR:-$root/target/guest}
 triple=x86_64-unknown-linux-gnu
 
 RUSTFLAGS="-C target-feature=+crt-static" cargo build \

@@ -20,7 +20,11 @@ fn boots_says_hello_and_runs_a_trivial_command() {
     let env = Env::new();
     let run = env.build(&["--input", BUSYBOX, "--", SH, "true"]);
     let build = run.build_json();
-    assert!(run.stderr.contains("guest agent connected"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("guest agent connected"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(build["outputs"], serde_json::Value::Null);
     assert_eq!(build["buildRequest"]["commandArgs"][0], SH);
     env.assert_clean();
@@ -47,13 +51,23 @@ fn a_signal_is_reported_as_such() {
 fn the_environment_is_exactly_the_requested_one() {
     let env = Env::new();
     let run = env.build(&[
-        "-q", "--input", BUSYBOX, "--env", "FOO=bar baz", "--", SH, "env",
+        "-q",
+        "--input",
+        BUSYBOX,
+        "--env",
+        "FOO=bar baz",
+        "--",
+        SH,
+        "env",
     ]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let mut got: Vec<&str> = run
         .stderr
         .lines()
-        .filter(|l| l.split_once('=').is_some_and(|(k, _)| !k.is_empty() && !k.contains(' ')))
+        .filter(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| !k.is_empty() && !k.contains(' '))
+        })
         .collect();
     got.sort();
     let mut want = vec![
@@ -85,7 +99,11 @@ fn the_build_runs_as_uid_1000_gid_100_in_build() {
         "echo \"ids=$(/nix/store/busybox id -u):$(/nix/store/busybox id -g) cwd=$(/nix/store/busybox pwd)\"",
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stderr.contains("ids=1000:100 cwd=/build\n"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ids=1000:100 cwd=/build\n"),
+        "{}",
+        run.stderr
+    );
     env.assert_clean();
 }
 
@@ -105,7 +123,11 @@ fn the_build_cannot_change_its_inputs() {
     let run = sh(&env, &["--input", input.to_str().unwrap()], script);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     for bad in ["WROTE-FILE", "CREATED", "REMOVED"] {
-        assert!(!run.stderr.contains(bad), "the build could {bad}:\n{}", run.stderr);
+        assert!(
+            !run.stderr.contains(bad),
+            "the build could {bad}:\n{}",
+            run.stderr
+        );
     }
     assert!(run.stderr.contains("content=original\n"), "{}", run.stderr);
     env.assert_clean();
@@ -115,8 +137,12 @@ fn the_build_cannot_change_its_inputs() {
 fn a_command_that_runs_forever_is_stopped_by_the_wall_clock_limit() {
     let env = Env::new();
     let started = std::time::Instant::now();
-    sh(&env, &["--timeout", "3s"], "echo started; /nix/store/busybox sleep 600")
-        .assert_failed(1, "exceeded its wall-clock limit of 3s");
+    sh(
+        &env,
+        &["--timeout", "3s"],
+        "echo started; /nix/store/busybox sleep 600",
+    )
+    .assert_failed(1, "exceeded its wall-clock limit of 3s");
     assert!(started.elapsed().as_secs() < 60);
     env.assert_clean();
 }
@@ -126,15 +152,27 @@ fn a_guest_that_never_says_hello_is_stopped_by_the_boot_deadline() {
     let env = Env::new();
     // busybox as /init boots fine but never dials the host.
     let run = env.build(&[
-        "--agent", BUSYBOX, "--boot-timeout", "4s", "--input", BUSYBOX, "--", SH, "true",
+        "--agent",
+        BUSYBOX,
+        "--boot-timeout",
+        "4s",
+        "--input",
+        BUSYBOX,
+        "--",
+        SH,
+        "true",
     ]);
     run.assert_failed(4, "did not connect within 4s");
     let tail = run
         .stderr
-        .split("--- serial console ---")
+        .split("--- serial console (tail) ---")
         .nth(1)
         .expect("the error carries the serial console's tail");
-    assert!(!tail.trim().is_empty(), "empty serial tail:\n{}", run.stderr);
+    assert!(
+        !tail.trim().is_empty(),
+        "empty serial tail:\n{}",
+        run.stderr
+    );
     env.assert_clean();
 }
 
@@ -142,7 +180,16 @@ fn a_guest_that_never_says_hello_is_stopped_by_the_boot_deadline() {
 fn twenty_boots_in_a_row_without_a_hang() {
     let env = Env::new();
     for i in 0..20 {
-        let run = env.build(&["-q", "--boot-timeout", "20s", "--input", BUSYBOX, "--", SH, "true"]);
+        let run = env.build(&[
+            "-q",
+            "--boot-timeout",
+            "20s",
+            "--input",
+            BUSYBOX,
+            "--",
+            SH,
+            "true",
+        ]);
         assert_eq!(run.code, Some(0), "boot {i} failed:\n{}", run.stderr);
     }
     env.assert_clean();

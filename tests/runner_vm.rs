@@ -23,7 +23,10 @@ fn an_output_tree_has_the_digest_of_the_same_tree_imported_on_the_host() {
     ]);
     let build = run.build_json();
     let out = &build["outputs"][0]["directory"];
-    assert_eq!(out["name"], "dHJlZS1vdXQ=", "named by basename (base64 of tree-out)");
+    assert_eq!(
+        out["name"], "dHJlZS1vdXQ=",
+        "named by basename (base64 of tree-out)"
+    );
 
     let host = tempfile::tempdir().unwrap();
     let o = host.path().join("tree-out");
@@ -35,7 +38,10 @@ fn an_output_tree_has_the_digest_of_the_same_tree_imported_on_the_host() {
     std::fs::write(o.join("empty-file"), b"").unwrap();
     std::os::unix::fs::symlink("a/b/c/file", o.join("link")).unwrap();
     let imported = env.store_import(&o);
-    assert_eq!(out["digest"], imported["directory"]["digest"], "guest tree != host tree");
+    assert_eq!(
+        out["digest"], imported["directory"]["digest"],
+        "guest tree != host tree"
+    );
     assert_eq!(out["size"], imported["directory"]["size"]);
     env.assert_clean();
 }
@@ -58,11 +64,23 @@ fn a_64_mib_input_reads_back_with_the_right_hash() {
     let want = String::from_utf8_lossy(&host.stdout)[..64].to_owned();
 
     let run = env.build(&[
-        "-q", "--input", BUSYBOX, "--input", big.to_str().unwrap(), "--", SH, "sha256sum",
+        "-q",
+        "--input",
+        BUSYBOX,
+        "--input",
+        big.to_str().unwrap(),
+        "--",
+        SH,
+        "sha256sum",
         "/nix/store/big-input",
     ]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stderr.contains(&format!("{want}  /nix/store/big-input")), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("{want}  /nix/store/big-input")),
+        "{}",
+        run.stderr
+    );
     env.assert_clean();
 }
 
@@ -70,10 +88,23 @@ fn a_64_mib_input_reads_back_with_the_right_hash() {
 fn a_failing_command_fails_the_build_with_its_exit_code_and_log() {
     let env = Env::new();
     let run = env.build(&[
-        "-q", "--input", BUSYBOX, "--output", "out", "--", SH, "sh", "-c", "echo oops >&2; exit 42",
+        "-q",
+        "--input",
+        BUSYBOX,
+        "--output",
+        "out",
+        "--",
+        SH,
+        "sh",
+        "-c",
+        "echo oops >&2; exit 42",
     ]);
     run.assert_failed(1, "exited with code 42");
-    assert!(run.stderr.contains("--- build log"), "log tail attached:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("--- build log"),
+        "log tail attached:\n{}",
+        run.stderr
+    );
     assert!(run.stdout.is_empty());
     env.assert_clean();
 }
@@ -82,8 +113,18 @@ fn a_failing_command_fails_the_build_with_its_exit_code_and_log() {
 fn a_missing_output_fails_the_build_and_names_it() {
     let env = Env::new();
     let run = env.build(&[
-        "-q", "--input", BUSYBOX, "--output", "made", "--output", "never-made", "--", SH, "sh",
-        "-c", "echo x > /nix/store/made",
+        "-q",
+        "--input",
+        BUSYBOX,
+        "--output",
+        "made",
+        "--output",
+        "never-made",
+        "--",
+        SH,
+        "sh",
+        "-c",
+        "echo x > /nix/store/made",
     ]);
     run.assert_failed(1, "output nix/store/never-made was not produced");
     env.assert_clean();
@@ -93,7 +134,15 @@ fn a_missing_output_fails_the_build_and_names_it() {
 fn the_wall_clock_limit_fires() {
     let env = Env::new();
     env.build(&[
-        "-q", "--timeout", "2s", "--input", BUSYBOX, "--", SH, "sh", "-c",
+        "-q",
+        "--timeout",
+        "2s",
+        "--input",
+        BUSYBOX,
+        "--",
+        SH,
+        "sh",
+        "-c",
         "while :; do echo tick; /nix/store/busybox sleep 0.2; done",
     ])
     .assert_failed(1, "wall-clock limit of 2s");
@@ -104,7 +153,15 @@ fn the_wall_clock_limit_fires() {
 fn the_silence_limit_fires() {
     let env = Env::new();
     env.build(&[
-        "-q", "--silence-timeout", "2s", "--input", BUSYBOX, "--", SH, "sh", "-c",
+        "-q",
+        "--silence-timeout",
+        "2s",
+        "--input",
+        BUSYBOX,
+        "--",
+        SH,
+        "sh",
+        "-c",
         "echo once; /nix/store/busybox sleep 600",
     ])
     .assert_failed(1, "no log output for 2s (silence limit)");
@@ -123,7 +180,10 @@ fn a_missing_input_is_refused_before_any_vm_starts() {
     )
     .unwrap();
     env.build(&["--request", req.to_str().unwrap()])
-        .assert_failed(3, "input x (b3:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=) is not in the castore");
+        .assert_failed(
+            3,
+            "input x (b3:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=) is not in the castore",
+        );
     env.assert_clean();
 }
 
@@ -161,4 +221,58 @@ fn three_builds_at_once_all_succeed() {
     for env in &envs {
         env.assert_clean();
     }
+}
+
+#[test]
+fn a_killed_virtio_fs_daemon_ends_the_build_and_is_named() {
+    let env = Env::new();
+    let mut cmd = env.command();
+    cmd.args(["build", "-q", "--timeout", "120s", "--store"])
+        .arg(env.store.path())
+        .args([
+            "--input",
+            BUSYBOX,
+            "--",
+            SH,
+            "sh",
+            "-c",
+            "echo started; /nix/store/busybox sleep 600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    let needle = env.runtime.path().to_string_lossy().into_owned();
+    let daemon = loop {
+        assert!(started.elapsed().as_secs() < 30, "no fs-daemon appeared");
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("fs-daemon") && cmdline.contains(&needle))
+                .then(|| p.file_name().to_string_lossy().into_owned())
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Let the guest boot and the command start before pulling the daemon away.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(Command::new("kill")
+        .args(["-9", &daemon])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("the fs-daemon died during the build"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "the build did not end promptly"
+    );
+    env.assert_clean();
 }

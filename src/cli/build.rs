@@ -106,6 +106,12 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
                 Fault::Infrastructure => 4,
                 Fault::Guest => 5,
             };
+            if let Some(tail) = e.serial_tail().filter(|t| !t.is_empty()) {
+                eprintln!("--- serial console (tail) ---\n{tail}");
+            }
+            if let Some(tail) = e.log_tail().filter(|t| !t.is_empty()) {
+                eprintln!("--- build log (last {} bytes) ---\n{tail}", tail.len());
+            }
             eprintln!("error: build {id}: {:#}", anyhow::Error::from(e));
             Ok(ExitCode::from(code))
         }

@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
 pub mod build;
+pub mod fs_daemon;
+pub mod initrd;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
@@ -44,6 +46,12 @@ pub enum Command {
     Store(store::StoreCommand),
     /// Serve the castore (and later the build service) over gRPC.
     Serve(serve::ServeArgs),
+    /// Write the initramfs the VMs boot (the agent as /init).
+    Initrd(initrd::InitrdArgs),
+    /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
+    /// the runner).
+    #[command(hide = true)]
+    FsDaemon(fs_daemon::FsDaemonArgs),
 }
 
 /// Sets up tracing on stderr at the level the flags ask for (RUST_LOG overrides).
@@ -57,7 +65,10 @@ fn init_logging(cli: &Cli) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -70,6 +81,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Build(args) => run_async(build::run(*args)).unwrap_or(ExitCode::from(4)),
         Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
         Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
+        Command::FsDaemon(args) => fs_daemon::run(args),
+        Command::Initrd(args) => match initrd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -1,1 +1,25 @@
 //! The castore-backed virtio-fs daemon that serves a build's inputs read-only.
+//!
+//! - [`filesystem`]: [`CastoreFs`], virtiofsd's `FileSystem` over castore content.
+//! - [`inode`], [`handles`]: the bounded inode and open-file tables.
+//! - [`listing`], [`attr`], [`blob`]: directory listings, attributes, reading blobs.
+//! - [`source`]: the [`ContentSource`] interface to the castore.
+//! - [`daemon`]: serving one VM over a vhost-user socket.
+
+pub mod attr;
+pub mod blob;
+pub mod daemon;
+pub mod error;
+pub mod filesystem;
+pub mod handles;
+pub mod inode;
+pub mod listing;
+mod log_limit;
+pub mod sandbox;
+pub mod source;
+mod staging;
+
+pub use error::FsError;
+pub use filesystem::{CastoreFs, FsLimits};
+pub use listing::{FsNode, Listing};
+pub use source::{CastoreSource, ContentSource};

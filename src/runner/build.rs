@@ -1,6 +1,6 @@
 //! The life of one build VM, from the request's constraints to the harvested outputs.
 
-use super::error::RunError;
+use super::error::{RunError, SessionFailure};
 use super::inputs;
 use super::job::{job_for, INPUTS_TAG};
 use super::runtime_dir::RuntimeDir;
@@ -10,9 +10,10 @@ use crate::castore::directory::Node;
 use crate::request::{BuildRequest, RelativePath};
 use crate::vm::process::{ProcessGroup, Stdout};
 use crate::vm::vsock::HostListener;
-use crate::vm::{cmdline, FsShare, HybridVsock, LaunchConfig, LaunchSpec, RunningVm};
+use crate::vm::{cmdline, FsShare, HybridVsock, LaunchConfig, LaunchSpec, RunningVm, VmStatus};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 use tvix_build_vm_agent::DEFAULT_AGENT_PORT;
 
@@ -54,7 +55,8 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
 impl Runner {
     /// Runs `req` in a fresh VM; the live log goes to `sink`. Dropping the returned future
     /// kills the VM and its helpers and removes the runtime directory.
-    #[instrument(skip_all, err(Display), fields(build_id = %id))]
+    // The caller reports a failure (the CLI prints it, the server answers and logs it).
+    #[instrument(skip_all, fields(build_id = %id))]
     pub async fn build(
         &self,
         id: &str,
@@ -163,7 +165,10 @@ impl Runner {
         };
         let exec = exec_started.elapsed();
         let log_tail = running.log_tail().to_string_lossy();
-        let exit = exit.map_err(|e| session_error(&vm, e, log_tail.clone()))?;
+        let exit = match exit {
+            Ok(exit) => exit,
+            Err(e) => return Err(explain(&mut vm, e, log_tail, "the command ran").await),
+        };
         info!(status = ?exit.kind, oom = exit.oom_killed, exec_ms = exec.as_millis() as u64, "command exited");
         if let Err(failure) = exit.check() {
             // A failed build's outputs are not worth storing: end the VM now.
@@ -176,7 +181,10 @@ impl Runner {
             r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits) => r,
             exit = vm.wait() => return Err(vm_died(&vm, exit, "the outputs were sent")),
         };
-        let harvested = harvested.map_err(|e| session_error(&vm, e, log_tail.clone()))?;
+        let harvested = match harvested {
+            Ok(h) => h,
+            Err(e) => return Err(explain(&mut vm, e, log_tail, "the outputs were sent").await),
+        };
         let harvest = harvest_started.elapsed();
 
         // The connection is closed (harvest consumed it), which tells the agent to power off.
@@ -206,7 +214,10 @@ impl Runner {
             harvest,
             total: started.elapsed(),
         };
-        info!(total_ms = timings.total.as_millis() as u64, "build succeeded");
+        info!(
+            total_ms = timings.total.as_millis() as u64,
+            "build succeeded"
+        );
         Ok(BuildOutcome {
             outputs,
             exit,
@@ -224,25 +235,56 @@ fn vm_died(
 ) -> RunError {
     let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
     match exit {
+        Ok(crate::vm::VmExit {
+            status: VmStatus::HelperFailed { helper, status },
+            ..
+        }) => RunError::HelperDied {
+            helper,
+            status,
+            serial_tail,
+        },
         Ok(end) => RunError::VmDied {
             status: end.status,
             during,
             serial_tail,
         },
         Err(e) => RunError::HelperDied {
-            helper: "VMM",
+            helper: "VMM".into(),
             status: e.to_string(),
             serial_tail,
         },
     }
 }
 
-fn session_error(vm: &RunningVm, source: agent::Error, log_tail: String) -> RunError {
-    RunError::Session {
-        source,
+fn session_error(vm: &RunningVm, error: agent::Error, log_tail: String) -> RunError {
+    RunError::Session(Box::new(SessionFailure {
+        error,
         log_tail,
         serial_tail: vm.serial_tail(SERIAL_TAIL_BYTES),
+    }))
+}
+
+/// How long a VM that lost its conversation gets to show whether it ended badly.
+const VM_END_GRACE: Duration = Duration::from_secs(2);
+
+/// A broken conversation may be the symptom, not the cause: a helper or the VMM that died
+/// takes the guest's connection with it. If the VM ends badly right after, that is the
+/// error to report; a VM that powered off cleanly leaves the guest's own protocol breach.
+async fn explain(
+    vm: &mut RunningVm,
+    error: agent::Error,
+    log_tail: String,
+    during: &'static str,
+) -> RunError {
+    if matches!(error, agent::Error::Protocol(_) | agent::Error::Infra(_)) {
+        if let Ok(end) = tokio::time::timeout(VM_END_GRACE, vm.wait()).await {
+            let clean = matches!(&end, Ok(e) if e.status == VmStatus::Exited(0));
+            if !clean {
+                return vm_died(vm, end, during);
+            }
+        }
     }
+    session_error(vm, error, log_tail)
 }
 
 /// Waits until the daemon listens on `socket`, or fails with its log if it exits first or
@@ -259,11 +301,8 @@ async fn wait_for_socket(
         if tokio::fs::symlink_metadata(socket).await.is_ok() {
             return Ok(());
         }
-        let log_tail = || {
-            std::fs::read(group.log_path(id))
-                .map(|b| String::from_utf8_lossy(&b[b.len().saturating_sub(4096)..]).into_owned())
-                .unwrap_or_default()
-        };
+        let log_path = group.log_path(id);
+        let log_tail = || crate::vm::logsink::tail(&log_path, 4096);
         if let Ok(Some(status)) = group.try_wait(id) {
             return Err(RunError::FsDaemon {
                 reason: format!("it exited ({status}) before listening"),

@@ -42,34 +42,32 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the virtio-fs daemon failed to start: {reason}\n--- its log ---\n{log_tail}")]
+    #[error("the virtio-fs daemon failed to start: {reason}")]
     FsDaemon { reason: String, log_tail: String },
     #[error("invalid VM configuration")]
     Spec(#[from] SpecError),
     #[error("starting the VM")]
     Launch(#[from] LaunchError),
-    #[error("the VM ended before the build did ({status:?}) while {during}\n--- serial console ---\n{serial_tail}")]
+    #[error("the VM ended before the build did ({status:?}) while {during}")]
     VmDied {
         status: VmStatus,
         during: &'static str,
         serial_tail: String,
     },
-    #[error("the {helper} died during the build ({status})\n--- serial console ---\n{serial_tail}")]
+    #[error("the {helper} died during the build ({status})")]
     HelperDied {
-        helper: &'static str,
+        helper: String,
         status: String,
         serial_tail: String,
     },
-    #[error("the guest did not connect within {after:?} of starting\n--- serial console ---\n{serial_tail}")]
-    BootTimeout { after: Duration, serial_tail: String },
-    #[error("{source}\n--- build log (last {} bytes) ---\n{log_tail}", log_tail.len())]
-    Session {
-        #[source]
-        source: agent::Error,
-        log_tail: String,
+    #[error("the guest did not connect within {after:?} of starting")]
+    BootTimeout {
+        after: Duration,
         serial_tail: String,
     },
-    #[error("output {output} was not produced\n--- build log (last {} bytes) ---\n{log_tail}", log_tail.len())]
+    #[error(transparent)]
+    Session(Box<SessionFailure>),
+    #[error("output {output} was not produced")]
     OutputMissing { output: String, log_tail: String },
     #[error("storing the build's result")]
     Store(#[source] castore::Error),
@@ -78,10 +76,9 @@ pub enum RunError {
 impl RunError {
     pub fn fault(&self) -> Fault {
         match self {
-            RunError::Unsatisfiable(_)
-            | RunError::MissingInput { .. } => Fault::Precondition,
+            RunError::Unsatisfiable(_) | RunError::MissingInput { .. } => Fault::Precondition,
             RunError::OutputMissing { .. } => Fault::Build,
-            RunError::Session { source, .. } => match source.class() {
+            RunError::Session(f) => match f.error.class() {
                 agent::ErrorClass::BuildFailed => Fault::Build,
                 agent::ErrorClass::GuestMisbehaved => Fault::Guest,
                 agent::ErrorClass::Infrastructure => Fault::Infrastructure,
@@ -101,13 +98,58 @@ impl RunError {
 
     /// Whether a deadline (boot, wall, silence, harvest) ended the build.
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self,
-            RunError::BootTimeout { .. }
-                | RunError::Session {
-                    source: agent::Error::Timeout(_),
-                    ..
-                }
-        )
+        match self {
+            RunError::BootTimeout { .. } => true,
+            RunError::Session(f) => matches!(f.error, agent::Error::Timeout(_)),
+            _ => false,
+        }
+    }
+}
+
+impl RunError {
+    /// The end of the build log, where the build got far enough to have one.
+    pub fn log_tail(&self) -> Option<&str> {
+        match self {
+            RunError::Session(f) => Some(&f.log_tail),
+            RunError::OutputMissing { log_tail, .. } | RunError::FsDaemon { log_tail, .. } => {
+                Some(log_tail)
+            }
+            _ => None,
+        }
+    }
+
+    /// The end of the VM's serial console, where it tells something about the failure.
+    pub fn serial_tail(&self) -> Option<&str> {
+        match self {
+            RunError::Session(f) if f.error.class() != agent::ErrorClass::BuildFailed => {
+                Some(&f.serial_tail)
+            }
+            RunError::VmDied { serial_tail, .. }
+            | RunError::HelperDied { serial_tail, .. }
+            | RunError::BootTimeout { serial_tail, .. } => Some(serial_tail),
+            _ => None,
+        }
+    }
+}
+
+/// A failure of the conversation with the guest agent (including the build's own failure),
+/// with what the host saw of the build and the VM. Displays as, and has the sources of, the
+/// agent error it carries, so an error chain names each cause once.
+#[derive(Debug)]
+pub struct SessionFailure {
+    pub error: agent::Error,
+    pub log_tail: String,
+    pub serial_tail: String,
+}
+
+impl std::fmt::Display for SessionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SessionFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
     }
 }

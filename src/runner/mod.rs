@@ -15,7 +15,7 @@ pub mod job;
 pub mod runtime_dir;
 
 pub use build::{BuildOutcome, Timings};
-pub use error::{Fault, RunError};
+pub use error::{Fault, RunError, SessionFailure};
 
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};

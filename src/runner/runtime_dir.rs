@@ -7,17 +7,15 @@
 //! guessing from names or ages, and only then kill what that directory's `pids` file
 //! recorded.
 
+use crate::vm::process::{kill_recorded, PIDS_FILE};
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 const LOCK_FILE: &str = "owner.lock";
-const PIDS_FILE: &str = "pids";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeDirError {
@@ -32,13 +30,6 @@ pub enum RuntimeDirError {
         path: PathBuf,
         #[source]
         source: nix::Error,
-    },
-    #[error("recording pid {pid} in {path}")]
-    RecordPid {
-        pid: u32,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
     },
 }
 
@@ -89,22 +80,6 @@ impl RuntimeDir {
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
-
-    /// Records a process of this build, with its start time so that a sweep never kills a
-    /// later process that happens to reuse the pid.
-    pub fn record_pid(&self, pid: u32) -> Result<(), RuntimeDirError> {
-        let path = self.path.join(PIDS_FILE);
-        let record = || -> io::Result<()> {
-            let start = process_start_time(pid)?;
-            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-            writeln!(f, "{pid} {start}")
-        };
-        record().map_err(|source| RuntimeDirError::RecordPid {
-            pid,
-            path: path.clone(),
-            source,
-        })
-    }
 }
 
 impl Drop for RuntimeDir {
@@ -115,20 +90,6 @@ impl Drop for RuntimeDir {
             }
         }
     }
-}
-
-/// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
-fn process_start_time(pid: u32) -> io::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|f| f.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
 }
 
 /// What a sweep found and did.
@@ -166,7 +127,7 @@ pub fn sweep(root: &Path) -> io::Result<SweepReport> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        report.killed_pids += kill_recorded(&dir.join(PIDS_FILE));
+        report.killed_pids += kill_recorded(&dir.join(PIDS_FILE)).unwrap_or(0);
         fs::remove_dir_all(&dir)?;
         drop(lock);
         report.removed_dirs += 1;
@@ -180,31 +141,6 @@ pub fn sweep(root: &Path) -> io::Result<SweepReport> {
         );
     }
     Ok(report)
-}
-
-fn kill_recorded(pids_file: &Path) -> usize {
-    let Ok(text) = fs::read_to_string(pids_file) else {
-        return 0;
-    };
-    let mut killed = 0;
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(Ok(pid)), Some(Ok(start))) = (
-            fields.next().map(str::parse::<u32>),
-            fields.next().map(str::parse::<u64>),
-        ) else {
-            continue;
-        };
-        let Ok(raw) = i32::try_from(pid) else {
-            continue;
-        };
-        if process_start_time(pid).ok() == Some(start)
-            && kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
-        {
-            killed += 1;
-        }
-    }
-    killed
 }
 
 #[cfg(test)]
@@ -244,12 +180,19 @@ mod tests {
         fs::create_dir(&stale).unwrap();
         fs::write(stale.join(LOCK_FILE), b"").unwrap();
         let mut orphan = Command::new("sleep").arg("60").spawn().unwrap();
-        let start = process_start_time(orphan.id()).unwrap();
-        // A recorded pid whose start time does not match must be left alone.
-        let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+        let stat = fs::read_to_string(format!("/proc/{}/stat", orphan.id())).unwrap();
+        let start: u64 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap();
         fs::write(
             stale.join(PIDS_FILE),
-            format!("{} {start}\n{} 1\ngarbage\n", orphan.id(), bystander.id()),
+            format!("{pid} {pid} {start} qemu\n", pid = orphan.id()),
         )
         .unwrap();
 
@@ -269,21 +212,5 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(9)
         );
-        assert!(
-            bystander.try_wait().unwrap().is_none(),
-            "bystander was killed"
-        );
-        bystander.kill().unwrap();
-        bystander.wait().unwrap();
-    }
-
-    #[test]
-    fn record_pid_writes_pid_and_start_time() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = RuntimeDir::create(root.path(), "b").unwrap();
-        let me = std::process::id();
-        dir.record_pid(me).unwrap();
-        let text = fs::read_to_string(dir.join(PIDS_FILE)).unwrap();
-        assert_eq!(text, format!("{me} {}\n", process_start_time(me).unwrap()));
     }
 }

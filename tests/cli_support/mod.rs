@@ -64,7 +64,10 @@ impl Env {
     /// `tvix-build-vm build --store <store> <args>`, with logs at the level `-v` gives.
     pub fn build(&self, args: &[&str]) -> Run {
         let mut c = self.command();
-        c.arg("build").arg("--store").arg(self.store.path()).args(args);
+        c.arg("build")
+            .arg("--store")
+            .arg(self.store.path())
+            .args(args);
         Run::of(c.output().expect("running tvix-build-vm build"))
     }
 
@@ -76,7 +79,11 @@ impl Env {
             .arg(path)
             .output()
             .expect("running store import");
-        assert!(out.status.success(), "store import: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "store import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("store import prints JSON")
     }
 
@@ -107,7 +114,10 @@ impl Env {
                 };
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
                 if cmdline.contains(&needle) {
-                    found.push(format!("process {}: {cmdline}", p.file_name().to_string_lossy()));
+                    found.push(format!(
+                        "process {}: {cmdline}",
+                        p.file_name().to_string_lossy()
+                    ));
                 }
             }
         }
@@ -138,7 +148,12 @@ impl Run {
     }
 
     pub fn assert_failed(&self, code: i32, needle: &str) {
-        assert_eq!(self.code, Some(code), "expected exit {code}; stderr:\n{}", self.stderr);
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code}; stderr:\n{}",
+            self.stderr
+        );
         assert!(
             self.stderr.contains(needle),
             "expected {needle:?} in stderr:\n{}",

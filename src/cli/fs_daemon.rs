@@ -1,0 +1,253 @@
+//! `tvix-build-vm fs-daemon`: serves one build's inputs, read-only, to one VM over a
+//! vhost-user virtio-fs socket, and exits when the VM disconnects. The runner starts it;
+//! it is hidden from `--help`.
+//!
+//! Exit codes: 0 after the VM disconnected; 2 for invalid arguments or an invalid root
+//! directory file; 1 for anything else (castore unreachable, socket, serving).
+
+use crate::castore::directory::{Directory, ValidationError};
+use crate::castore::{self, BlobService, DirectoryService};
+use crate::fs::daemon::{self, DaemonConfig, DaemonError};
+use crate::fs::sandbox::{self, SandboxError};
+use crate::fs::{CastoreFs, CastoreSource, FsError, FsLimits, Listing};
+use crate::proto::castore as pb;
+use prost::Message;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Largest root directory file accepted (a Directory message from tonic is at most 4 MiB).
+const MAX_ROOT_FILE: u64 = 64 << 20;
+
+/// File descriptors the daemon needs beyond one per open handle: stdio, socket, epoll and
+/// event fds, the runtime's, the castore's connections, one staging memfd per thread.
+const FD_RESERVE: u64 = 128;
+
+/// Arguments of `fs-daemon`.
+#[derive(Debug, clap::Args)]
+pub struct FsDaemonArgs {
+    /// The vhost-user socket to create; it appears once the daemon accepts a connection.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// A file holding an encoded `tvix.castore.v1.Directory` whose entries are the share's
+    /// root entries (the build's inputs).
+    #[arg(long)]
+    pub root_directory: PathBuf,
+    /// Blob service address (e.g. `objectstore+file:///var/lib/tvix-build-vm/blobs`).
+    #[arg(long)]
+    pub blob_service_addr: String,
+    /// Directory service address (e.g. `redb:///var/lib/tvix-build-vm/directories.redb`).
+    #[arg(long)]
+    pub directory_service_addr: String,
+    /// virtio-fs tag announced to the guest (at most 36 bytes); default: whatever the VMM's
+    /// device sets.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Open files the guest may hold at once; beyond, open fails with ENFILE.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_handles: u64,
+    /// Inodes the daemon tracks at once; beyond (all still in use by the guest), lookups fail
+    /// with ENOMEM.
+    #[arg(long, default_value_t = 1 << 18, value_parser = clap::value_parser!(u64).range(16..=1 << 26))]
+    pub max_inodes: u64,
+    /// virtiofsd worker threads; 0 serves requests on the queue thread.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub threads: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FsDaemonError {
+    #[error("cannot read the root directory file {path}")]
+    ReadRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("root directory file {path} has {len} bytes, more than {MAX_ROOT_FILE}")]
+    RootTooLarge { path: PathBuf, len: u64 },
+    #[error("root directory file {path} is not an encoded tvix.castore.v1.Directory")]
+    DecodeRoot {
+        path: PathBuf,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("root directory file {path} is not a valid Directory")]
+    InvalidRoot {
+        path: PathBuf,
+        #[source]
+        source: ValidationError,
+    },
+    #[error("root directory")]
+    RootListing(#[source] FsError),
+    #[error("restricting the daemon's privileges failed")]
+    Sandbox(#[source] SandboxError),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("bad {what} service address {addr:?}")]
+    Addr {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: Box<crate::castore::addr::AddrError>,
+    },
+    #[error("cannot open the {what} service at {addr:?}")]
+    Castore {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: Box<castore::Error>,
+    },
+    #[error(transparent)]
+    Daemon(DaemonError),
+}
+
+impl FsDaemonError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            FsDaemonError::ReadRoot { .. }
+            | FsDaemonError::RootTooLarge { .. }
+            | FsDaemonError::DecodeRoot { .. }
+            | FsDaemonError::InvalidRoot { .. }
+            | FsDaemonError::RootListing(_)
+            | FsDaemonError::Daemon(DaemonError::InvalidTag(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the daemon; never returns before the VM disconnected or an error.
+pub fn run(args: FsDaemonArgs) -> ExitCode {
+    match serve(args) {
+        Ok(()) => {
+            tracing::info!("VM disconnected, exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            tracing::error!("fs-daemon: {msg}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
+    let cfg = DaemonConfig {
+        socket: args.socket.clone(),
+        tag: args.tag.clone(),
+        // Bounded by clap to 64.
+        threads: args.threads as usize,
+    };
+    cfg.validate().map_err(FsDaemonError::Daemon)?;
+    let root = read_root(&args.root_directory)?;
+    let root =
+        Listing::from_directory(&root.digest(), &root).map_err(FsDaemonError::RootListing)?;
+
+    // While still single-threaded: capabilities are per thread.
+    let fds = args.max_handles + FD_RESERVE + 2 * args.threads;
+    sandbox::restrict(fds).map_err(FsDaemonError::Sandbox)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fs-daemon-rt")
+        .enable_all()
+        .build()
+        .map_err(FsDaemonError::Runtime)?;
+    let (blobs, directories, local) = rt.block_on(open_services(
+        &args.blob_service_addr,
+        &args.directory_service_addr,
+    ))?;
+    let mut source = CastoreSource::new(blobs, directories, rt.handle().clone());
+    if let Some(local) = local {
+        source = source.with_local_files(local);
+    }
+    let fs = CastoreFs::new(
+        root,
+        Arc::new(source),
+        FsLimits {
+            // Bounded by clap.
+            max_handles: args.max_handles as usize,
+            max_inodes: args.max_inodes as usize,
+        },
+    );
+    let listener = daemon::bind(&cfg.socket).map_err(FsDaemonError::Daemon)?;
+    let served = daemon::serve(fs, listener, &cfg).map_err(FsDaemonError::Daemon);
+    // The services' background tasks have nothing left to do.
+    rt.shutdown_background();
+    served
+}
+
+fn read_root(path: &PathBuf) -> Result<Directory, FsDaemonError> {
+    use std::io::Read;
+    let read_err = |source| FsDaemonError::ReadRoot {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut buf = Vec::new();
+    file.take(MAX_ROOT_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(read_err)?;
+    if buf.len() as u64 > MAX_ROOT_FILE {
+        return Err(FsDaemonError::RootTooLarge {
+            path: path.clone(),
+            len: buf.len() as u64,
+        });
+    }
+    let msg =
+        pb::Directory::decode(buf.as_slice()).map_err(|source| FsDaemonError::DecodeRoot {
+            path: path.clone(),
+            source,
+        })?;
+    Directory::try_from(msg).map_err(|source| FsDaemonError::InvalidRoot {
+        path: path.clone(),
+        source,
+    })
+}
+
+type Services = (
+    Arc<dyn BlobService>,
+    Arc<dyn DirectoryService>,
+    Option<crate::fs::source::LocalBlobPath>,
+);
+
+async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
+    use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr};
+    use crate::castore::blob::LocalBlobService;
+    let addr_err = |what: &'static str, addr: &str| {
+        let addr = addr.to_owned();
+        move |source| FsDaemonError::Addr {
+            what,
+            addr,
+            source: Box::new(source),
+        }
+    };
+    let dirs = directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
+    // Local blobs are read straight from their files (the fast path); any other store
+    // through its service.
+    let local_dir = blob_addr
+        .strip_prefix("objectstore+file://")
+        .or_else(|| blob_addr.starts_with('/').then_some(blob_addr));
+    let Some(local_dir) = local_dir else {
+        let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
+        return Ok((blobs, dirs, None));
+    };
+    let local = LocalBlobService::open(std::path::Path::new(local_dir)).map_err(|source| {
+        FsDaemonError::Castore {
+            what: "blob",
+            addr: blob_addr.to_owned(),
+            source: Box::new(source),
+        }
+    })?;
+    let paths = local.clone();
+    Ok((
+        Arc::new(local),
+        dirs,
+        Some(Box::new(move |d: &castore::B3Digest| paths.blob_path(d))),
+    ))
+}

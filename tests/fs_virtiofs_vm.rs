@@ -1,0 +1,463 @@
+//! A real VM mounts the castore-backed virtio-fs share served by `tvix-build-vm fs-daemon`.
+//!
+//! The test fills a local castore (blob directory + redb), writes the root Directory file,
+//! starts the daemon process, boots the guest kernel under QEMU (TCG, microvm) with a
+//! busybox initramfs whose `/init` mounts the share and prints what it sees on the serial
+//! console, and compares that with what it stored. It fails loudly when the kernel, QEMU or
+//! busybox is missing: it never passes without having booted.
+//!
+//! The QEMU command and the initramfs (busybox `cpio -o -H newc`) are built here directly;
+//! `src/vm` is not used yet.
+
+// Test scaffolding outside `#[test]` functions: a failed step must fail the test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tvix_build_vm::castore::blob::{put_bytes, LocalBlobService};
+use tvix_build_vm::castore::directory_service::RedbDirectoryService;
+use tvix_build_vm::castore::{
+    B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent, SymlinkTarget,
+};
+
+const TAG: &str = "inputs";
+const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The guest kernel: `$TVIX_BUILD_VM_KERNEL` (the vmlinux, or its directory), else what
+/// `kernel-config/build.sh` prints.
+fn kernel() -> PathBuf {
+    let path = match std::env::var_os("TVIX_BUILD_VM_KERNEL") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-config/build.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "GUEST KERNEL UNAVAILABLE: {} failed ({}); set TVIX_BUILD_VM_KERNEL",
+                script.display(),
+                out.status
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let path = if path.is_dir() {
+        path.join("vmlinux")
+    } else {
+        path
+    };
+    assert!(
+        path.is_file(),
+        "GUEST KERNEL UNAVAILABLE: {} is not a file",
+        path.display()
+    );
+    path
+}
+
+fn require_tool(path: &str) {
+    assert!(
+        Path::new(path).exists() || which(path),
+        "REQUIRED TOOL MISSING: {path} (install it; this test never skips)"
+    );
+}
+
+fn which(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// `tsc_early_khz` avoids a TSC calibration hang under TCG (DESIGN.md).
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// An initramfs holding busybox and `init` as `/init`.
+fn build_initrd(dir: &Path, init: &str) -> PathBuf {
+    let root = dir.join("initrd-root");
+    for d in ["bin", "proc", "dev", "sys", "mnt", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::write(root.join("init"), init).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("initrd.cpio");
+    let status = Command::new("sh")
+        .current_dir(&root)
+        .arg("-c")
+        .arg(format!(
+            "find . | /bin/busybox cpio -o -H newc > '{}'",
+            out.display()
+        ))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the initramfs failed");
+    out
+}
+
+/// Kills the child on drop (test failure or panic included).
+struct Reaper(Option<Child>, &'static str);
+
+impl Reaper {
+    fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.0.as_mut()?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                eprintln!("killing {}", self.1);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256_hex(data: &[u8], tmp: &Path) -> String {
+    let path = tmp.join("sha-input");
+    std::fs::write(&path, data).unwrap();
+    let out = Command::new("sha256sum").arg(&path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn name(s: &str) -> PathComponent {
+    PathComponent::try_from(s).unwrap()
+}
+
+struct Fixture {
+    blob_addr: String,
+    dir_addr: String,
+    root_file: PathBuf,
+    big_sha256: String,
+    many: usize,
+}
+
+/// Stores the inputs:
+/// `data/{big, small, link -> small, bin/hello (executable), many/f0000..}`, `top.txt`,
+/// `toplink -> data/small`.
+fn populate(dir: &Path, big_len: usize, many: usize) -> Fixture {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blob_dir = dir.join("blobs");
+    let redb = dir.join("directories.redb");
+    let blobs = Arc::new(LocalBlobService::open(&blob_dir).unwrap());
+    let big = pseudo_random(big_len, 0x9e3779b97f4a7c15);
+    let big_sha256 = sha256_hex(&big, dir);
+    rt.block_on(async {
+        let dirs = RedbDirectoryService::open(&redb).unwrap();
+        let put = |data: Vec<u8>| {
+            let blobs = blobs.clone();
+            async move {
+                let d = put_bytes(blobs.as_ref() as &dyn BlobService, &data)
+                    .await
+                    .unwrap();
+                (d, data.len() as u64)
+            }
+        };
+        let file = |(digest, size): (B3Digest, u64), executable| Node::File {
+            digest,
+            size,
+            executable,
+        };
+
+        let mut many_dir = Directory::new();
+        for i in 0..many {
+            let content = format!("file number {i}\n").into_bytes();
+            many_dir
+                .try_insert(name(&format!("f{i:04}")), file(put(content).await, false))
+                .unwrap();
+        }
+        let mut bin = Directory::new();
+        bin.try_insert(
+            name("hello"),
+            file(
+                put(b"#!/bin/sh\necho hi-from-virtiofs\n".to_vec()).await,
+                true,
+            ),
+        )
+        .unwrap();
+        let mut data = Directory::new();
+        data.try_insert(name("big"), file(put(big).await, false))
+            .unwrap();
+        data.try_insert(
+            name("small"),
+            file(put(b"hello virtiofs\n".to_vec()).await, false),
+        )
+        .unwrap();
+        data.try_insert(
+            name("link"),
+            Node::Symlink {
+                target: SymlinkTarget::try_from("small").unwrap(),
+            },
+        )
+        .unwrap();
+        data.try_insert(name("bin"), bin.as_node()).unwrap();
+        data.try_insert(name("many"), many_dir.as_node()).unwrap();
+        for d in [&many_dir, &bin, &data] {
+            dirs.put(d.clone()).await.unwrap();
+        }
+
+        let mut root = Directory::new();
+        root.try_insert(name("data"), data.as_node()).unwrap();
+        root.try_insert(
+            name("top.txt"),
+            file(put(b"top level\n".to_vec()).await, false),
+        )
+        .unwrap();
+        root.try_insert(
+            name("toplink"),
+            Node::Symlink {
+                target: SymlinkTarget::try_from("data/small").unwrap(),
+            },
+        )
+        .unwrap();
+        std::fs::write(dir.join("root.dir"), root.encode()).unwrap();
+    });
+    Fixture {
+        blob_addr: format!("objectstore+file://{}", blob_dir.display()),
+        dir_addr: format!("redb://{}", redb.display()),
+        root_file: dir.join("root.dir"),
+        big_sha256,
+        many,
+    }
+}
+
+fn start_daemon(fx: &Fixture, socket: &Path) -> Reaper {
+    let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
+        .args(["fs-daemon", "--socket"])
+        .arg(socket)
+        .arg("--root-directory")
+        .arg(&fx.root_file)
+        .args(["--blob-service-addr", &fx.blob_addr])
+        .args(["--directory-service-addr", &fx.dir_addr])
+        .args(["--tag", TAG, "--max-handles", "64"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("cannot start the fs-daemon");
+    let mut daemon = Reaper(Some(child), "fs-daemon");
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = daemon.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!("fs-daemon exited before listening: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "fs-daemon did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon
+}
+
+/// Boots the guest and returns its console output.
+fn boot(kernel: &Path, initrd: &Path, socket: &Path, mem_mib: u32) -> String {
+    let mut append = "console=ttyS0 panic=-1 rdinit=/init quiet".to_owned();
+    if let Some(khz) = tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-accel", "tcg", "-smp", "1"])
+        .args(["-m", &format!("{mem_mib}M")])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=fs0,path={}", socket.display()),
+            "-device",
+            &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    let mut qemu = Reaper(Some(child), "qemu");
+    let stdout = qemu.0.as_mut().unwrap().stdout.take().unwrap();
+    let mut stderr = qemu.0.as_mut().unwrap().stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    });
+    let status = qemu.wait_timeout(BOOT_DEADLINE);
+    let mut err = String::new();
+    if status.is_none() {
+        drop(qemu);
+        let console = reader.join().unwrap();
+        panic!("the VM did not power off within {BOOT_DEADLINE:?}; console:\n{console}");
+    }
+    let _ = stderr.read_to_string(&mut err);
+    let console = reader.join().unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "qemu failed: {status:?}\nstderr:\n{err}\nconsole:\n{console}"
+    );
+    console
+}
+
+/// `@@key value` lines of the console.
+fn results(console: &str) -> HashMap<String, String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("@@"))
+        .map(|l| match l.split_once(' ') {
+            Some((k, v)) => (k.to_owned(), v.trim().to_owned()),
+            None => (l.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+const GUEST_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+if mount -t virtiofs inputs /mnt; then echo "@@mount ok"; else echo "@@mount failed"; fi
+echo "@@ls-root $(ls /mnt | tr '\n' ' ')"
+echo "@@ls-data $(ls /mnt/data | tr '\n' ' ')"
+echo "@@small $(cat /mnt/data/small)"
+echo "@@top $(cat /mnt/top.txt)"
+echo "@@sha-big $(sha256sum /mnt/data/big | cut -d' ' -f1)"
+echo "@@size-big $(stat -c %s /mnt/data/big)"
+echo "@@tail-big $(tail -c 16 /mnt/data/big | od -An -tx1 | tr -d ' \n')"
+echo "@@readlink $(readlink /mnt/data/link)"
+echo "@@via-link $(cat /mnt/toplink)"
+echo "@@stat-small $(stat -c '%a %s %u %g %Y %h %F' /mnt/data/small)"
+echo "@@stat-hello $(stat -c '%a %F' /mnt/data/bin/hello)"
+echo "@@stat-dir $(stat -c '%a %h %F' /mnt/data)"
+echo "@@stat-link $(stat -c '%a %F' /mnt/data/link)"
+echo "@@exec $(/mnt/data/bin/hello)"
+echo "@@many $(ls /mnt/data/many | wc -l)"
+echo "@@many-last $(cat /mnt/data/many/$(ls /mnt/data/many | tail -n 1))"
+echo "@@w-create $(sh -c 'echo x > /mnt/new' 2>&1)"
+echo "@@w-append $(sh -c 'echo x >> /mnt/data/small' 2>&1)"
+echo "@@w-mkdir $(mkdir /mnt/d 2>&1)"
+echo "@@w-rm $(rm -f /mnt/top.txt 2>&1)"
+echo "@@w-chmod $(chmod 777 /mnt/top.txt 2>&1)"
+echo "@@w-ln $(ln -s x /mnt/l 2>&1)"
+echo "@@after-writes $(ls /mnt | tr '\n' ' ')|$(cat /mnt/data/small)"
+echo "@@done"
+poweroff -f
+"#;
+
+#[test]
+fn guest_mounts_the_share_and_reads_it_read_only() {
+    require_tool("/bin/busybox");
+    require_tool("qemu-system-x86_64");
+    let kernel = kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let fx = populate(dir.path(), 8 << 20, 300);
+    let initrd = build_initrd(dir.path(), GUEST_INIT);
+    let socket = dir.path().join("fs.sock");
+    let mut daemon = start_daemon(&fx, &socket);
+
+    let console = boot(&kernel, &initrd, &socket, 256);
+    let r = results(&console);
+    let get = |k: &str| {
+        r.get(k)
+            .unwrap_or_else(|| panic!("no @@{k} on the console:\n{console}"))
+            .as_str()
+    };
+    assert_eq!(get("mount"), "ok", "{console}");
+    assert_eq!(get("ls-root"), "data top.txt toplink");
+    assert_eq!(get("ls-data"), "big bin link many small");
+    assert_eq!(get("small"), "hello virtiofs");
+    assert_eq!(get("top"), "top level");
+    assert_eq!(get("sha-big"), fx.big_sha256);
+    assert_eq!(get("size-big"), (8 << 20).to_string());
+    let big = pseudo_random(8 << 20, 0x9e3779b97f4a7c15);
+    let tail: String = big[big.len() - 16..]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(get("tail-big"), tail);
+    assert_eq!(get("readlink"), "small");
+    assert_eq!(get("via-link"), "hello virtiofs");
+    assert_eq!(get("stat-small"), "444 15 0 0 1 1 regular file");
+    assert_eq!(get("stat-hello"), "555 regular file");
+    assert_eq!(get("stat-dir"), "555 2 directory");
+    assert_eq!(get("stat-link"), "777 symbolic link");
+    assert_eq!(get("exec"), "hi-from-virtiofs");
+    assert_eq!(get("many"), fx.many.to_string());
+    assert_eq!(get("many-last"), format!("file number {}", fx.many - 1));
+    for k in ["w-create", "w-append", "w-mkdir", "w-rm", "w-chmod", "w-ln"] {
+        assert!(
+            get(k).contains("Read-only file system"),
+            "{k} did not fail with EROFS: {:?}",
+            get(k)
+        );
+    }
+    assert_eq!(get("after-writes"), "data top.txt toplink |hello virtiofs");
+    assert!(r.contains_key("done"));
+
+    // The VM is gone: the daemon notices the disconnect and exits cleanly.
+    let status = daemon
+        .wait_timeout(Duration::from_secs(20))
+        .expect("fs-daemon did not exit after the VM disconnected");
+    assert!(status.success(), "fs-daemon exited with {status}");
+}
