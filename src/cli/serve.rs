@@ -35,10 +35,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub print_config: bool,
     #[command(flatten)]
-    pub options: ServeOptions,
+    pub options: Box<ServeOptions>,
     /// The VM options; without --kernel and --agent only the castore is served.
     #[command(flatten)]
-    pub runner: RunnerArgs,
+    pub runner: Box<RunnerArgs>,
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -80,7 +80,10 @@ pub fn config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let vm_memory = args.runner.vm_memory;
     let default_max_vms = Admission::default_max_running(cores, host_memory_bytes(), vm_memory);
-    Ok(args.options.clone().over(file).resolve(default_max_vms)?)
+    Ok((*args.options)
+        .clone()
+        .over(file)
+        .resolve(default_max_vms)?)
 }
 
 /// Runs the server.

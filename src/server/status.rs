@@ -171,6 +171,18 @@ fn bounded(text: String, max: usize) -> String {
 impl From<BuildError> for tonic::Status {
     fn from(e: BuildError) -> Self {
         let mut message = chain(&e);
+        if let BuildError::Run { error, .. } = &e {
+            if let Some(tail) = error.log_tail().filter(|t| !t.is_empty()) {
+                let _ = write!(
+                    message,
+                    "\n--- build log (last {} bytes) ---\n{tail}",
+                    tail.len()
+                );
+            }
+            if let Some(tail) = error.serial_tail().filter(|t| !t.is_empty()) {
+                let _ = write!(message, "\n--- serial console ---\n{tail}");
+            }
+        }
         if let Some(log) = e.log() {
             let _ = write!(
                 message,
@@ -202,6 +214,7 @@ mod tests {
     use crate::agent::error::{BuildFailure, DeadlineKind, Timeout};
     use crate::castore::B3Digest;
     use crate::runner::constraints::Unsatisfiable;
+    use crate::runner::SessionFailure;
     use std::time::Duration;
 
     fn run(error: RunError) -> BuildError {
@@ -216,12 +229,12 @@ mod tests {
         }
     }
 
-    fn session(source: agent::Error) -> RunError {
-        RunError::Session {
-            source,
+    fn session(error: agent::Error) -> RunError {
+        RunError::Session(Box::new(SessionFailure {
+            error,
             log_tail: "last words\n".into(),
             serial_tail: String::new(),
-        }
+        }))
     }
 
     #[test]
