@@ -19,4 +19,5 @@ pub mod fs;
 pub mod proto;
 pub mod request;
 pub mod runner;
+pub mod server;
 pub mod vm;

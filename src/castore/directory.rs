@@ -299,6 +299,39 @@ impl Node {
         }
     }
 
+    /// Validates a wire node whose name may be empty (an anonymous node); a non-empty name
+    /// must be valid.
+    pub fn from_proto_anonymous(
+        node: pb::Node,
+    ) -> Result<(Option<PathComponent>, Node), ValidationError> {
+        use pb::node::Node as N;
+        let placeholder = Bytes::from_static(b"_");
+        let (raw_name, named) = match node.node {
+            None => {
+                return Err(ValidationError::NoNodeType {
+                    name: Escaped(Bytes::new()),
+                })
+            }
+            Some(N::Directory(mut d)) => {
+                let n = std::mem::replace(&mut d.name, placeholder);
+                (n, from_directory_node(d))
+            }
+            Some(N::File(mut f)) => {
+                let n = std::mem::replace(&mut f.name, placeholder);
+                (n, from_file_node(f))
+            }
+            Some(N::Symlink(mut l)) => {
+                let n = std::mem::replace(&mut l.name, placeholder);
+                (n, from_symlink_node(l))
+            }
+        };
+        let (_, node) = named.map_err(|e| rename_error(e, &raw_name))?;
+        if raw_name.is_empty() {
+            return Ok((None, node));
+        }
+        Ok((Some(name_of(raw_name)?), node))
+    }
+
     /// The wire node with the given name (empty for an anonymous node).
     pub fn to_proto(&self, name: Bytes) -> pb::Node {
         use pb::node::Node as N;
@@ -332,6 +365,20 @@ impl Node {
             Node::Directory { digest, .. } | Node::File { digest, .. } => Some(digest),
             Node::Symlink { .. } => None,
         }
+    }
+}
+
+/// Puts the real name back into an error raised while the name was a placeholder.
+fn rename_error(e: ValidationError, name: &Bytes) -> ValidationError {
+    let n = Escaped(name.clone());
+    match e {
+        ValidationError::InvalidDigest { source, .. } => {
+            ValidationError::InvalidDigest { name: n, source }
+        }
+        ValidationError::InvalidSymlinkTarget { source, .. } => {
+            ValidationError::InvalidSymlinkTarget { name: n, source }
+        }
+        other => other,
     }
 }
 

@@ -35,7 +35,7 @@ pub enum Error {
     InvalidDirectory {
         digest: B3Digest,
         #[source]
-        source: ValidationError,
+        source: Box<ValidationError>,
     },
     #[error("invalid directory closure")]
     InvalidClosure(#[source] ClosureError),
@@ -59,13 +59,20 @@ pub enum Error {
     Remote {
         context: String,
         #[source]
-        source: tonic::Status,
+        source: Box<tonic::Status>,
     },
     #[error("remote castore: {0}")]
     Protocol(String),
 }
 
 impl Error {
+    pub(crate) fn invalid_directory(digest: B3Digest, source: ValidationError) -> Self {
+        Error::InvalidDirectory {
+            digest,
+            source: Box::new(source),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -83,7 +90,7 @@ impl Error {
     pub(crate) fn remote(context: impl Into<String>, source: tonic::Status) -> Self {
         Error::Remote {
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
 pub mod fs_daemon;
+pub mod serve;
+pub mod store;
+pub mod store_args;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +40,10 @@ pub enum Command {
     /// the runner).
     #[command(hide = true)]
     FsDaemon(fs_daemon::FsDaemonArgs),
+    /// Work with the content-addressed store: import, ls, cat, export.
+    Store(store::StoreCommand),
+    /// Serve the castore (and later the build service) over gRPC.
+    Serve(serve::ServeArgs),
 }
 
 /// Sets up tracing on stderr at the level the flags ask for (RUST_LOG overrides).
@@ -61,5 +68,22 @@ pub fn run(cli: Cli) -> ExitCode {
     init_logging(&cli);
     match cli.command {
         Command::FsDaemon(args) => fs_daemon::run(args),
+        Command::Store(cmd) => run_async(store::run(cmd)),
+        Command::Serve(args) => run_async(serve::run(args)),
+    }
+}
+
+/// Runs a command on a fresh tokio runtime; prints the whole error chain on failure.
+/// Exit codes: 0 success, 1 failure.
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(fut));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -295,6 +295,38 @@ fn node_proto_round_trip_and_unset_oneof() {
 }
 
 #[test]
+fn anonymous_nodes() {
+    let node = Node::Directory {
+        digest: B3Digest::of(b"d"),
+        size: 4,
+    };
+    let (name, back) = Node::from_proto_anonymous(node.to_proto(Bytes::new())).unwrap();
+    assert_eq!((name, back), (None, node.clone()));
+    let (name, _) = Node::from_proto_anonymous(node.to_proto(Bytes::from_static(b"n"))).unwrap();
+    assert_eq!(name.unwrap().as_bytes(), b"n");
+    assert!(matches!(
+        Node::from_proto_anonymous(node.to_proto(Bytes::from_static(b".."))),
+        Err(ValidationError::InvalidName {
+            source: NameError::Dot,
+            ..
+        })
+    ));
+    let bad = pb::Node {
+        node: Some(pb::node::Node::Symlink(pb::SymlinkNode {
+            name: Bytes::new(),
+            target: Bytes::new(),
+        })),
+    };
+    assert!(matches!(
+        Node::from_proto_anonymous(bad),
+        Err(ValidationError::InvalidSymlinkTarget {
+            source: SymlinkTargetError::Empty,
+            ..
+        })
+    ));
+}
+
+#[test]
 fn try_insert_rejects_duplicates() {
     let mut d = Directory::new();
     let n = PathComponent::try_from("a").unwrap();

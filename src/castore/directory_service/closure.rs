@@ -8,6 +8,10 @@ use crate::castore::{B3Digest, Error};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
+/// Most directories one closure upload may hold; bounds the memory a client can make a
+/// server buffer before `close`.
+pub const MAX_CLOSURE_DIRECTORIES: usize = 1 << 20;
+
 /// A reference from a directory in an upload to one that is not part of the upload, so it
 /// must already be stored.
 #[derive(Debug, Clone)]
@@ -38,11 +42,14 @@ impl PutValidator {
         if self.received.contains_key(&digest) {
             return Ok(Vec::new());
         }
+        if self.received.len() >= MAX_CLOSURE_DIRECTORIES {
+            return Err(ClosureError::TooLarge(MAX_CLOSURE_DIRECTORIES).into());
+        }
         let mut external = Vec::new();
         for (name, child, recorded) in dir.directories() {
             match self.received.get(child) {
                 Some(c) => check_child_size(name, recorded, c, *child)
-                    .map_err(|source| Error::InvalidDirectory { digest, source })?,
+                    .map_err(|source| Error::invalid_directory(digest, source))?,
                 None => external.push(ExternalRef {
                     parent: digest,
                     name: name.clone(),
@@ -97,14 +104,8 @@ where
                 }
                 .into())
             }
-            Some(c) => {
-                check_child_size(&r.name, r.recorded_size, &c, r.child).map_err(|source| {
-                    Error::InvalidDirectory {
-                        digest: r.parent,
-                        source,
-                    }
-                })?
-            }
+            Some(c) => check_child_size(&r.name, r.recorded_size, &c, r.child)
+                .map_err(|source| Error::invalid_directory(r.parent, source))?,
         }
     }
     Ok(())
@@ -115,14 +116,15 @@ pub struct GetValidator {
     /// Directories referenced but not yet received, with the smallest size recorded for
     /// each and the entry name that recorded it.
     expected: HashMap<B3Digest, Option<(crate::castore::directory::PathComponent, u64)>>,
-    received: HashSet<B3Digest>,
+    /// Received directories and their spec sizes, to check later references to them.
+    received: HashMap<B3Digest, u64>,
 }
 
 impl GetValidator {
     pub fn new(root: B3Digest) -> Self {
         Self {
             expected: HashMap::from([(root, None)]),
-            received: HashSet::new(),
+            received: HashMap::new(),
         }
     }
 
@@ -130,7 +132,7 @@ impl GetValidator {
     pub fn accept(&mut self, dir: &Directory) -> Result<B3Digest, Error> {
         let digest = dir.digest();
         let Some(recorded) = self.expected.remove(&digest) else {
-            return Err(if self.received.contains(&digest) {
+            return Err(if self.received.contains_key(&digest) {
                 ClosureError::Repeated(digest)
             } else {
                 ClosureError::Unexpected(digest)
@@ -139,11 +141,22 @@ impl GetValidator {
         };
         if let Some((name, size)) = recorded {
             check_child_size(&name, size, dir, digest)
-                .map_err(|source| Error::InvalidDirectory { digest, source })?;
+                .map_err(|source| Error::invalid_directory(digest, source))?;
         }
-        self.received.insert(digest);
+        self.received.insert(digest, dir.size());
         for (name, child, size) in dir.directories() {
-            if self.received.contains(child) {
+            if let Some(&actual) = self.received.get(child) {
+                if size < actual {
+                    return Err(Error::invalid_directory(
+                        digest,
+                        crate::castore::directory::ValidationError::UndersizedDirectory {
+                            name: crate::castore::directory::Escaped(name.clone().into_bytes()),
+                            digest: *child,
+                            size,
+                            expected: actual,
+                        },
+                    ));
+                }
                 continue;
             }
             let slot = self.expected.entry(*child).or_insert(None);
@@ -161,5 +174,126 @@ impl GetValidator {
             Some(d) => Err(ClosureError::Missing(*d).into()),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::castore::directory::{Node, PathComponent};
+
+    fn leaf(n: &str) -> Directory {
+        let mut d = Directory::new();
+        d.try_insert(
+            PathComponent::try_from(n).unwrap(),
+            Node::File {
+                digest: B3Digest::of(n.as_bytes()),
+                size: 1,
+                executable: false,
+            },
+        )
+        .unwrap();
+        d
+    }
+
+    fn parent(children: &[(&str, &Directory, u64)]) -> Directory {
+        let mut d = Directory::new();
+        for (n, c, size) in children {
+            d.try_insert(
+                PathComponent::try_from(*n).unwrap(),
+                Node::Directory {
+                    digest: c.digest(),
+                    size: *size,
+                },
+            )
+            .unwrap();
+        }
+        d
+    }
+
+    fn closure_err(e: Error) -> ClosureError {
+        match e {
+            Error::InvalidClosure(c) => c,
+            other => panic!("expected a closure error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn put_reports_external_refs_and_one_root() {
+        let a = leaf("a");
+        let b = leaf("b");
+        let root = parent(&[("a", &a, 1), ("b", &b, 1)]);
+        let mut v = PutValidator::new();
+        assert!(v.add(a.clone()).unwrap().is_empty());
+        let ext = v.add(root.clone()).unwrap();
+        assert_eq!(ext.len(), 1);
+        assert_eq!(ext[0].child, b.digest());
+        let (r, dirs) = v.finish().unwrap();
+        assert_eq!(r, root.digest());
+        assert_eq!(dirs.len(), 2);
+    }
+
+    #[test]
+    fn put_rejects_empty_two_roots_and_undersized() {
+        assert_eq!(
+            PutValidator::new().finish().unwrap_err(),
+            ClosureError::Empty
+        );
+        let mut v = PutValidator::new();
+        v.add(leaf("a")).unwrap();
+        v.add(leaf("b")).unwrap();
+        assert_eq!(v.finish().unwrap_err(), ClosureError::RootCount(2));
+        let a = leaf("a");
+        let mut v = PutValidator::new();
+        v.add(a.clone()).unwrap();
+        assert!(matches!(
+            v.add(parent(&[("a", &a, 0)])),
+            Err(Error::InvalidDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn get_rejects_repeated_unexpected_missing_and_undersized() {
+        let c = leaf("c");
+        let a = parent(&[("c", &c, 1)]);
+        let root = parent(&[("a", &a, 2), ("c", &c, 1)]);
+
+        let mut v = GetValidator::new(root.digest());
+        assert_eq!(
+            closure_err(v.accept(&a).unwrap_err()),
+            ClosureError::Unexpected(a.digest())
+        );
+
+        let mut v = GetValidator::new(root.digest());
+        v.accept(&root).unwrap();
+        v.accept(&a).unwrap();
+        v.accept(&c).unwrap();
+        assert_eq!(
+            closure_err(v.accept(&c).unwrap_err()),
+            ClosureError::Repeated(c.digest())
+        );
+        v.finish().unwrap();
+
+        let mut v = GetValidator::new(root.digest());
+        v.accept(&root).unwrap();
+        v.accept(&a).unwrap();
+        assert_eq!(
+            closure_err(v.finish().unwrap_err()),
+            ClosureError::Missing(c.digest())
+        );
+
+        // An undersized reference to a directory not yet received...
+        let bad_root = parent(&[("a", &a, 2), ("c", &c, 1), ("d", &c, 0)]);
+        let mut v = GetValidator::new(bad_root.digest());
+        v.accept(&bad_root).unwrap();
+        v.accept(&a).unwrap();
+        assert!(matches!(v.accept(&c), Err(Error::InvalidDirectory { .. })));
+        // ... and to one received before.
+        let x = parent(&[("c", &c, 0)]);
+        let root2 = parent(&[("a", &c, 1), ("b", &x, 2)]);
+        let mut v = GetValidator::new(root2.digest());
+        v.accept(&root2).unwrap();
+        v.accept(&c).unwrap();
+        assert!(matches!(v.accept(&x), Err(Error::InvalidDirectory { .. })));
     }
 }

@@ -39,7 +39,7 @@ fn request(digest: &B3Digest, recursive: bool) -> pb::GetDirectoryRequest {
 fn validate(d: pb::Directory) -> Result<Directory, Error> {
     use prost::Message;
     let digest = B3Digest::of(&d.encode_to_vec());
-    Directory::try_from(d).map_err(|source| Error::InvalidDirectory { digest, source })
+    Directory::try_from(d).map_err(|source| Error::invalid_directory(digest, source))
 }
 
 #[async_trait::async_trait]

@@ -69,10 +69,8 @@ fn read(db: &Database, path: &Path, digest: &B3Digest) -> Result<Option<Director
             std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         )
     })?;
-    let dir = Directory::try_from(pb).map_err(|source| Error::InvalidDirectory {
-        digest: *digest,
-        source,
-    })?;
+    let dir =
+        Directory::try_from(pb).map_err(|source| Error::invalid_directory(*digest, source))?;
     if dir.digest() != *digest {
         return Err(Error::io(
             ctx(),

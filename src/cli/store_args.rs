@@ -1,0 +1,155 @@
+//! `--store`, `--blob-service-addr`, `--directory-service-addr`: which castore to use.
+//! Flatten [`StoreArgs`] into any command that needs the store.
+
+use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr, AddrError};
+use crate::castore::{BlobService, DirectoryService};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Name of the blob directory inside a store directory.
+pub const BLOBS_DIR: &str = "blobs";
+/// Name of the directory database inside a store directory.
+pub const DIRECTORIES_DB: &str = "directories.redb";
+
+/// An opened castore: its blob and directory services.
+pub type Services = (Arc<dyn BlobService>, Arc<dyn DirectoryService>);
+
+/// Which castore to use.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Directory of the embedded store (blobs/ and directories.redb). Default:
+    /// $XDG_DATA_HOME/tvix-build-vm, else ~/.local/share/tvix-build-vm; /var/lib/tvix-build-vm
+    /// as root.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Blob service address instead of the embedded store's blobs (memory://,
+    /// objectstore+file:///abs/dir, /abs/dir, grpc+unix:///abs.sock, grpc+http://host:port).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub blob_service_addr: Option<String>,
+    /// Directory service address instead of the embedded store's directories.redb
+    /// (memory://, redb:///abs/file.redb, grpc+unix:///abs.sock, grpc+http://host:port).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub directory_service_addr: Option<String>,
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreArgsError {
+    #[error("no default store directory: neither XDG_DATA_HOME nor HOME is set to an absolute path; pass --store DIR")]
+    NoDefaultDir,
+    #[error("creating store directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the blob service")]
+    Blobs(#[source] AddrError),
+    #[error("opening the directory service")]
+    Directories(#[source] AddrError),
+}
+
+fn absolute_env(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
+/// The default embedded store directory for this user.
+pub fn default_store_dir() -> Result<PathBuf, StoreArgsError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(PathBuf::from("/var/lib/tvix-build-vm"));
+    }
+    if let Some(d) = absolute_env("XDG_DATA_HOME") {
+        return Ok(d.join("tvix-build-vm"));
+    }
+    absolute_env("HOME")
+        .map(|h| h.join(".local/share/tvix-build-vm"))
+        .ok_or(StoreArgsError::NoDefaultDir)
+}
+
+impl StoreArgs {
+    /// The embedded store directory (`--store`, or the default).
+    pub fn store_dir(&self) -> Result<PathBuf, StoreArgsError> {
+        match &self.store {
+            Some(d) => Ok(d.clone()),
+            None => default_store_dir(),
+        }
+    }
+
+    /// The blob and directory service addresses in effect.
+    pub fn addrs(&self) -> Result<(String, String), StoreArgsError> {
+        let needs_dir = self.blob_service_addr.is_none() || self.directory_service_addr.is_none();
+        let dir = if needs_dir {
+            let d = self.store_dir()?;
+            let d = std::path::absolute(&d).map_err(|source| StoreArgsError::CreateDir {
+                path: d.clone(),
+                source,
+            })?;
+            std::fs::create_dir_all(&d).map_err(|source| StoreArgsError::CreateDir {
+                path: d.clone(),
+                source,
+            })?;
+            Some(d)
+        } else {
+            None
+        };
+        let blob = match (&self.blob_service_addr, &dir) {
+            (Some(a), _) => a.clone(),
+            (None, Some(d)) => format!("objectstore+file://{}", d.join(BLOBS_DIR).display()),
+            (None, None) => return Err(StoreArgsError::NoDefaultDir),
+        };
+        let directory = match (&self.directory_service_addr, &dir) {
+            (Some(a), _) => a.clone(),
+            (None, Some(d)) => format!("redb://{}", d.join(DIRECTORIES_DB).display()),
+            (None, None) => return Err(StoreArgsError::NoDefaultDir),
+        };
+        Ok((blob, directory))
+    }
+
+    /// Opens both services. Call inside a tokio runtime (gRPC clients connect lazily).
+    pub fn open(&self) -> Result<Services, StoreArgsError> {
+        let (blob, directory) = self.addrs()?;
+        let blobs = blob_service_from_addr(&blob).map_err(StoreArgsError::Blobs)?;
+        let directories =
+            directory_service_from_addr(&directory).map_err(StoreArgsError::Directories)?;
+        Ok((blobs, directories))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_dir_holds_blobs_and_redb_side_by_side() {
+        let tmp = tempfile::tempdir().unwrap();
+        let args = StoreArgs {
+            store: Some(tmp.path().join("s")),
+            ..Default::default()
+        };
+        let (b, d) = args.addrs().unwrap();
+        assert_eq!(
+            b,
+            format!("objectstore+file://{}/s/blobs", tmp.path().display())
+        );
+        assert_eq!(
+            d,
+            format!("redb://{}/s/directories.redb", tmp.path().display())
+        );
+        assert!(tmp.path().join("s").is_dir());
+    }
+
+    #[test]
+    fn addresses_override_each_service() {
+        let args = StoreArgs {
+            store: None,
+            blob_service_addr: Some("memory://".into()),
+            directory_service_addr: Some("grpc+unix:///x.sock".into()),
+        };
+        assert_eq!(
+            args.addrs().unwrap(),
+            ("memory://".to_string(), "grpc+unix:///x.sock".to_string())
+        );
+    }
+}

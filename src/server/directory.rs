@@ -1,0 +1,70 @@
+//! `tvix.castore.v1.DirectoryService` over any [`DirectoryService`].
+
+use crate::castore::directory::Directory;
+use crate::castore::{B3Digest, DirectoryService, Error};
+use crate::proto::castore as pb;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use prost::Message;
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Serves a directory service over gRPC.
+pub struct DirectoryServer {
+    directories: Arc<dyn DirectoryService>,
+}
+
+impl DirectoryServer {
+    pub fn new(directories: Arc<dyn DirectoryService>) -> Self {
+        Self { directories }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::directory_service_server::DirectoryService for DirectoryServer {
+    type GetStream = BoxStream<'static, Result<pb::Directory, Status>>;
+
+    async fn get(
+        &self,
+        request: Request<pb::GetDirectoryRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let req = request.into_inner();
+        let Some(pb::get_directory_request::ByWhat::Digest(raw)) = req.by_what else {
+            return Err(Status::invalid_argument("by_what: no digest given"));
+        };
+        let digest = B3Digest::try_from(&raw)
+            .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        // Answer a missing root with NOT_FOUND as the call's status, not mid-stream.
+        let Some(root) = self.directories.get(&digest).await? else {
+            return Err(Status::not_found(format!("directory {digest} not found")));
+        };
+        if !req.recursive {
+            let one = futures::stream::once(async move { Ok(root.to_proto()) });
+            return Ok(Response::new(one.boxed()));
+        }
+        let stream = self
+            .directories
+            .get_recursive(&digest)
+            .map(|r| r.map(|d| d.to_proto()).map_err(Status::from));
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn put(
+        &self,
+        request: Request<Streaming<pb::Directory>>,
+    ) -> Result<Response<pb::PutDirectoryResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut putter = self.directories.put_multiple_start();
+        // An error or a cancelled stream returns early and drops the putter: nothing stored.
+        while let Some(msg) = stream.message().await? {
+            let digest = B3Digest::of(&msg.encode_to_vec());
+            let dir = Directory::try_from(msg)
+                .map_err(|source| Error::invalid_directory(digest, source))?;
+            putter.put(dir).await?;
+        }
+        let root = putter.close().await?;
+        Ok(Response::new(pb::PutDirectoryResponse {
+            root_digest: root.into(),
+        }))
+    }
+}
