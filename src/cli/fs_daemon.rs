@@ -88,7 +88,7 @@ enum FsDaemonError {
         what: &'static str,
         addr: String,
         #[source]
-        source: Box<castore::Error>,
+        source: Box<castore::addr::AddrError>,
     },
     #[error(transparent)]
     Daemon(DaemonError),
@@ -151,10 +151,10 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
         .enable_all()
         .build()
         .map_err(FsDaemonError::Runtime)?;
-    let (blobs, directories, local) = rt.block_on(open_services(
-        &args.blob_service_addr,
-        &args.directory_service_addr,
-    ))?;
+    let (blobs, directories, local) = {
+        let _in_runtime = rt.enter();
+        open_services(&args.blob_service_addr, &args.directory_service_addr)?
+    };
     let mut source = CastoreSource::new(blobs, directories, rt.handle().clone());
     if let Some(local) = local {
         source = source.with_local_files(local);
@@ -209,19 +209,13 @@ type Services = (
     Option<crate::fs::source::LocalBlobPath>,
 );
 
-async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
+/// The services at the two addresses; for a local blob store also where its files are, so
+/// reads go straight from them into guest memory. Must run inside the runtime (gRPC clients
+/// are created there).
+fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
+    use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr};
     use crate::castore::blob::LocalBlobService;
-    use crate::castore::directory_service::redb::RedbDirectoryService;
-    // TODO(castore::addr): replace by the castore's address constructors once merged; until
-    // then only the two embedded backends are understood.
-    let unsupported = |what: &'static str, addr: &str| FsDaemonError::Castore {
-        what,
-        addr: addr.to_owned(),
-        source: Box::new(castore::Error::InvalidRequest(
-            "only objectstore+file:// (blobs) and redb:// (directories) are wired yet".to_owned(),
-        )),
-    };
-    let castore_err = |what: &'static str, addr: &str| {
+    let addr_err = |what: &'static str, addr: &str| {
         let addr = addr.to_owned();
         move |source| FsDaemonError::Castore {
             what,
@@ -229,20 +223,30 @@ async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDa
             source: Box::new(source),
         }
     };
-    let blob_path = blob_addr
+    let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
+    let directories =
+        directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
+    // The same spellings the address parser takes for the local file store.
+    let local_root = blob_addr
         .strip_prefix("objectstore+file://")
-        .ok_or_else(|| unsupported("blob", blob_addr))?;
-    let local = LocalBlobService::open(std::path::Path::new(blob_path))
-        .map_err(castore_err("blob", blob_addr))?;
-    let dir_path = dir_addr
-        .strip_prefix("redb://")
-        .ok_or_else(|| unsupported("directory", dir_addr))?;
-    let dirs = RedbDirectoryService::open(std::path::Path::new(dir_path))
-        .map_err(castore_err("directory", dir_addr))?;
-    let paths = local.clone();
-    Ok((
-        Arc::new(local),
-        Arc::new(dirs),
-        Some(Box::new(move |d: &castore::B3Digest| paths.blob_path(d))),
-    ))
+        .or_else(|| blob_addr.starts_with('/').then_some(blob_addr));
+    let local = match local_root {
+        Some(root) => {
+            let store = LocalBlobService::open(std::path::Path::new(root)).map_err(|e| {
+                FsDaemonError::Castore {
+                    what: "blob",
+                    addr: blob_addr.to_owned(),
+                    source: Box::new(crate::castore::addr::AddrError::Open {
+                        addr: blob_addr.to_owned(),
+                        source: e,
+                    }),
+                }
+            })?;
+            let paths: crate::fs::source::LocalBlobPath =
+                Box::new(move |d: &castore::B3Digest| store.blob_path(d));
+            Some(paths)
+        }
+        None => None,
+    };
+    Ok((blobs, directories, local))
 }
