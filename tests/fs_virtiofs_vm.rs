@@ -437,11 +437,53 @@ poweroff -f
 
 #[test]
 fn guest_mounts_the_share_and_reads_it_read_only() {
+    check_guest_view(false);
+}
+
+/// As the runner does it: directories from the castore's gRPC server (which holds the redb
+/// open), blobs straight from the local store's files.
+#[test]
+fn guest_view_with_directories_over_grpc() {
+    check_guest_view(true);
+}
+
+/// Starts `tvix-build-vm serve` on a unix socket over the fixture's stores.
+fn start_castore_server(fx: &Fixture, socket: &Path) -> Reaper {
+    let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
+        .args(["serve", "--blob-service-addr", &fx.blob_addr])
+        .args(["--directory-service-addr", &fx.dir_addr])
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("cannot start the castore server");
+    let mut server = Reaper(Some(child), "castore server");
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = server.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!("castore server exited before listening: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "castore server socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server
+}
+
+fn check_guest_view(directories_over_grpc: bool) {
     require_tool("/bin/busybox");
     require_tool("qemu-system-x86_64");
     let kernel = kernel();
     let dir = tempfile::tempdir().unwrap();
-    let fx = populate(dir.path(), 8 << 20, 300, None);
+    let mut fx = populate(dir.path(), 8 << 20, 300, None);
+    let _server = directories_over_grpc.then(|| {
+        let sock = dir.path().join("castore.sock");
+        let server = start_castore_server(&fx, &sock);
+        fx.dir_addr = format!("grpc+unix://{}", sock.display());
+        server
+    });
     let initrd = build_initrd(dir.path(), GUEST_INIT);
     let socket = dir.path().join("fs.sock");
     let mut daemon = start_daemon(&fx, &socket);
