@@ -1,0 +1,536 @@
+//! The host processes of one VM (the VMM and its helpers), kept in one process group.
+//!
+//! - The first child creates the group, later ones join it, so one `killpg` ends them all.
+//! - Each child gets `PR_SET_PDEATHSIG(SIGKILL)`: if the service dies, so do its VMs.
+//! - Each child's stdout and stderr go through a bounded pump into `<runtime dir>/<name>.log`
+//!   (see [`super::logsink`]), never into the service's own stderr.
+//! - `<runtime dir>/pids` records pid, group and start time of every child, so that a later
+//!   start-up can kill orphans by recorded identity ([`kill_recorded`]), never by name.
+//! - Dropping a [`ProcessGroup`] kills the group.
+//!
+//! Pid reuse: `killpg` is only sent while at least one member has not been reaped, because a
+//! process group id cannot be reused while any member, even a zombie, still exists.
+
+use super::logsink;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Name of the file recording a group's processes inside its runtime directory.
+pub const PIDS_FILE: &str = "pids";
+
+/// How long reaping a killed group may take before giving up on it.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the log pumps may take to drain once their writers are gone.
+const PUMP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Errors spawning or recording processes.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// A process name must be usable as a file name: `[a-z0-9-]`, 1 to 32 bytes, unique.
+    #[error("process name {name:?}: must be 1-32 of [a-z0-9-] and unique in its group")]
+    BadName {
+        /// The rejected name.
+        name: String,
+    },
+    /// A log file could not be created.
+    #[error("creating log file {path}")]
+    Log {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program could not be started.
+    #[error("starting {name} ({program})")]
+    Spawn {
+        /// The member name.
+        name: String,
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pids file could not be written.
+    #[error("recording pids in {path}")]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Identifies a member of a [`ProcessGroup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberId(usize);
+
+/// Where a member's stdout goes.
+#[derive(Debug, Clone)]
+pub enum Stdout {
+    /// Into `<runtime dir>/<name>.log` along with stderr.
+    Log,
+    /// Into its own bounded file (the serial console when the VMM writes it to stdout).
+    File {
+        /// The file, created or truncated.
+        path: PathBuf,
+        /// Its cap.
+        cap: u64,
+    },
+}
+
+struct Member {
+    name: String,
+    pid: u32,
+    start_time: Option<u64>,
+    child: tokio::process::Child,
+    status: Option<ExitStatus>,
+    pumps: Vec<JoinHandle<std::io::Result<u64>>>,
+}
+
+/// The processes of one VM. See the module docs.
+pub struct ProcessGroup {
+    runtime_dir: PathBuf,
+    pgid: Option<i32>,
+    members: Vec<Member>,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessGroup")
+            .field("runtime_dir", &self.runtime_dir)
+            .field("pgid", &self.pgid)
+            .field("pids", &self.pids())
+            .finish()
+    }
+}
+
+impl ProcessGroup {
+    /// An empty group whose logs and pids file live in `runtime_dir` (which must exist).
+    pub fn new(runtime_dir: &Path) -> Self {
+        ProcessGroup {
+            runtime_dir: runtime_dir.to_owned(),
+            pgid: None,
+            members: Vec::new(),
+        }
+    }
+
+    /// The group id, once a member exists.
+    pub fn pgid(&self) -> Option<i32> {
+        self.pgid
+    }
+
+    /// Starts `command` as a member called `name`. Its stdin is `/dev/null`.
+    ///
+    /// Must be called from a thread that lives as long as the process should (a tokio worker
+    /// thread, not `spawn_blocking`): the parent-death signal fires when the spawning
+    /// *thread* exits.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        mut command: tokio::process::Command,
+        stdout: Stdout,
+    ) -> Result<MemberId, ProcessError> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && self.members.iter().all(|m| m.name != name);
+        if !name_ok {
+            return Err(ProcessError::BadName {
+                name: name.to_owned(),
+            });
+        }
+        let log_path = self.log_path_for(name);
+        let create = |path: &Path| {
+            std::fs::File::create(path).map_err(|source| ProcessError::Log {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let log = create(&log_path)?;
+        let stderr_log = log.try_clone().map_err(|source| ProcessError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
+        let (stdout_file, stdout_cap) = match &stdout {
+            Stdout::Log => (log, logsink::DEFAULT_CAP_BYTES),
+            Stdout::File { path, cap } => (create(path)?, *cap),
+        };
+
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .process_group(self.pgid.unwrap_or(0));
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: it calls prctl and getppid (plain syscalls) and
+        // builds an io::Error from a raw errno (no allocation). It touches no locks or heap.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl; then no signal would come.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let program = command
+            .as_std()
+            .get_program()
+            .to_string_lossy()
+            .into_owned();
+        let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+            name: name.to_owned(),
+            program,
+            source,
+        })?;
+        // A child that was spawned has a pid until it is reaped, and nothing reaped it yet.
+        let pid = child.id().unwrap_or(0);
+        if self.pgid.is_none() {
+            self.pgid = i32::try_from(pid).ok();
+        }
+        let mut pumps = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            pumps.push(tokio::spawn(logsink::pump(out, stdout_file, stdout_cap)));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(tokio::spawn(logsink::pump(
+                err,
+                stderr_log,
+                logsink::DEFAULT_CAP_BYTES,
+            )));
+        }
+        self.members.push(Member {
+            name: name.to_owned(),
+            pid,
+            start_time: start_time(pid),
+            child,
+            status: None,
+            pumps,
+        });
+        self.record()?;
+        Ok(MemberId(self.members.len() - 1))
+    }
+
+    /// The log file of the member called `name`.
+    pub fn log_path_for(&self, name: &str) -> PathBuf {
+        self.runtime_dir.join(format!("{name}.log"))
+    }
+
+    /// The log file of a member.
+    pub fn log_path(&self, id: MemberId) -> PathBuf {
+        self.log_path_for(&self.members[id.0].name)
+    }
+
+    /// The pid of a member.
+    pub fn pid(&self, id: MemberId) -> u32 {
+        self.members[id.0].pid
+    }
+
+    /// The pids of all members, in spawn order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.pid).collect()
+    }
+
+    /// The member's exit status if it has exited (reaps it).
+    pub fn try_wait(&mut self, id: MemberId) -> std::io::Result<Option<ExitStatus>> {
+        let member = &mut self.members[id.0];
+        if member.status.is_none() {
+            member.status = member.child.try_wait()?;
+        }
+        Ok(member.status)
+    }
+
+    /// Waits for a member to exit (reaps it). Cancel-safe.
+    pub async fn wait(&mut self, id: MemberId) -> std::io::Result<ExitStatus> {
+        let member = &mut self.members[id.0];
+        if let Some(status) = member.status {
+            return Ok(status);
+        }
+        let status = member.child.wait().await?;
+        member.status = Some(status);
+        Ok(status)
+    }
+
+    /// Sends SIGKILL to the whole group, unless every member has been reaped already (then
+    /// the group id may belong to someone else).
+    pub fn kill(&mut self) {
+        let Some(pgid) = self.pgid else { return };
+        if self.members.iter().all(|m| m.status.is_some()) {
+            return;
+        }
+        // ESRCH (all gone, zombies aside) is fine; nothing else can happen for our own group.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// Kills the group, reaps every member and lets the log pumps finish (each bounded in
+    /// time), so that afterwards no process of the group remains and the logs are complete.
+    pub async fn kill_and_reap(&mut self) {
+        self.kill();
+        for member in &mut self.members {
+            if member.status.is_some() {
+                continue;
+            }
+            match tokio::time::timeout(REAP_TIMEOUT, member.child.wait()).await {
+                Ok(Ok(status)) => member.status = Some(status),
+                Ok(Err(e)) => {
+                    tracing::warn!(name = %member.name, pid = member.pid, error = %e, "reaping")
+                }
+                Err(_) => {
+                    tracing::warn!(name = %member.name, pid = member.pid, "not reaped after SIGKILL")
+                }
+            }
+        }
+        self.drain_logs().await;
+    }
+
+    /// Waits (bounded) for the log pumps of exited members to write everything.
+    pub async fn drain_logs(&mut self) {
+        for member in &mut self.members {
+            if member.status.is_none() {
+                continue;
+            }
+            for pump in std::mem::take(&mut member.pumps) {
+                match tokio::time::timeout(PUMP_TIMEOUT, pump).await {
+                    Ok(Ok(Ok(_dropped))) => {}
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(name = %member.name, error = %e, "writing log")
+                    }
+                    Ok(Err(e)) => tracing::warn!(name = %member.name, error = %e, "log pump"),
+                    Err(_) => tracing::warn!(name = %member.name, "log pump did not finish"),
+                }
+            }
+        }
+    }
+
+    fn record(&self) -> Result<(), ProcessError> {
+        let path = self.runtime_dir.join(PIDS_FILE);
+        let mut text = String::new();
+        for m in &self.members {
+            let start = m
+                .start_time
+                .map_or_else(|| "-".to_owned(), |t| t.to_string());
+            let pgid = self.pgid.unwrap_or(0);
+            text.push_str(&format!("{} {pgid} {start} {}\n", m.pid, m.name));
+        }
+        let err = |source| ProcessError::Record {
+            path: path.clone(),
+            source,
+        };
+        let tmp = self.runtime_dir.join(format!(".{PIDS_FILE}.tmp"));
+        std::fs::write(&tmp, text).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // The owner forgot (or panicked): no process may outlive its VM's handle. tokio reaps
+        // the dropped children in the background.
+        self.kill();
+    }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22): together
+/// with the pid it identifies one process even after pid reuse.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything, so count from
+    // the last ')': field 3 is the first after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Kills every process recorded in the pids file at `path` that still is the same process
+/// (same pid and start time): the orphans of a service that died without cleaning up.
+/// Returns how many were killed.
+pub fn kill_recorded(path: &Path) -> std::io::Result<usize> {
+    let text = std::fs::read_to_string(path)?;
+    let mut killed = 0;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(pid), Some(_pgid), Some(start)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+            continue;
+        };
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if raw <= 1 || start_time(pid) != Some(start) {
+            continue;
+        }
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            killed += 1;
+        }
+    }
+    Ok(killed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    fn alive(pid: u32) -> bool {
+        // A zombie still has /proc/<pid>; "gone" means reaped or never ours.
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[tokio::test]
+    async fn members_share_one_group_and_die_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = ProcessGroup::new(dir.path());
+        let a = group
+            .spawn(
+                "a",
+                sh("echo out-a; echo err-a >&2; exec sleep 60"),
+                Stdout::Log,
+            )
+            .expect("a");
+        let b = group
+            .spawn("b", sh("exec sleep 60"), Stdout::Log)
+            .expect("b");
+        let pgid = group.pgid().expect("pgid");
+        assert_eq!(pgid as u32, group.pid(a));
+        let b_pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(group.pid(b) as i32)))
+            .expect("getpgid");
+        assert_eq!(b_pgid.as_raw(), pgid);
+        let recorded = std::fs::read_to_string(dir.path().join(PIDS_FILE)).expect("pids");
+        assert_eq!(recorded.lines().count(), 2);
+        assert!(
+            recorded.starts_with(&format!("{} {pgid} ", group.pid(a))),
+            "{recorded}"
+        );
+        // Give the shell a moment to write before it becomes sleep.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pids = group.pids();
+        group.kill_and_reap().await;
+        for pid in pids {
+            assert!(!alive(pid), "{pid} survived");
+        }
+        let log = std::fs::read_to_string(group.log_path(a)).expect("log");
+        assert!(log.contains("out-a") && log.contains("err-a"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn drop_kills_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = ProcessGroup::new(dir.path());
+        group
+            .spawn("x", sh("exec sleep 60"), Stdout::Log)
+            .expect("x");
+        let pid = group.pids()[0];
+        drop(group);
+        // Killed at once; reaped by tokio in the background, so poll briefly.
+        for _ in 0..100 {
+            if !alive(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{pid} still exists after the group was dropped");
+    }
+
+    #[tokio::test]
+    async fn wait_reports_exit_and_stdout_can_go_elsewhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serial = dir.path().join("serial.log");
+        let mut group = ProcessGroup::new(dir.path());
+        let id = group
+            .spawn(
+                "vmm",
+                sh("echo console; echo diag >&2; exit 3"),
+                Stdout::File {
+                    path: serial.clone(),
+                    cap: 1 << 20,
+                },
+            )
+            .expect("spawn");
+        let status = group.wait(id).await.expect("wait");
+        assert_eq!(status.code(), Some(3));
+        group.drain_logs().await;
+        assert_eq!(
+            std::fs::read_to_string(&serial).expect("serial"),
+            "console\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(group.log_path(id)).expect("log"),
+            "diag\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn names_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = ProcessGroup::new(dir.path());
+        for bad in ["", "../x", "A", "a b", &"x".repeat(33)] {
+            assert!(matches!(
+                group.spawn(bad, sh("true"), Stdout::Log),
+                Err(ProcessError::BadName { .. })
+            ));
+        }
+        group.spawn("ok", sh("true"), Stdout::Log).expect("ok");
+        assert!(matches!(
+            group.spawn("ok", sh("true"), Stdout::Log),
+            Err(ProcessError::BadName { .. })
+        ));
+        group.kill_and_reap().await;
+    }
+
+    #[tokio::test]
+    async fn recorded_orphans_are_killed_only_if_still_the_same_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id().expect("pid");
+        let start = start_time(pid).expect("start time");
+        let pids = dir.path().join(PIDS_FILE);
+        // A record with a wrong start time is another process that reused the pid: spared.
+        std::fs::write(&pids, format!("{pid} {pid} {} x\n", start + 1)).expect("write");
+        assert_eq!(kill_recorded(&pids).expect("sweep"), 0);
+        assert!(child.try_wait().expect("try_wait").is_none());
+        std::fs::write(&pids, format!("garbage\n{pid} {pid} {start} x\n")).expect("write");
+        assert_eq!(kill_recorded(&pids).expect("sweep"), 1);
+        let status = child.wait().await.expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
+}
