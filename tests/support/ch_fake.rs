@@ -1037,7 +1037,7 @@ pub enum Scenario {
     DialVsock,
     /// Error bodies in the old plain-text form.
     LegacyErrors,
-    /// Exits with 3 before serving the API.
+    /// Exits with 1 and a message before serving the API.
     ExitEarly,
     /// Never serves the API.
     NeverReady,
