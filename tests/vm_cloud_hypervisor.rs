@@ -516,7 +516,7 @@ async fn a_guest_reboot_ends_the_vm() {
         "ended through vmm.shutdown\n{serial}"
     );
     let reboots = serial.matches("fake guest: rebooting").count();
-    // The fake reboots every 100 ms; the watch polls every 20 ms.
+    // The fake reboots every 300 ms; the watch polls every 20 ms.
     assert!((1..=2).contains(&reboots), "{reboots} reboots:\n{serial}");
     let events = setup.events();
     let first_reboot = events

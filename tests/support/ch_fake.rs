@@ -1025,7 +1025,7 @@ pub const ENTRY_TEST: &str = "fake_cloud_hypervisor_process";
 pub enum Scenario {
     /// The guest powers off 100 ms after boot.
     PowerOff,
-    /// The guest reboots every 100 ms.
+    /// The guest reboots every 300 ms.
     Reboot,
     /// The guest runs forever.
     Run,
@@ -1166,7 +1166,7 @@ fn process_main(args: &[String], scenario: &str) -> i32 {
     }
     let guest = match scenario {
         Scenario::PowerOff | Scenario::LegacyErrors => Guest::PowerOff(Duration::from_millis(100)),
-        Scenario::Reboot => Guest::Reboot(Duration::from_millis(100)),
+        Scenario::Reboot => Guest::Reboot(Duration::from_millis(300)),
         Scenario::DialVsock => Guest::DialVsock(1024),
         _ => Guest::Run,
     };
