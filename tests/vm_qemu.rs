@@ -250,3 +250,31 @@ async fn twenty_boots_in_a_row_never_hang() {
         times[0], times[10], times[19]
     );
 }
+
+#[tokio::test]
+async fn dropping_a_running_vm_kills_it() {
+    let _slot = vm_slot();
+    let mut vm = TestVm::new(support::busybox_initrd(
+        "while :; do /bin/busybox sleep 1000; done",
+    ));
+    vm.config.vsock = Some(HybridVsock {
+        guest_cid: 3,
+        uds_path: vm.path().join("vsock.sock"),
+    });
+    let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
+    let running = support::qemu()
+        .launch(&spec)
+        .await
+        .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
+    let pids = running.pids();
+    drop(running);
+    // SIGKILL is sent at once; tokio reaps the children in the background.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&pid| process_exists(pid)) {
+        assert!(
+            Instant::now() < gone_by,
+            "{pids:?} outlived their RunningVm"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

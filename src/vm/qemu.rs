@@ -157,7 +157,7 @@ async fn wait_for_socket(
     let deadline = Instant::now() + HELPER_READY_TIMEOUT;
     let mut pause = Duration::from_millis(1);
     loop {
-        if socket.exists() {
+        if is_listening(socket) {
             return Ok(());
         }
         let exited = group.try_wait(id).ok().flatten();
@@ -180,6 +180,28 @@ async fn wait_for_socket(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// Whether a unix socket is bound at `path` AND listening. The file appears at bind(), a
+/// moment before listen(); QEMU connecting in between would be refused and fail at once,
+/// and probing with a connection would use up the helper's only vhost-user accept. So this
+/// reads the kernel's socket table: a listening socket has `__SO_ACCEPTCON` (0x10000) in
+/// its flags column.
+fn is_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        // No procfs: fall back to the file's existence.
+        return path.exists();
+    };
+    let Some(path) = path.to_str() else {
+        return false;
+    };
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path
+        fields.len() == 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
 }
 
 /// QEMU's option syntax doubles a comma inside a value.
@@ -358,6 +380,22 @@ mod tests {
             !devices.iter().any(|d| d.contains("net")),
             "no network unless asked"
         );
+    }
+
+    #[test]
+    fn listening_is_told_apart_from_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        assert!(!is_listening(&path));
+        let bound = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        assert!(
+            path.exists() && !is_listening(&path),
+            "a bound datagram socket is not listening"
+        );
+        drop(bound);
+        std::fs::remove_file(&path).expect("rm");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).expect("listen");
+        assert!(is_listening(&path));
     }
 
     #[test]
