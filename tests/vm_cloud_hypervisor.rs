@@ -9,9 +9,12 @@
 
 #[path = "support/ch_fake.rs"]
 mod ch_fake;
+#[path = "support/ch_fake_exe.rs"]
+mod ch_fake_exe;
 mod support;
 
-use ch_fake::{FakeVmm, Guest, Options, Scenario, VmmShutdown, FAKE_VERSION};
+use ch_fake::{FakeVmm, Guest, Options, VmmShutdown, FAKE_VERSION};
+use ch_fake_exe::Scenario;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::error_chain;
@@ -34,11 +37,11 @@ use tvix_build_vm::vm::{
 };
 
 /// The fake cloud-hypervisor's `main`. Not a test: the other tests run this binary with it as
-/// the only test, through the wrapper script `ch_fake::install_executable` writes.
+/// the only test, through the wrapper script `ch_fake_exe::install_executable` writes.
 #[test]
 #[ignore = "entry point of the fake cloud-hypervisor process that the other tests launch"]
 fn fake_cloud_hypervisor_process() {
-    ch_fake::process_main_from_env();
+    ch_fake_exe::process_main_from_env();
 }
 
 // ---- the API client against the in-process fake ----
@@ -370,7 +373,7 @@ impl FakeSetup {
         let dir = short_tempdir();
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).expect("bin dir");
-        let program = ch_fake::install_executable(&bin, scenario);
+        let program = ch_fake_exe::install_executable(&bin, scenario);
         let backend = CloudHypervisorBackend::new(&CloudHypervisorConfig {
             binary: Some(program),
         })
