@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod artifacts;
+pub mod cloud_hypervisor;
 pub mod cmdline;
 pub mod cpuinfo;
 pub mod initrd;
