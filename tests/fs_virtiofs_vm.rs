@@ -186,7 +186,12 @@ struct Fixture {
 /// Stores the inputs:
 /// `data/{big, small, link -> small, bin/hello (executable), many/f0000..}`, `top.txt`,
 /// `toplink -> data/small`.
-fn populate(dir: &Path, big_len: usize, many: usize) -> Fixture {
+/// With `mirror`, the same tree is also written there as plain files (for comparing with
+/// virtiofsd's passthrough).
+fn populate(dir: &Path, big_len: usize, many: usize, mirror: Option<&Path>) -> Fixture {
+    if let Some(m) = mirror {
+        write_mirror(m, big_len, many);
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let blob_dir = dir.join("blobs");
     let redb = dir.join("directories.redb");
@@ -270,6 +275,31 @@ fn populate(dir: &Path, big_len: usize, many: usize) -> Fixture {
         big_sha256,
         many,
     }
+}
+
+fn write_mirror(m: &Path, big_len: usize, many: usize) {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    std::fs::create_dir_all(m.join("data/bin")).unwrap();
+    std::fs::create_dir_all(m.join("data/many")).unwrap();
+    for i in 0..many {
+        std::fs::write(
+            m.join(format!("data/many/f{i:04}")),
+            format!("file number {i}\n"),
+        )
+        .unwrap();
+    }
+    let hello = m.join("data/bin/hello");
+    std::fs::write(&hello, "#!/bin/sh\necho hi-from-virtiofs\n").unwrap();
+    std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::write(
+        m.join("data/big"),
+        pseudo_random(big_len, 0x9e3779b97f4a7c15),
+    )
+    .unwrap();
+    std::fs::write(m.join("data/small"), "hello virtiofs\n").unwrap();
+    symlink("small", m.join("data/link")).unwrap();
+    std::fs::write(m.join("top.txt"), "top level\n").unwrap();
+    symlink("data/small", m.join("toplink")).unwrap();
 }
 
 fn start_daemon(fx: &Fixture, socket: &Path) -> Reaper {
@@ -407,11 +437,53 @@ poweroff -f
 
 #[test]
 fn guest_mounts_the_share_and_reads_it_read_only() {
+    check_guest_view(false);
+}
+
+/// As the runner does it: directories from the castore's gRPC server (which holds the redb
+/// open), blobs straight from the local store's files.
+#[test]
+fn guest_view_with_directories_over_grpc() {
+    check_guest_view(true);
+}
+
+/// Starts `tvix-build-vm serve` on a unix socket over the fixture's stores.
+fn start_castore_server(fx: &Fixture, socket: &Path) -> Reaper {
+    let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
+        .args(["serve", "--blob-service-addr", &fx.blob_addr])
+        .args(["--directory-service-addr", &fx.dir_addr])
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("cannot start the castore server");
+    let mut server = Reaper(Some(child), "castore server");
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = server.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!("castore server exited before listening: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "castore server socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server
+}
+
+fn check_guest_view(directories_over_grpc: bool) {
     require_tool("/bin/busybox");
     require_tool("qemu-system-x86_64");
     let kernel = kernel();
     let dir = tempfile::tempdir().unwrap();
-    let fx = populate(dir.path(), 8 << 20, 300);
+    let mut fx = populate(dir.path(), 8 << 20, 300, None);
+    let _server = directories_over_grpc.then(|| {
+        let sock = dir.path().join("castore.sock");
+        let server = start_castore_server(&fx, &sock);
+        fx.dir_addr = format!("grpc+unix://{}", sock.display());
+        server
+    });
     let initrd = build_initrd(dir.path(), GUEST_INIT);
     let socket = dir.path().join("fs.sock");
     let mut daemon = start_daemon(&fx, &socket);
@@ -460,4 +532,96 @@ fn guest_mounts_the_share_and_reads_it_read_only() {
         .wait_timeout(Duration::from_secs(20))
         .expect("fs-daemon did not exit after the VM disconnected");
     assert!(status.success(), "fs-daemon exited with {status}");
+}
+
+/// Guest side of the benchmark: timings from /proc/uptime (10 ms resolution).
+const BENCH_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+mount -t virtiofs inputs /mnt || echo "@@mount failed"
+now() { cut -d' ' -f1 /proc/uptime; }
+t0=$(now); cat /mnt/data/big > /dev/null; t1=$(now)
+echo "@@read-cold $t0 $t1"
+t0=$(now); cat /mnt/data/big > /dev/null; t1=$(now)
+echo "@@read-warm $t0 $t1"
+cd /mnt/data/many
+t0=$(now); stat -c %s * > /dev/null; t1=$(now)
+echo "@@stat-cold $t0 $t1"
+t0=$(now); stat -c %s * > /dev/null; t1=$(now)
+echo "@@stat-warm $t0 $t1"
+echo "@@count $(ls | wc -l)"
+cd /
+echo "@@sha-big $(sha256sum /mnt/data/big | cut -d' ' -f1)"
+poweroff -f
+"#;
+
+fn seconds(r: &HashMap<String, String>, key: &str, console: &str) -> f64 {
+    let v = r
+        .get(key)
+        .unwrap_or_else(|| panic!("no @@{key} on the console:\n{console}"));
+    let t: Vec<f64> = v.split(' ').map(|x| x.parse().unwrap()).collect();
+    t[1] - t[0]
+}
+
+/// Sequential read of a 256 MiB input and stat of 10,000 inputs in the guest, through our
+/// daemon and, if `$VIRTIOFSD` names a virtiofsd binary, through its passthrough of the
+/// same tree. Prints the figures; asserts the content read is right.
+#[test]
+#[ignore = "benchmark: 256 MiB and 10,000 files under TCG take minutes; run with --ignored"]
+fn bench_sequential_read_and_stat() {
+    const BIG: usize = 256 << 20;
+    const MANY: usize = 10_000;
+    require_tool("/bin/busybox");
+    require_tool("qemu-system-x86_64");
+    let kernel = kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    let fx = populate(dir.path(), BIG, MANY, Some(&mirror));
+    let initrd = build_initrd(dir.path(), BENCH_INIT);
+
+    let mut runs = vec![("castore", None)];
+    if let Some(v) = std::env::var_os("VIRTIOFSD") {
+        runs.push(("passthrough", Some(PathBuf::from(v))));
+    } else {
+        eprintln!("VIRTIOFSD not set: measuring only the castore daemon");
+    }
+    for (label, virtiofsd) in runs {
+        let socket = dir.path().join(format!("{label}.sock"));
+        let _daemon = match &virtiofsd {
+            None => start_daemon(&fx, &socket),
+            Some(bin) => {
+                let child = Command::new(bin)
+                    .arg("--shared-dir")
+                    .arg(&mirror)
+                    .arg("--socket-path")
+                    .arg(&socket)
+                    .args(["--tag", TAG, "--sandbox", "none"])
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .expect("cannot start virtiofsd");
+                let start = Instant::now();
+                while !socket.exists() {
+                    assert!(start.elapsed() < Duration::from_secs(10), "virtiofsd");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Reaper(Some(child), "virtiofsd")
+            }
+        };
+        let console = boot(&kernel, &initrd, &socket, 1024);
+        let r = results(&console);
+        assert_eq!(r.get("sha-big"), Some(&fx.big_sha256), "{console}");
+        assert_eq!(r.get("count"), Some(&MANY.to_string()), "{console}");
+        let mib = (BIG >> 20) as f64;
+        let cold = seconds(&r, "read-cold", &console);
+        let warm = seconds(&r, "read-warm", &console);
+        let stat_cold = seconds(&r, "stat-cold", &console);
+        let stat_warm = seconds(&r, "stat-warm", &console);
+        eprintln!(
+            "BENCH {label}: read 256 MiB cold {cold:.2}s ({:.0} MiB/s), warm {warm:.2}s ({:.0} MiB/s); stat 10000 cold {stat_cold:.2}s, warm {stat_warm:.2}s",
+            mib / cold.max(0.01),
+            mib / warm.max(0.01)
+        );
+    }
 }

@@ -83,19 +83,12 @@ enum FsDaemonError {
     Sandbox(#[source] SandboxError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("bad {what} service address {addr:?}")]
-    Addr {
-        what: &'static str,
-        addr: String,
-        #[source]
-        source: Box<crate::castore::addr::AddrError>,
-    },
     #[error("cannot open the {what} service at {addr:?}")]
     Castore {
         what: &'static str,
         addr: String,
         #[source]
-        source: Box<castore::Error>,
+        source: Box<castore::addr::AddrError>,
     },
     #[error(transparent)]
     Daemon(DaemonError),
@@ -158,10 +151,10 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
         .enable_all()
         .build()
         .map_err(FsDaemonError::Runtime)?;
-    let (blobs, directories, local) = rt.block_on(open_services(
-        &args.blob_service_addr,
-        &args.directory_service_addr,
-    ))?;
+    let (blobs, directories, local) = {
+        let _in_runtime = rt.enter();
+        open_services(&args.blob_service_addr, &args.directory_service_addr)?
+    };
     let mut source = CastoreSource::new(blobs, directories, rt.handle().clone());
     if let Some(local) = local {
         source = source.with_local_files(local);
@@ -216,38 +209,44 @@ type Services = (
     Option<crate::fs::source::LocalBlobPath>,
 );
 
-async fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
+/// The services at the two addresses; for a local blob store also where its files are, so
+/// reads go straight from them into guest memory. Must run inside the runtime (gRPC clients
+/// are created there).
+fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonError> {
     use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr};
     use crate::castore::blob::LocalBlobService;
     let addr_err = |what: &'static str, addr: &str| {
         let addr = addr.to_owned();
-        move |source| FsDaemonError::Addr {
+        move |source| FsDaemonError::Castore {
             what,
             addr,
             source: Box::new(source),
         }
     };
-    let dirs = directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
-    // Local blobs are read straight from their files (the fast path); any other store
-    // through its service.
-    let local_dir = blob_addr
+    let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
+    let directories =
+        directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
+    // The same spellings the address parser takes for the local file store.
+    let local_root = blob_addr
         .strip_prefix("objectstore+file://")
         .or_else(|| blob_addr.starts_with('/').then_some(blob_addr));
-    let Some(local_dir) = local_dir else {
-        let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
-        return Ok((blobs, dirs, None));
-    };
-    let local = LocalBlobService::open(std::path::Path::new(local_dir)).map_err(|source| {
-        FsDaemonError::Castore {
-            what: "blob",
-            addr: blob_addr.to_owned(),
-            source: Box::new(source),
+    let local = match local_root {
+        Some(root) => {
+            let store = LocalBlobService::open(std::path::Path::new(root)).map_err(|e| {
+                FsDaemonError::Castore {
+                    what: "blob",
+                    addr: blob_addr.to_owned(),
+                    source: Box::new(crate::castore::addr::AddrError::Open {
+                        addr: blob_addr.to_owned(),
+                        source: e,
+                    }),
+                }
+            })?;
+            let paths: crate::fs::source::LocalBlobPath =
+                Box::new(move |d: &castore::B3Digest| store.blob_path(d));
+            Some(paths)
         }
-    })?;
-    let paths = local.clone();
-    Ok((
-        Arc::new(local),
-        dirs,
-        Some(Box::new(move |d: &castore::B3Digest| paths.blob_path(d))),
-    ))
+        None => None,
+    };
+    Ok((blobs, directories, local))
 }

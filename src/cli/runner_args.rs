@@ -9,8 +9,9 @@ use crate::runner::constraints::HostOffer;
 use crate::runner::runtime_dir::{self, RuntimeDir};
 use crate::runner::{Deadlines, FsDaemonConfig, Runner, RunnerConfig};
 use crate::server;
+use crate::vm::cloud_hypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
 use crate::vm::qemu::{QemuBackend, QemuConfig};
-use crate::vm::{accel, initrd, AccelChoice};
+use crate::vm::{accel, initrd, AccelChoice, VmmBackend};
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -20,8 +21,23 @@ use tracing::info;
 
 const MIB: u64 = 1 << 20;
 
+/// Which VMM runs the build VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Vmm {
+    /// QEMU's microvm machine (TCG or KVM).
+    Qemu,
+    /// cloud-hypervisor through its REST API (hosts with hardware KVM).
+    CloudHypervisor,
+}
+
 #[derive(Debug, Args)]
 pub struct RunnerArgs {
+    /// The VMM that runs the build VMs.
+    #[arg(long, value_enum, default_value_t = Vmm::Qemu)]
+    pub vmm: Vmm,
+    /// The cloud-hypervisor binary (default: from PATH).
+    #[arg(long, value_name = "PATH")]
+    pub cloud_hypervisor_bin: Option<PathBuf>,
     /// The guest kernel, a PVH vmlinux (kernel-config/build.sh prints where it built one).
     /// Required to build (`serve` without it serves the castore only).
     #[arg(long, env = "TVIX_BUILD_VM_KERNEL", value_name = "PATH")]
@@ -157,11 +173,29 @@ impl RunnerArgs {
             .with_context(|| format!("sweeping {}", runtime_root.display()))?;
 
         let accel = accel::resolve(self.accel).context("choosing the accelerator")?;
-        let vmm = QemuBackend::new(&QemuConfig {
-            qemu: self.qemu.clone(),
-            vhost_device_vsock: self.vhost_device_vsock.clone(),
-        })
-        .context("setting up the QEMU backend")?;
+        let vmm: Arc<dyn VmmBackend> = match self.vmm {
+            Vmm::Qemu => Arc::new(
+                QemuBackend::new(&QemuConfig {
+                    qemu: self.qemu.clone(),
+                    vhost_device_vsock: self.vhost_device_vsock.clone(),
+                })
+                .context("setting up the QEMU backend")?,
+            ),
+            Vmm::CloudHypervisor => {
+                let ch = CloudHypervisorBackend::new(&CloudHypervisorConfig {
+                    binary: self.cloud_hypervisor_bin.clone(),
+                })
+                .context("setting up the cloud-hypervisor backend")?;
+                let probe =
+                    RuntimeDir::create(&runtime_root, &format!("probe-{}", std::process::id()))?;
+                let ping = ch
+                    .version(probe.path())
+                    .await
+                    .context("asking cloud-hypervisor for its version")?;
+                info!(version = %ping.version, "using cloud-hypervisor");
+                Arc::new(ch)
+            }
+        };
         let cache = crate::vm::artifacts::cache_dir().context("finding the cache directory")?;
         let initrd = initrd::initrd_for(agent, &cache)
             .with_context(|| format!("building the initrd from {}", agent.display()))?;
@@ -227,9 +261,9 @@ impl RunnerArgs {
                 max_handles: 1024,
             },
         };
-        info!(accel = ?config.accel, kernel = %config.kernel.display(), "runner ready");
+        info!(vmm = vmm.name(), accel = ?config.accel, kernel = %config.kernel.display(), "runner ready");
         Ok(RunnerHandle {
-            runner: Arc::new(Runner::new(config, Arc::new(vmm), blobs, dirs)),
+            runner: Arc::new(Runner::new(config, vmm, blobs, dirs)),
             _service_dir: service_dir,
         })
     }

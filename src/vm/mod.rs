@@ -7,11 +7,13 @@
 
 pub mod accel;
 pub mod artifacts;
+pub mod cloud_hypervisor;
 pub mod cmdline;
 pub mod cpuinfo;
 pub mod initrd;
 pub mod logsink;
 pub mod process;
+pub mod program;
 pub mod qemu;
 pub mod vsock;
 
