@@ -555,6 +555,78 @@ async fn the_2024_layout_is_served_end_to_end() {
     env.assert_clean();
 }
 
+/// Exactly what a real tvix client of 2024 sends for
+/// `derivation { builder = "/bin/sh"; args = ["-c" "echo hi > $out"]; ... }`: no inputs at
+/// all, `/bin/sh` asked for with provide_bin_sh, and the 12 Nix defaults plus the
+/// derivation's variables.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_tvix_2024_request_gets_bin_sh_from_the_operator() {
+    let env = Env::new();
+    let server = Serve::start(
+        &env,
+        &["--protocol", "tvix-2024", "--bin-sh", "/bin/busybox"],
+    );
+    let channel = server.channel();
+    let x = "mjs27ix6ig2bkbi3s3sm470vrv4lf7ic";
+    let out = format!("/nix/store/{x}-hello");
+    let mut vars = vec![
+        ("HOME", "/homeless-shelter"),
+        ("NIX_BUILD_CORES", "0"),
+        ("NIX_BUILD_TOP", "/"),
+        ("NIX_LOG_FD", "2"),
+        ("NIX_STORE", "/nix/store"),
+        ("PATH", "/path-not-set"),
+        ("PWD", "/build"),
+        ("TEMP", "/build"),
+        ("TEMPDIR", "/build"),
+        ("TERM", "xterm-256color"),
+        ("TMP", "/build"),
+        ("TMPDIR", "/build"),
+        ("builder", "/bin/sh"),
+        ("name", "hello"),
+        ("out", out.as_str()),
+        ("system", "x86_64-linux"),
+    ];
+    vars.sort();
+    let req = pb2024::BuildRequest {
+        inputs: vec![],
+        command_args: vec!["/bin/sh".into(), "-c".into(), "echo hi > $out".into()],
+        working_dir: "build".into(),
+        scratch_paths: vec!["build".into(), "nix/store".into()],
+        inputs_dir: "nix/store".into(),
+        outputs: vec![format!("nix/store/{x}-hello")],
+        environment_vars: vars
+            .iter()
+            .map(|(k, v)| pb2024::build_request::EnvVar {
+                key: (*k).into(),
+                value: Bytes::from(v.to_string()),
+            })
+            .collect(),
+        constraints: Some(pb2024::build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            provide_bin_sh: true,
+            ..Default::default()
+        }),
+        additional_files: vec![],
+        refscan_needles: vec![x.into()],
+    };
+    let mut client = pb2024::build_service_client::BuildServiceClient::new(channel.clone());
+    let build = client.do_build(req).await.unwrap().into_inner();
+    assert_eq!(build.outputs.len(), 1);
+    let node = file_node(&build.outputs[0]);
+    assert!(node.name.is_empty(), "anonymous: {:?}", node.name);
+    let blobs = GrpcBlobService::new(channel.clone());
+    let content = read_to_vec(&blobs, &B3Digest::try_from(&node.digest[..]).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(content, b"hi\n");
+    assert_eq!(build.outputs_needles.len(), 1);
+    assert!(build.outputs_needles[0].needles.is_empty());
+    drop(server);
+    env.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_refuses_a_client_without_a_certificate() {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};

@@ -6,12 +6,14 @@ use super::store_args::StoreArgs;
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};
 use crate::runner::constraints::HostOffer;
+use crate::runner::job::BIN_SH_INITRD_PATH;
 use crate::runner::runtime_dir::{self, RuntimeDir};
 use crate::runner::{Deadlines, FsDaemonConfig, Runner, RunnerConfig};
 use crate::server;
 use crate::vm::cloud_hypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
+use crate::vm::initrd::Initrd;
 use crate::vm::qemu::{QemuBackend, QemuConfig};
-use crate::vm::{accel, initrd, AccelChoice, VmmBackend};
+use crate::vm::{accel, AccelChoice, VmmBackend};
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -156,6 +158,7 @@ impl RunnerArgs {
         store: &StoreArgs,
         blobs: Arc<dyn BlobService>,
         dirs: Arc<dyn DirectoryService>,
+        bin_sh: Option<&std::path::Path>,
     ) -> anyhow::Result<RunnerHandle> {
         let kernel = self
             .kernel
@@ -197,8 +200,17 @@ impl RunnerArgs {
             }
         };
         let cache = crate::vm::artifacts::cache_dir().context("finding the cache directory")?;
-        let initrd = initrd::initrd_for(agent, &cache)
-            .with_context(|| format!("building the initrd from {}", agent.display()))?;
+        let mut image = Initrd::with_agent(agent)
+            .with_context(|| format!("reading the agent {}", agent.display()))?;
+        if let Some(sh) = bin_sh {
+            // The agent exposes it as /bin/sh to requests that ask for one.
+            image
+                .add_file_from(BIN_SH_INITRD_PATH, sh, 0o755)
+                .with_context(|| format!("adding --bin-sh {} to the initrd", sh.display()))?;
+        }
+        let initrd = image
+            .write_cached(&cache)
+            .with_context(|| format!("writing the initrd to {}", cache.display()))?;
 
         // The daemons are separate processes; they reach the castore through this process,
         // except local blobs, which they read straight from the files.

@@ -109,7 +109,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         true => {
             let handle = args
                 .runner
-                .runner(&args.store, blobs.clone(), directories.clone())
+                .runner(
+                    &args.store,
+                    blobs.clone(),
+                    directories.clone(),
+                    config.bin_sh.as_deref(),
+                )
                 .await?;
             let host = Arc::new(BuildHost::new(
                 Arc::clone(&handle.runner),

@@ -119,7 +119,8 @@ impl Runner {
             scratch_disk: None,
             serial_log: rt.join("serial.log"),
             nested_virt: shape.nested_virtualization,
-            network: false,
+            // Admission refused network access unless the operator allows it.
+            network: req.constraints.network_access,
             runtime_dir: rt.path().to_owned(),
             accel: config.accel,
         })?;
