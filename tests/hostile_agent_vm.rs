@@ -63,6 +63,8 @@ fn hostile_with(agent: &Path, flags: &[&str], argv: &[&str]) -> Outcome {
         .args(argv);
     let (run, cost) = measured(&env, cmd);
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
+    let name = agent.file_name().unwrap_or_default().to_string_lossy();
+    hostile_support::record(&format!("{name} {}", argv.join(" ")), &run, &cost);
     env.assert_clean();
     host.assert_untouched();
     let after = Castore::verify(env.store.path());
@@ -217,17 +219,19 @@ fn a_tree_ten_thousand_levels_deep_stops_at_the_depth_limit() {
 
 #[test]
 fn one_entry_over_the_entry_limit_is_refused() {
-    let (limit, count) = if long_runs() {
-        ("1000000", "1000000")
-    } else {
-        ("2000", "2000")
-    };
-    // The output's root directory counts too: root + `count` files is one over.
-    let o = hostile(&["--max-output-entries", limit], &["many-files", count]);
+    let limit: u64 = if long_runs() { 1_000_000 } else { 2000 };
+    // The output's root directory counts too: root + `limit` files is one over.
+    let o = hostile(
+        &["--max-output-entries", &limit.to_string()],
+        &["many-files", &limit.to_string()],
+    );
     assert_refused(
         &o,
         GUEST_MISBEHAVED,
-        &format!("number of output entries reached {}", u64_plus_one(limit)),
+        &format!(
+            "number of output entries reached {}, over the limit of {limit}",
+            limit + 1
+        ),
         // The empty files before the limit are complete, content-addressed: one blob.
         &[b""],
     );
@@ -235,22 +239,22 @@ fn one_entry_over_the_entry_limit_is_refused() {
 
 #[test]
 fn a_million_and_one_symlinks_are_refused_at_the_default_entry_limit() {
-    let (flags, count): (&[&str], _) = if long_runs() {
-        (&[], "1000000")
+    let limit: u64 = if long_runs() { 1_000_000 } else { 20_000 };
+    let flags: &[&str] = if long_runs() {
+        &[]
     } else {
-        (&["--max-output-entries", "20000"], "20000")
+        &["--max-output-entries", "20000"]
     };
-    let o = hostile(flags, &["many-symlinks", count]);
+    let o = hostile(flags, &["many-symlinks", &limit.to_string()]);
     assert_refused(
         &o,
         GUEST_MISBEHAVED,
-        &format!("number of output entries reached {}", u64_plus_one(count)),
+        &format!(
+            "number of output entries reached {}, over the limit of {limit}",
+            limit + 1
+        ),
         &[],
     );
-}
-
-fn u64_plus_one(s: &str) -> u64 {
-    s.parse::<u64>().unwrap() + 1
 }
 
 #[test]

@@ -18,8 +18,10 @@ use tvix_build_vm_agent::frame::FrameError;
 /// Everything a [`super::Session`] can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Not a `#[source]`: the message already names the failure, and an error chain would
+    /// name it twice.
     #[error("the build failed: {0}")]
-    Build(#[from] BuildFailure),
+    Build(BuildFailure),
     #[error(transparent)]
     Timeout(#[from] Timeout),
     #[error(transparent)]
@@ -30,6 +32,12 @@ pub enum Error {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Infra(#[from] InfraError),
+}
+
+impl From<BuildFailure> for Error {
+    fn from(failure: BuildFailure) -> Self {
+        Error::Build(failure)
+    }
 }
 
 /// Whose fault an [`Error`] is.
@@ -394,6 +402,16 @@ mod tests {
         assert_eq!(
             Error::from(BuildFailure::ExitCode(1)).class(),
             ErrorClass::BuildFailed
+        );
+    }
+
+    #[test]
+    fn a_build_failure_is_named_once_in_the_error_chain() {
+        let e = Error::from(BuildFailure::ExitCode(3));
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            "the build failed: the command exited with code 3"
         );
     }
 

@@ -143,6 +143,9 @@ impl Runner {
             },
             exit = vm.wait() => return Err(vm_died(&vm, exit, "booting")),
         };
+        // The agent's one connection is made: stop listening, so that nothing else in the
+        // guest (the build itself) can open another to the host.
+        drop(listener);
         let remaining = boot_deadline.saturating_duration_since(Instant::now());
         let greeted = tokio::select! {
             r = accept_hello(stream, config.session_limits.clone(), remaining) => {

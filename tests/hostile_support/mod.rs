@@ -61,16 +61,19 @@ pub struct Cost {
     pub vm_procs_peak_rss_kib: u64,
     /// `ru_maxrss` from `wait4`: the largest single process of the CLI's tree, KiB.
     pub tree_maxrss_kib: u64,
+    /// Most host processes of the VM (those naming the runtime dir) seen at once.
+    pub vm_procs_max: u64,
 }
 
 impl Cost {
     /// One line for the report.
     pub fn summary(&self) -> String {
         format!(
-            "wall {:.1}s, CLI peak RSS {} MiB, CLI max fds {}, VM processes peak RSS {} MiB, tree ru_maxrss {} MiB",
+            "wall {:.1}s, CLI peak RSS {} MiB, CLI max fds {}, VM processes {} with peak RSS {} MiB, tree ru_maxrss {} MiB",
             self.wall.as_secs_f64(),
             self.cli_peak_rss_kib / 1024,
             self.cli_max_fds,
+            self.vm_procs_max,
             self.vm_procs_peak_rss_kib / 1024,
             self.tree_maxrss_kib / 1024
         )
@@ -100,6 +103,39 @@ impl Cost {
             "CLI held more than {MAX_CLI_FDS} fds: {}",
             self.summary()
         );
+        // The VM's host processes: the fs-daemon, vhost-device-vsock and QEMU; nothing a
+        // guest does may add to them.
+        assert!(
+            self.vm_procs_max <= 3,
+            "more host processes than the VM's three: {}",
+            self.summary()
+        );
+    }
+
+    /// Asserts that the VM's host processes together stayed under `mib` of RSS.
+    pub fn assert_vm_rss_within(&self, mib: u64) {
+        assert!(
+            self.vm_procs_peak_rss_kib <= mib * 1024,
+            "VM host processes over {mib} MiB: {}",
+            self.summary()
+        );
+    }
+}
+
+/// Appends one line (scenario, exit code, cost) to the file `TVIX_BUILD_VM_HOSTILE_REPORT`
+/// names, if any: the raw material of docs/hostile.md.
+pub fn record(scenario: &str, run: &Run, cost: &Cost) {
+    let Some(path) = std::env::var_os("TVIX_BUILD_VM_HOSTILE_REPORT") else {
+        return;
+    };
+    use std::io::Write;
+    let line = format!("{scenario}\texit {:?}\t{}\n", run.code, cost.summary());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
@@ -202,7 +238,9 @@ pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
                 if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
                     cost.cli_max_fds = cost.cli_max_fds.max(fds.count() as u64);
                 }
-                let vm: u64 = processes_naming(&needle)
+                let procs = processes_naming(&needle);
+                cost.vm_procs_max = cost.vm_procs_max.max(procs.len() as u64);
+                let vm: u64 = procs
                     .into_iter()
                     .filter_map(|p| status_kib(p, "VmRSS:"))
                     .sum();
@@ -425,4 +463,48 @@ impl Castore {
         }
         assert_eq!(self.blobs, want, "unexpected blobs after a failed build");
     }
+}
+
+/// A static guest program built from `tests/hostile_support/<name>.c` (or another C file
+/// under `tests/`, given as a relative path) with `cc -static`, cached by its source's hash.
+/// The file is named `name` so that it appears as `/nix/store/<name>` in the guest.
+pub fn static_tool(source: &str, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(source);
+    let text =
+        std::fs::read(&source).unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("hostile-tools")
+        .join(&blake3::hash(&text).to_hex()[..16]);
+    let out = dir.join(name);
+    if out.is_file() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).expect("tool dir");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&tmp)
+        .arg(&source)
+        .status()
+        .unwrap_or_else(|e| panic!("running cc for {}: {e}", source.display()));
+    assert!(
+        status.success(),
+        "cc -static {} failed ({status}): needs a C compiler and static libc (Debian: libc6-dev)",
+        source.display()
+    );
+    std::fs::rename(&tmp, &out).expect("rename");
+    out
+}
+
+/// `16M`, `2G` and the like as bytes (powers of 1024), as the CLI parses sizes.
+pub fn parse_size(s: &str) -> u64 {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K') => (&s[..s.len() - 1], 1 << 10),
+        Some(b'M') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().expect("a size") * mult
 }
