@@ -1,5 +1,6 @@
 //! Compiles the tvix castore and build protos (wire-identical to tvix) with tonic, adds
 //! proto3 JSON (pbjson) for the CLI, and writes a file descriptor set for gRPC reflection.
+//! The 2024 tvix layout of the build protos is compiled separately into `$OUT_DIR/tvix2024`.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,14 @@ const PROTOS: &[&str] = &[
     "protos/tvix/castore/protos/rpc_directory.proto",
     "protos/tvix/build/protos/build.proto",
     "protos/tvix/build/protos/rpc_build.proto",
+    "protos/tvix/build/vm/v1/rpc_build_vm.proto",
+];
+
+/// The 2024 tvix layout: the same package and message names as the seed layout with other
+/// types, so it cannot share a compile (or a Rust module) with it.
+const PROTOS_2024: &[&str] = &[
+    "protos/tvix/build/layout2024/build.proto",
+    "protos/tvix/build/layout2024/rpc_build.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +37,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
         .build(&[".tvix.castore.v1", ".tvix.build.v1"])?;
+
+    // Its castore types are the ones generated above.
+    let out_2024 = out_dir.join("tvix2024");
+    std::fs::create_dir_all(&out_2024)?;
+    tonic_prost_build::configure()
+        .out_dir(&out_2024)
+        .file_descriptor_set_path(out_2024.join("descriptor.bin"))
+        .extern_path(".tvix.castore.v1", "crate::proto::castore")
+        .bytes(".")
+        .compile_protos(PROTOS_2024, &["protos"])?;
 
     println!("cargo:rerun-if-changed=protos");
     Ok(())

@@ -3,11 +3,11 @@
 use std::process::Command;
 
 fn build(args: &[&str]) -> (Option<i32>, String) {
-    let store = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().expect("store dir");
     let runtime = tempfile::Builder::new()
         .prefix("tbv-cli-")
         .tempdir_in("/tmp")
-        .unwrap();
+        .expect("runtime dir");
     let out = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
         .arg("build")
         .arg("--store")
@@ -17,7 +17,7 @@ fn build(args: &[&str]) -> (Option<i32>, String) {
         .args(["--kernel", "/bin/true", "--agent", "/bin/true"])
         .args(args)
         .output()
-        .unwrap();
+        .expect("running tvix-build-vm build");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

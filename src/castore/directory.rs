@@ -645,3 +645,14 @@ pub fn check_child_size(
 
 #[cfg(test)]
 mod tests;
+
+/// The name of a wire node, whatever its kind (empty when the oneof is unset), for sorting
+/// nodes the way the protocols list them.
+pub fn proto_node_name(node: &pb::Node) -> &[u8] {
+    match &node.node {
+        Some(pb::node::Node::Directory(d)) => &d.name,
+        Some(pb::node::Node::File(f)) => &f.name,
+        Some(pb::node::Node::Symlink(s)) => &s.name,
+        None => &[],
+    }
+}

@@ -10,6 +10,7 @@ use super::request_args::RequestArgs;
 use super::runner_args::RunnerArgs;
 use super::store_args::StoreArgs;
 use crate::agent::{LogChunk, LogSink};
+use crate::castore::directory::proto_node_name;
 use crate::castore::import::import_path;
 use crate::proto::{build as pb, castore as castore_pb};
 use crate::request::BuildRequest;
@@ -49,20 +50,12 @@ pub fn seed_build(request: pb::BuildRequest, outcome: &BuildOutcome) -> pb::Buil
         .iter()
         .map(|(path, node)| node.to_proto(Bytes::copy_from_slice(path.file_name().as_bytes())))
         .collect();
-    outputs.sort_by(|a, b| node_name(a).cmp(node_name(b)));
+    outputs.sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
     pb::Build {
         build_request: Some(request),
         outputs,
-    }
-}
-
-fn node_name(n: &castore_pb::Node) -> &[u8] {
-    use castore_pb::node::Node;
-    match &n.node {
-        Some(Node::Directory(d)) => &d.name,
-        Some(Node::File(f)) => &f.name,
-        Some(Node::Symlink(s)) => &s.name,
-        None => &[],
+        // The extensions (exit status, timings, log) are filled in by whoever knows them.
+        ..Default::default()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Assembling a seed-layout BuildRequest from a proto3 JSON file and convenience flags.
 
+use crate::castore::directory::proto_node_name;
 use crate::proto::{build as pb, castore as castore_pb};
 use bytes::Bytes;
 use clap::Args;
@@ -129,7 +130,8 @@ impl RequestArgs {
         }
         if !imported.is_empty() {
             req.inputs.extend(imported);
-            req.inputs.sort_by(|a, b| node_name(a).cmp(node_name(b)));
+            req.inputs
+                .sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
         }
         for (k, v) in &self.env {
             req.environment_vars.retain(|e| e.key != *k);
@@ -157,16 +159,6 @@ fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
     pb::build_request::EnvVar {
         key: k.to_owned(),
         value: Bytes::copy_from_slice(v.as_bytes()),
-    }
-}
-
-fn node_name(n: &castore_pb::Node) -> &[u8] {
-    use castore_pb::node::Node;
-    match &n.node {
-        Some(Node::Directory(d)) => &d.name,
-        Some(Node::File(f)) => &f.name,
-        Some(Node::Symlink(s)) => &s.name,
-        None => &[],
     }
 }
 

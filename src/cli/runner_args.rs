@@ -39,12 +39,14 @@ pub struct RunnerArgs {
     #[arg(long, value_name = "PATH")]
     pub cloud_hypervisor_bin: Option<PathBuf>,
     /// The guest kernel, a PVH vmlinux (kernel-config/build.sh prints where it built one).
+    /// Required to build (`serve` without it serves the castore only).
     #[arg(long, env = "TVIX_BUILD_VM_KERNEL", value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// The static guest agent (scripts/build-agent.sh prints where it built it); packed
     /// into a cached initrd as /init.
+    /// Required to build, like --kernel.
     #[arg(long, env = "TVIX_BUILD_VM_AGENT", value_name = "PATH")]
-    pub agent: PathBuf,
+    pub agent: Option<PathBuf>,
     /// Hardware acceleration: auto uses KVM only when the CPU has vmx/svm and /dev/kvm opens.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
@@ -142,6 +144,11 @@ pub struct RunnerHandle {
 }
 
 impl RunnerArgs {
+    /// Whether the VM artefacts are given, so that builds can run.
+    pub fn can_build(&self) -> bool {
+        self.kernel.is_some() && self.agent.is_some()
+    }
+
     /// Sweeps runtime directories left by dead processes, serves the castore to the helper
     /// processes on a private socket, and assembles the runner. Call inside a tokio runtime.
     pub async fn runner(
@@ -150,6 +157,14 @@ impl RunnerArgs {
         blobs: Arc<dyn BlobService>,
         dirs: Arc<dyn DirectoryService>,
     ) -> anyhow::Result<RunnerHandle> {
+        let kernel = self
+            .kernel
+            .clone()
+            .context("--kernel (or TVIX_BUILD_VM_KERNEL) is required to build")?;
+        let agent = self
+            .agent
+            .as_deref()
+            .context("--agent (or TVIX_BUILD_VM_AGENT) is required to build")?;
         let runtime_root = self
             .runtime_dir
             .clone()
@@ -182,8 +197,8 @@ impl RunnerArgs {
             }
         };
         let cache = crate::vm::artifacts::cache_dir().context("finding the cache directory")?;
-        let initrd = initrd::initrd_for(&self.agent, &cache)
-            .with_context(|| format!("building the initrd from {}", self.agent.display()))?;
+        let initrd = initrd::initrd_for(agent, &cache)
+            .with_context(|| format!("building the initrd from {}", agent.display()))?;
 
         // The daemons are separate processes; they reach the castore through this process,
         // except local blobs, which they read straight from the files.
@@ -210,7 +225,7 @@ impl RunnerArgs {
         };
 
         let config = RunnerConfig {
-            kernel: self.kernel.clone(),
+            kernel,
             initrd,
             accel,
             vcpus: self.vcpus,

@@ -9,6 +9,9 @@ pub const BUILD_UID: u32 = 1000;
 pub const BUILD_GID: u32 = 100;
 /// The virtio-fs tag of the inputs share.
 pub const INPUTS_TAG: &str = "inputs";
+/// Where the operator's static shell (`serve --bin-sh`) sits in the initrd; the agent
+/// exposes it as the build's `/bin/sh` when a request asks for `provide_bin_sh`.
+pub const BIN_SH_INITRD_PATH: &str = "/tvix-build-vm/sh";
 
 /// Guest memory kept out of the build's cgroup so that the agent survives a build's OOM and
 /// can report it.
@@ -49,11 +52,16 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32) -> Job {
                 contents: c.to_vec(),
             })
             .collect(),
-        bin_sh: String::new(),
+        // Granted or refused before the build starts (the service checks its options).
+        bin_sh: if req.constraints.provide_bin_sh {
+            BIN_SH_INITRD_PATH.into()
+        } else {
+            String::new()
+        },
         clock_unix_ns,
         inputs_tag: INPUTS_TAG.into(),
         scratch_device: String::new(),
-        network: false,
+        network: req.constraints.network_access,
         limits: Some(Limits {
             memory_bytes: u64::from(memory_mib.saturating_sub(AGENT_RESERVE_MIB)) * 1024 * 1024,
             max_processes: MAX_PROCESSES,
@@ -95,5 +103,23 @@ mod tests {
         assert_eq!((job.uid, job.gid), (1000, 100));
         assert_eq!(job.limits.unwrap().memory_bytes, (512 - 48) * 1024 * 1024);
         assert!(job.clock_unix_ns > 1_700_000_000_000_000_000);
+        assert_eq!(job.bin_sh, "");
+        assert!(!job.network);
+    }
+
+    #[test]
+    fn bin_sh_and_network_follow_the_constraints() {
+        let mut raw = RawRequest {
+            command_args: vec!["/bin/sh".into()],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into()],
+            inputs_dir: "nix/store".into(),
+            ..Default::default()
+        };
+        raw.constraints.provide_bin_sh = true;
+        raw.constraints.network_access = true;
+        let job = job_for(&raw.validate(Layout::Tvix2024).unwrap(), 512);
+        assert_eq!(job.bin_sh, BIN_SH_INITRD_PATH);
+        assert!(job.network);
     }
 }

@@ -1,21 +1,35 @@
 //! The gRPC server: castore Blob and Directory services, `grpc.health.v1` and reflection,
 //! on a TCP or unix socket, until a shutdown future completes.
 //!
-//! [`router`] builds the service set; more services (the build service) can be added to
-//! the returned [`CastoreRouter`] before handing it to [`serve`].
+//! [`router`] builds the castore service set; [`router_with`] adds the build services
+//! (see [`build_service`]), TLS and message size limits. [`serve`] runs a router on a
+//! [`Listener`] until a shutdown future completes.
 
 pub mod blob;
+pub mod build_host;
+pub mod build_service;
+pub mod config;
 pub mod directory;
+pub mod layout_2024;
+pub mod log_store;
+pub mod metrics_http;
+pub mod peer;
+pub mod refscan;
+pub mod reply;
+pub mod status;
+pub mod tls;
 
 use crate::castore::{BlobService, DirectoryService};
 use crate::proto::castore as pb;
+use build_host::BuildHost;
+use build_service::{BuildVmService, SeedBuildService, Tvix2024BuildService};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use tonic::transport::server::Router;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tower::layer::util::{Identity, Stack};
 use tower::util::MapRequestLayer;
 
@@ -39,6 +53,54 @@ pub enum ServerError {
     SocketInUse(PathBuf),
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
+    #[error("setting up TLS")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("merging the file descriptors for reflection")]
+    Descriptors(#[source] prost::DecodeError),
+}
+
+/// Which wire layout `tvix.build.v1.BuildService/DoBuild` speaks.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// The original layout (this project's primary contract), plus the streaming
+    /// `tvix.build.vm.v1.BuildVmService`.
+    #[default]
+    Seed,
+    /// The layout tvix clients of 2024 send (anonymous output nodes, refscan needles).
+    #[value(name = "tvix-2024")]
+    #[serde(rename = "tvix-2024")]
+    Tvix2024,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Seed => "seed",
+            Protocol::Tvix2024 => "tvix-2024",
+        })
+    }
+}
+
+/// Transport options and the optional build services of a router.
+#[derive(Default)]
+pub struct RouterOptions {
+    /// TLS (and, with a client CA, mutual TLS); plaintext without.
+    pub tls: Option<ServerTlsConfig>,
+    /// Largest message decoded or encoded by any service (tonic's default otherwise: 4 MiB).
+    pub max_message_bytes: Option<usize>,
+    /// The build services and the layout of `DoBuild`; castore only without.
+    pub builds: Option<(Protocol, Arc<BuildHost>)>,
 }
 
 /// Where to listen.
@@ -105,6 +167,54 @@ pub async fn router(
     blobs: Arc<dyn BlobService>,
     directories: Arc<dyn DirectoryService>,
 ) -> Result<CastoreRouter, ServerError> {
+    router_with(RouterOptions::default(), blobs, directories).await
+}
+
+/// Applies the message size limit to a generated service.
+macro_rules! limited {
+    ($svc:expr, $limit:expr) => {{
+        let svc = $svc;
+        match $limit {
+            Some(n) => svc
+                .max_decoding_message_size(n)
+                .max_encoding_message_size(n),
+            None => svc,
+        }
+    }};
+}
+
+/// The descriptors reflection serves: the 2024 layout replaces the seed layout's build
+/// protos (and the streaming service, which uses them); the two cannot coexist in one pool.
+fn descriptors(protocol: Option<Protocol>) -> Result<prost_types::FileDescriptorSet, ServerError> {
+    use prost::Message;
+    let main = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .map_err(ServerError::Descriptors)?;
+    if protocol != Some(Protocol::Tvix2024) {
+        return Ok(main);
+    }
+    let layout =
+        prost_types::FileDescriptorSet::decode(crate::proto::build_2024::FILE_DESCRIPTOR_SET)
+            .map_err(ServerError::Descriptors)?;
+    let mut file: Vec<_> = main
+        .file
+        .into_iter()
+        .filter(|f| !f.package().starts_with("tvix.build."))
+        .collect();
+    for f in layout.file {
+        if !file.iter().any(|have| have.name() == f.name()) {
+            file.push(f);
+        }
+    }
+    Ok(prost_types::FileDescriptorSet { file })
+}
+
+/// The castore services, health and reflection, and, when asked, the build services.
+pub async fn router_with(
+    options: RouterOptions,
+    blobs: Arc<dyn BlobService>,
+    directories: Arc<dyn DirectoryService>,
+) -> Result<CastoreRouter, ServerError> {
+    let limit = options.max_message_bytes;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::blob_service_server::BlobServiceServer<BlobServer>>()
@@ -113,20 +223,61 @@ pub async fn router(
         .set_serving::<pb::directory_service_server::DirectoryServiceServer<DirectoryServer>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(descriptors(options.builds.as_ref().map(|(p, _)| *p))?)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServerError::Reflection)?;
-    Ok(Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = options.tls {
+        server = server.tls_config(tls).map_err(ServerError::Tls)?;
+    }
+    let mut router = server
         .layer(MapRequestLayer::new(strict_request_end as fn(Req) -> Req))
         .add_service(health)
         .add_service(reflection)
-        .add_service(pb::blob_service_server::BlobServiceServer::new(
-            BlobServer::new(blobs),
+        .add_service(limited!(
+            pb::blob_service_server::BlobServiceServer::new(BlobServer::new(blobs)),
+            limit
         ))
-        .add_service(pb::directory_service_server::DirectoryServiceServer::new(
-            DirectoryServer::new(directories),
-        )))
+        .add_service(limited!(
+            pb::directory_service_server::DirectoryServiceServer::new(DirectoryServer::new(
+                directories
+            )),
+            limit
+        ));
+    match options.builds {
+        None => {}
+        Some((Protocol::Seed, host)) => {
+            use crate::proto::build::build_service_server::BuildServiceServer;
+            use crate::proto::build_vm::build_vm_service_server::BuildVmServiceServer;
+            health_reporter
+                .set_serving::<BuildServiceServer<SeedBuildService>>()
+                .await;
+            health_reporter
+                .set_serving::<BuildVmServiceServer<BuildVmService>>()
+                .await;
+            router = router
+                .add_service(limited!(
+                    BuildServiceServer::new(SeedBuildService::new(Arc::clone(&host))),
+                    limit
+                ))
+                .add_service(limited!(
+                    BuildVmServiceServer::new(BuildVmService::new(host)),
+                    limit
+                ));
+        }
+        Some((Protocol::Tvix2024, host)) => {
+            use crate::proto::build_2024::build_service_server::BuildServiceServer;
+            health_reporter
+                .set_serving::<BuildServiceServer<Tvix2024BuildService>>()
+                .await;
+            router = router.add_service(limited!(
+                BuildServiceServer::new(Tvix2024BuildService::new(host)),
+                limit
+            ));
+        }
+    }
+    Ok(router)
 }
 
 /// A bound listener, so callers can learn the port (`127.0.0.1:0`) before serving.

@@ -13,6 +13,7 @@ pub mod cpuinfo;
 pub mod initrd;
 pub mod logsink;
 pub mod process;
+pub mod program;
 pub mod qemu;
 pub mod vsock;
 

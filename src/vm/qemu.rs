@@ -12,6 +12,7 @@ use super::accel::Accel;
 use super::cmdline;
 use super::cpuinfo::CpuInfo;
 use super::process::{ProcessGroup, Stdout};
+use super::program;
 use super::vsock::VhostDeviceVsock;
 use super::{logsink, LaunchError, LaunchSpec, RunningVm, VmmBackend, LOG_TAIL_BYTES};
 use std::path::{Path, PathBuf};
@@ -67,17 +68,8 @@ pub struct QemuBackend {
 impl QemuBackend {
     /// Finds the programs and reads the host CPU description once.
     pub fn new(config: &QemuConfig) -> Result<Self, QemuError> {
-        let qemu = match &config.qemu {
-            Some(path) if is_executable(path) => path.clone(),
-            Some(path) => {
-                return Err(QemuError::QemuMissing {
-                    where_: format!("at {}", path.display()),
-                })
-            }
-            None => find_on_path(QEMU_PROGRAM).ok_or_else(|| QemuError::QemuMissing {
-                where_: "on PATH".to_owned(),
-            })?,
-        };
+        let qemu = program::locate(config.qemu.as_deref(), QEMU_PROGRAM, &[])
+            .map_err(|where_| QemuError::QemuMissing { where_ })?;
         let vsock_helper = VhostDeviceVsock::locate(config.vhost_device_vsock.as_deref())
             .map_err(QemuError::Vsock)?;
         let cpu = CpuInfo::read().map_err(QemuError::CpuInfo)?;
@@ -298,18 +290,6 @@ pub fn qemu_args(spec: &LaunchSpec, append: &str, vhost_vsock: Option<&Path>) ->
         ]);
     }
     args
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| is_executable(p))
 }
 
 #[cfg(test)]

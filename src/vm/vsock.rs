@@ -168,30 +168,14 @@ impl VhostDeviceVsock {
     /// Uses `explicit` if given (it must be an executable file), else searches `PATH`, then
     /// `~/.cargo/bin` (where `cargo install` puts it).
     pub fn locate(explicit: Option<&Path>) -> Result<Self, VsockError> {
-        if let Some(path) = explicit {
-            return if is_executable(path) {
-                Ok(VhostDeviceVsock {
-                    program: path.to_owned(),
-                })
-            } else {
-                Err(VsockError::HelperMissing {
-                    where_: format!("at {}", path.display()),
-                })
-            };
-        }
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        if let Some(home) = std::env::var_os("HOME") {
-            dirs.push(Path::new(&home).join(".cargo/bin"));
-        }
-        dirs.iter()
-            .map(|d| d.join(VHOST_DEVICE_VSOCK))
-            .find(|p| is_executable(p))
+        // `cargo install` puts it in ~/.cargo/bin, which a service's PATH often lacks.
+        let cargo_bin: Vec<PathBuf> = std::env::var_os("HOME")
+            .map(|home| Path::new(&home).join(".cargo/bin"))
+            .into_iter()
+            .collect();
+        super::program::locate(explicit, VHOST_DEVICE_VSOCK, &cargo_bin)
             .map(|program| VhostDeviceVsock { program })
-            .ok_or_else(|| VsockError::HelperMissing {
-                where_: "on PATH or in ~/.cargo/bin".to_owned(),
-            })
+            .map_err(|where_| VsockError::HelperMissing { where_ })
     }
 
     /// The program path.
@@ -217,11 +201,6 @@ impl VhostDeviceVsock {
             .arg(uds_path);
         command
     }
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]

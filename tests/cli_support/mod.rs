@@ -99,6 +99,24 @@ impl Env {
         panic!("left behind: {:?}", self.leftovers());
     }
 
+    /// Like [`Env::assert_clean`], but a running service's own runtime directory
+    /// (`svc-<pid>`, which holds its castore socket) is allowed.
+    pub fn assert_clean_except_service(&self) {
+        let others = || -> Vec<String> {
+            self.leftovers()
+                .into_iter()
+                .filter(|l| !l.contains("/svc-") && !l.contains("tvix-build-vm serve"))
+                .collect()
+        };
+        for _ in 0..50 {
+            if others().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("left behind: {:?}", others());
+    }
+
     fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.runtime.path()) {

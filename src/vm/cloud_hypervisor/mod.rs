@@ -81,17 +81,8 @@ pub struct CloudHypervisorBackend {
 impl CloudHypervisorBackend {
     /// Finds the program and reads the host CPU description once.
     pub fn new(config: &CloudHypervisorConfig) -> Result<Self, ChError> {
-        let program = match &config.binary {
-            Some(path) if is_executable(path) => path.clone(),
-            Some(path) => {
-                return Err(ChError::Missing {
-                    where_: format!("at {}", path.display()),
-                })
-            }
-            None => find_on_path(PROGRAM).ok_or_else(|| ChError::Missing {
-                where_: "on PATH".to_owned(),
-            })?,
-        };
+        let program = super::program::locate(config.binary.as_deref(), PROGRAM, &[])
+            .map_err(|where_| ChError::Missing { where_ })?;
         let cpu = CpuInfo::read().map_err(ChError::CpuInfo)?;
         Ok(CloudHypervisorBackend {
             program,
@@ -470,18 +461,6 @@ fn into_launch_error(program: &Path, e: ChError) -> LaunchError {
             source: std::io::Error::other(other),
         }),
     }
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| is_executable(p))
 }
 
 #[cfg(test)]

@@ -1,0 +1,271 @@
+//! The one implementation behind every build RPC (seed `DoBuild`, 2024 `DoBuild`, the
+//! streaming `Build`): refuse what cannot run here, wait for a VM slot, run the build with
+//! its log kept in the castore, and count the result.
+//!
+//! Each build runs in a task of its own, owned by a [`BuildHandle`]: dropping the handle
+//! (tonic drops a handler's future when its client cancels or disconnects) aborts the
+//! task, which drops the runner's future, which kills the VM and its helpers. At shutdown
+//! the host first refuses new builds ([`BuildHost::drain`]) and, once the grace period is
+//! over, cancels the running ones ([`BuildHost::cancel_all`]).
+
+use super::log_store::{LogRef, LogTee};
+use super::peer::Peer;
+use super::status::BuildError;
+use crate::agent::LogChunk;
+use crate::metrics::{BuildResult, Metrics, Phase};
+use crate::request::BuildRequest;
+use crate::runner::admission::Admission;
+use crate::runner::{new_build_id, BuildOutcome, RunError, Runner};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+/// What the operator lets builds have beyond the runner's constraints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostOptions {
+    /// `constraints.network_access` may be granted.
+    pub allow_network: bool,
+    /// A static shell is in the initrd, so `constraints.provide_bin_sh` may be granted.
+    pub bin_sh: bool,
+}
+
+/// Something a streaming client hears while its build runs.
+#[derive(Debug)]
+pub enum Event {
+    /// The build got its VM slot.
+    Started {
+        id: String,
+        queued: Duration,
+    },
+    Log(LogChunk),
+}
+
+impl From<LogChunk> for Event {
+    fn from(c: LogChunk) -> Self {
+        Event::Log(c)
+    }
+}
+
+/// A successful build and what the service measured around it.
+#[derive(Debug)]
+pub struct Finished {
+    pub id: String,
+    pub outcome: BuildOutcome,
+    /// Waiting for a VM slot.
+    pub queued: Duration,
+    /// From accepting the request to the end of the build.
+    pub total: Duration,
+    pub log: Option<LogRef>,
+}
+
+pub struct BuildHost {
+    runner: Arc<Runner>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
+    options: HostOptions,
+    draining: CancellationToken,
+    cancel: CancellationToken,
+}
+
+impl BuildHost {
+    pub fn new(
+        runner: Arc<Runner>,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+        options: HostOptions,
+    ) -> Self {
+        Self {
+            runner,
+            admission,
+            metrics,
+            options,
+            draining: CancellationToken::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    pub fn runner(&self) -> &Arc<Runner> {
+        &self.runner
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Builds running now.
+    pub fn running(&self) -> usize {
+        self.admission.running()
+    }
+
+    /// Requests waiting for a VM slot.
+    pub fn queued(&self) -> usize {
+        self.admission.queued()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.queued(), self.running())
+    }
+
+    /// Refuses new builds from now on, and sends the queued ones away (`UNAVAILABLE`, so
+    /// clients retry elsewhere); running ones go on.
+    pub fn drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Ends every queued and running build now (their VMs are killed).
+    pub fn cancel_all(&self) {
+        self.drain();
+        self.cancel.cancel();
+    }
+
+    /// Counts a request refused before it became a build (e.g. an invalid one).
+    pub fn refused(&self, error: &BuildError) {
+        self.metrics.count(error.result());
+    }
+
+    /// Starts `req` in a task of its own; `live` hears the start and the log as they come.
+    pub fn start(
+        self: &Arc<Self>,
+        req: BuildRequest,
+        peer: &Peer,
+        live: Option<mpsc::Sender<Event>>,
+    ) -> BuildHandle {
+        let id = new_build_id();
+        let span = info_span!("build", build_id = %id, peer = %peer);
+        let host = Arc::clone(self);
+        let task_id = id.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = host.run(task_id, req, live).await;
+                match &result {
+                    Ok(f) => {
+                        host.metrics.count(BuildResult::Success);
+                        info!(total_ms = f.total.as_millis() as u64, "build succeeded");
+                    }
+                    Err(e) => {
+                        host.metrics.count(e.result());
+                        info!(code = ?e.code(), error = %e, "build did not succeed");
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        );
+        BuildHandle {
+            id,
+            task,
+            metrics: Arc::clone(&self.metrics),
+            done: false,
+        }
+    }
+
+    async fn run(
+        &self,
+        id: String,
+        req: BuildRequest,
+        live: Option<mpsc::Sender<Event>>,
+    ) -> Result<Finished, BuildError> {
+        let accepted = Instant::now();
+        if self.draining.is_cancelled() {
+            return Err(BuildError::ShuttingDown);
+        }
+        // Refuse at once what can never run here, rather than after waiting in the queue.
+        if req.constraints.network_access && !self.options.allow_network {
+            return Err(BuildError::NetworkNotOffered);
+        }
+        if req.constraints.provide_bin_sh && !self.options.bin_sh {
+            return Err(BuildError::BinShNotOffered);
+        }
+        if let Err(e) = self.runner.config().offer.shape_for(&req) {
+            return Err(BuildError::Run {
+                id,
+                error: RunError::Unsatisfiable(e),
+                log: None,
+            });
+        }
+
+        let slot = tokio::select! {
+            slot = self.admission.admit() => slot?,
+            _ = self.draining.cancelled() => return Err(BuildError::ShuttingDown),
+        };
+        let queued = accepted.elapsed();
+        self.metrics.observe(Phase::Queue, queued);
+        info!(queued_ms = queued.as_millis() as u64, "build started");
+        if let Some(live) = &live {
+            let _listener_gone = live
+                .send(Event::Started {
+                    id: id.clone(),
+                    queued,
+                })
+                .await;
+        }
+
+        let max_log = self.runner.config().session_limits.max_log_bytes;
+        let mut tee = LogTee::new(&**self.runner.blobs(), max_log, live).await;
+        let result = tokio::select! {
+            r = self.runner.build(&id, &req, &mut tee) => Some(r),
+            _ = self.cancel.cancelled() => None,
+        };
+        let log = tee.finish().await;
+        drop(slot);
+        match result {
+            None => {
+                warn!("build cancelled by the shutdown");
+                Err(BuildError::Cancelled { id })
+            }
+            Some(Ok(outcome)) => {
+                self.metrics.observe(Phase::Boot, outcome.timings.boot);
+                self.metrics.observe(Phase::Exec, outcome.timings.exec);
+                self.metrics
+                    .observe(Phase::Harvest, outcome.timings.harvest);
+                Ok(Finished {
+                    id,
+                    outcome,
+                    queued,
+                    total: accepted.elapsed(),
+                    log,
+                })
+            }
+            Some(Err(error)) => Err(BuildError::Run { id, error, log }),
+        }
+    }
+}
+
+/// A running build. Dropping it before [`BuildHandle::finish`] returns ends the build and
+/// kills its VM.
+pub struct BuildHandle {
+    id: String,
+    task: JoinHandle<Result<Finished, BuildError>>,
+    metrics: Arc<Metrics>,
+    done: bool,
+}
+
+impl BuildHandle {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits for the build's end.
+    pub async fn finish(mut self) -> Result<Finished, BuildError> {
+        let joined = (&mut self.task).await;
+        self.done = true;
+        joined.map_err(|e| BuildError::Task {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })?
+    }
+}
+
+impl Drop for BuildHandle {
+    fn drop(&mut self) {
+        if !self.done && !self.task.is_finished() {
+            info!(build_id = %self.id, "the client went away: cancelling the build");
+            self.metrics.count(BuildResult::Cancelled);
+        }
+        self.task.abort();
+    }
+}

@@ -1,0 +1,386 @@
+//! The configuration of `serve`: a TOML file, the environment and the command line, in that
+//! order of precedence (a flag beats its environment variable beats the file beats the
+//! default). [`ServeOptions`] is both the clap flag set and the file format (its keys are
+//! the long flag names); [`ServeOptions::resolve`] applies defaults and checks the
+//! combination once, into a [`ServeConfig`].
+
+use super::tls::TlsFiles;
+use super::{ListenAddr, Protocol};
+use crate::cli::request_args::parse_size;
+use crate::cli::runner_args::parse_duration;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Smallest and largest `max-message-size`.
+const MESSAGE_SIZE_RANGE: (u64, u64) = (64 * 1024, 2 * 1024 * 1024 * 1024 - 1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The options of `serve` (flags, environment, and the keys of the TOML config file).
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, clap::Args, serde::Deserialize, serde::Serialize,
+)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeOptions {
+    /// Where to listen: host:port, or unix:/abs/path.sock [default: [::]:8000].
+    #[arg(long, env = "TVIX_BUILD_VM_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// The layout of tvix.build.v1.BuildService/DoBuild [default: seed].
+    #[arg(long, value_enum, env = "TVIX_BUILD_VM_PROTOCOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// VMs running at once [default: one per core and per GiB of VM memory, the fewer].
+    #[arg(long, env = "TVIX_BUILD_VM_MAX_VMS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<usize>,
+    /// Requests that may wait for a VM; beyond, RESOURCE_EXHAUSTED [default: 16].
+    #[arg(long, env = "TVIX_BUILD_VM_MAX_QUEUE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+    /// On SIGTERM/SIGINT, how long running builds may go on before they are cancelled
+    /// [default: 60s].
+    #[arg(long, env = "TVIX_BUILD_VM_GRACE_PERIOD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<String>,
+    /// Largest gRPC message received or sent, e.g. 64M [default: 64M].
+    #[arg(long, env = "TVIX_BUILD_VM_MAX_MESSAGE_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_size: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key, the listener speaks TLS.
+    #[arg(long, env = "TVIX_BUILD_VM_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "TVIX_BUILD_VM_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS; clients without a
+    /// valid certificate are refused.
+    #[arg(long, env = "TVIX_BUILD_VM_TLS_CLIENT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://<addr>/metrics (host:port); off unless given.
+    #[arg(long, env = "TVIX_BUILD_VM_METRICS_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// Grant constraints.network_access (2024 layout): the VM gets a NATed network device.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "TVIX_BUILD_VM_ALLOW_NETWORK")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_network: Option<bool>,
+    /// A static shell on this host (e.g. /bin/busybox) offered as /bin/sh to requests with
+    /// constraints.provide_bin_sh (2024 layout); refused without.
+    #[arg(long, env = "TVIX_BUILD_VM_BIN_SH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bin_sh: Option<PathBuf>,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub listen: ListenAddr,
+    pub protocol: Protocol,
+    pub max_vms: usize,
+    pub max_queue: usize,
+    pub grace_period: Duration,
+    pub max_message_bytes: usize,
+    pub tls: Option<TlsFiles>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub allow_network: bool,
+    pub bin_sh: Option<PathBuf>,
+}
+
+macro_rules! overlay {
+    ($hi:expr, $lo:expr, $($field:ident),+) => {
+        ServeOptions { $($field: $hi.$field.or($lo.$field)),+ }
+    };
+}
+
+impl ServeOptions {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// `self` where set, else `lower`.
+    pub fn over(self, lower: ServeOptions) -> ServeOptions {
+        overlay!(
+            self,
+            lower,
+            listen,
+            protocol,
+            max_vms,
+            max_queue,
+            grace_period,
+            max_message_size,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            metrics_listen,
+            allow_network,
+            bin_sh
+        )
+    }
+
+    /// Applies the defaults (`default_max_vms` for this host) and checks every option and
+    /// their combination.
+    pub fn resolve(self, default_max_vms: usize) -> Result<ServeConfig, ConfigError> {
+        let listen: ListenAddr = self
+            .listen
+            .as_deref()
+            .unwrap_or("[::]:8000")
+            .parse()
+            .map_err(|e: super::ServerError| invalid("listen", e.to_string()))?;
+        let grace_period = parse_duration(self.grace_period.as_deref().unwrap_or("60s"))
+            .map_err(|e| invalid("grace-period", e))?;
+        let max_message = parse_size(self.max_message_size.as_deref().unwrap_or("64M"))
+            .map_err(|e| invalid("max-message-size", e))?;
+        if !(MESSAGE_SIZE_RANGE.0..=MESSAGE_SIZE_RANGE.1).contains(&max_message) {
+            return Err(invalid(
+                "max-message-size",
+                format!(
+                    "{max_message} bytes is outside {}..={} bytes",
+                    MESSAGE_SIZE_RANGE.0, MESSAGE_SIZE_RANGE.1
+                ),
+            ));
+        }
+        let max_vms = self.max_vms.unwrap_or(default_max_vms);
+        if max_vms == 0 {
+            return Err(invalid("max-vms", "must be at least 1"));
+        }
+        let metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid("metrics-listen", format!("{a:?}: {e}")))
+            })
+            .transpose()?;
+        let config = ServeConfig {
+            listen,
+            protocol: self.protocol.unwrap_or_default(),
+            max_vms,
+            max_queue: self.max_queue.unwrap_or(16),
+            grace_period,
+            max_message_bytes: usize::try_from(max_message)
+                .map_err(|_| invalid("max-message-size", "too large for this platform"))?,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+                (None, None) if self.tls_client_ca.is_some() => {
+                    return Err(invalid(
+                        "tls-client-ca",
+                        "mutual TLS needs tls-cert and tls-key as well",
+                    ))
+                }
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid("tls-key", "tls-cert is set but tls-key is not"))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid("tls-cert", "tls-key is set but tls-cert is not"))
+                }
+            },
+            metrics_listen,
+            allow_network: self.allow_network.unwrap_or(false),
+            bin_sh: self.bin_sh,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ServeConfig {
+    /// The checks that involve more than one option.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let (ListenAddr::Tcp(grpc), Some(metrics)) = (&self.listen, &self.metrics_listen) {
+            if grpc.port() == metrics.port() && grpc.port() != 0 {
+                return Err(invalid(
+                    "metrics-listen",
+                    format!("{metrics} uses the port of listen ({grpc})"),
+                ));
+            }
+        }
+        if let Some(sh) = &self.bin_sh {
+            if !sh.is_absolute() {
+                return Err(invalid(
+                    "bin-sh",
+                    format!("{} is not absolute", sh.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as a complete config file (what `--print-config` prints).
+    pub fn to_options(&self) -> ServeOptions {
+        let (tls_cert, tls_key, tls_client_ca) = match &self.tls {
+            Some(t) => (
+                Some(t.cert.clone()),
+                Some(t.key.clone()),
+                t.client_ca.clone(),
+            ),
+            None => (None, None, None),
+        };
+        ServeOptions {
+            listen: Some(self.listen.to_string()),
+            protocol: Some(self.protocol),
+            max_vms: Some(self.max_vms),
+            max_queue: Some(self.max_queue),
+            grace_period: Some(format!("{}s", self.grace_period.as_secs())),
+            max_message_size: Some(self.max_message_bytes.to_string()),
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            metrics_listen: self.metrics_listen.map(|a| a.to_string()),
+            allow_network: Some(self.allow_network),
+            bin_sh: self.bin_sh.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_flags_layer_and_defaults_fill_in() {
+        let file: ServeOptions = toml::from_str(
+            r#"
+            listen = "unix:/run/tbv.sock"
+            protocol = "tvix-2024"
+            max-queue = 3
+            grace-period = "5m"
+            "#,
+        )
+        .unwrap();
+        let flags = ServeOptions {
+            max_queue: Some(7),
+            ..Default::default()
+        };
+        let c = flags.over(file).resolve(2).unwrap();
+        assert_eq!(c.listen, ListenAddr::Unix("/run/tbv.sock".into()));
+        assert_eq!(c.protocol, Protocol::Tvix2024);
+        assert_eq!(c.max_queue, 7, "the flag wins over the file");
+        assert_eq!(c.max_vms, 2, "the host default");
+        assert_eq!(c.grace_period, Duration::from_secs(300));
+        assert_eq!(c.max_message_bytes, 64 << 20);
+        assert!(c.tls.is_none() && !c.allow_network);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = toml::from_str::<ServeOptions>("max-vm = 3").unwrap_err();
+        assert!(e.to_string().contains("max-vm"), "{e}");
+        let bad = |o: ServeOptions, key: &str| {
+            let e = o.resolve(1).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{key}: {e}");
+        };
+        bad(
+            ServeOptions {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+            "listen",
+        );
+        bad(
+            ServeOptions {
+                max_vms: Some(0),
+                ..Default::default()
+            },
+            "max-vms",
+        );
+        bad(
+            ServeOptions {
+                max_message_size: Some("1K".into()),
+                ..Default::default()
+            },
+            "max-message-size",
+        );
+        bad(
+            ServeOptions {
+                grace_period: Some("soon".into()),
+                ..Default::default()
+            },
+            "grace-period",
+        );
+        bad(
+            ServeOptions {
+                tls_cert: Some("/c.pem".into()),
+                ..Default::default()
+            },
+            "tls-key",
+        );
+        bad(
+            ServeOptions {
+                tls_client_ca: Some("/ca.pem".into()),
+                ..Default::default()
+            },
+            "tls-client-ca",
+        );
+        bad(
+            ServeOptions {
+                bin_sh: Some("busybox".into()),
+                ..Default::default()
+            },
+            "bin-sh",
+        );
+        bad(
+            ServeOptions {
+                listen: Some("127.0.0.1:9000".into()),
+                metrics_listen: Some("127.0.0.1:9000".into()),
+                ..Default::default()
+            },
+            "metrics-listen",
+        );
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let c = ServeOptions {
+            tls_cert: Some("/etc/tbv/cert.pem".into()),
+            tls_key: Some("/etc/tbv/key.pem".into()),
+            metrics_listen: Some("127.0.0.1:9100".into()),
+            ..Default::default()
+        }
+        .resolve(4)
+        .unwrap();
+        let text = toml::to_string(&c.to_options()).unwrap();
+        let back: ServeOptions = toml::from_str(&text).unwrap();
+        assert_eq!(back.resolve(1).unwrap(), c, "{text}");
+    }
+}

@@ -1,0 +1,658 @@
+//! `tvix-build-vm serve` as a real process on a unix socket (or TCP for TLS), with real VMs
+//! under TCG: builds through both wire layouts and the streaming RPC, every refusal code,
+//! admission, cancellation, shutdown and restart, and mutual TLS.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod cli_support;
+
+use bytes::Bytes;
+use cli_support::{Env, BUSYBOX};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use tvix_build_vm::castore::blob::{put_bytes, read_to_vec, GrpcBlobService};
+use tvix_build_vm::castore::B3Digest;
+use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
+use tvix_build_vm::proto::build_vm::build_vm_service_client::BuildVmServiceClient;
+use tvix_build_vm::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm, castore as cpb};
+
+const SH: &str = "/nix/store/busybox";
+
+/// A running `serve`; SIGTERM and wait on drop.
+struct Serve {
+    child: Child,
+    sock: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(env: &Env, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tbv-serve-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("s.sock");
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let mut c = env.command();
+        c.arg("serve")
+            .arg("--store")
+            .arg(env.store.path())
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = c.spawn().unwrap();
+        let s = Self { child, sock, dir };
+        s.wait_for(|| s.sock.exists(), "the socket");
+        s
+    }
+
+    fn wait_for(&self, cond: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not appear:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("unix://{}", self.sock.display()))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; its exit status.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.wait(Duration::from_secs(20));
+        }
+    }
+}
+
+fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
+    pb::build_request::EnvVar {
+        key: k.into(),
+        value: Bytes::from(v.to_owned()),
+    }
+}
+
+/// Uploads /bin/busybox through the castore service; the input node named `busybox`.
+async fn upload_busybox(channel: Channel) -> cpb::Node {
+    let data = std::fs::read(BUSYBOX).unwrap();
+    let blobs = GrpcBlobService::new(channel);
+    let digest = put_bytes(&blobs, &data).await.unwrap();
+    cpb::Node {
+        node: Some(cpb::node::Node::File(cpb::FileNode {
+            name: "busybox".into(),
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size: data.len() as u64,
+            executable: true,
+        })),
+    }
+}
+
+fn seed_request(busybox: cpb::Node, script: &str, outputs: &[&str]) -> pb::BuildRequest {
+    pb::BuildRequest {
+        command_args: vec![SH.into(), "sh".into(), "-c".into(), script.into()],
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        environment_vars: vec![
+            env_var("HOME", "/homeless-shelter"),
+            env_var("PATH", "/nix/store"),
+        ],
+        inputs: vec![busybox],
+        constraints: Some(pb::build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn file_node(n: &cpb::Node) -> &cpb::FileNode {
+    match &n.node {
+        Some(cpb::node::Node::File(f)) => f,
+        other => panic!("expected a file node, got {other:?}"),
+    }
+}
+
+async fn health(channel: Channel, service: &str) -> i32 {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_build_with_uploaded_inputs_reads_back_through_the_castore() {
+    let env = Env::new();
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let server = Serve::start(&env, &["--metrics-listen", &metrics]);
+    let channel = server.channel();
+    assert_eq!(
+        health(channel.clone(), "tvix.build.v1.BuildService").await,
+        1,
+        "SERVING"
+    );
+    assert_eq!(
+        health(channel.clone(), "tvix.build.vm.v1.BuildVmService").await,
+        1
+    );
+
+    let busybox = upload_busybox(channel.clone()).await;
+    let req = seed_request(
+        busybox,
+        "echo building; echo hello > /nix/store/out",
+        &["out"],
+    );
+    let build = BuildServiceClient::new(channel.clone())
+        .do_build(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(build.build_request.as_ref(), Some(&req));
+    assert_eq!(build.outputs.len(), 1);
+    let out = file_node(&build.outputs[0]);
+    assert_eq!(out.name, "out");
+    let blobs = GrpcBlobService::new(channel.clone());
+    let digest = B3Digest::try_from(&out.digest[..]).unwrap();
+    assert_eq!(
+        read_to_vec(&blobs, &digest).await.unwrap().unwrap(),
+        b"hello\n"
+    );
+
+    let exit = build.exit_status.unwrap();
+    assert_eq!(exit.kind, Some(pb::build::exit_status::Kind::Code(0)));
+    let t = build.timings.unwrap();
+    assert!(
+        t.boot_us > 0 && t.exec_us > 0 && t.total_us >= t.boot_us + t.exec_us,
+        "{t:?}"
+    );
+    let log = build.log.unwrap();
+    let log_digest = B3Digest::try_from(&log.digest[..]).unwrap();
+    assert_eq!(
+        read_to_vec(&blobs, &log_digest).await.unwrap().unwrap(),
+        b"building\n"
+    );
+
+    // The streaming RPC: live log, then the same kind of Build.
+    let req = seed_request(
+        upload_busybox(channel.clone()).await,
+        "echo one; echo two >&2; echo x > /nix/store/out",
+        &["out"],
+    );
+    let mut stream = BuildVmServiceClient::new(channel.clone())
+        .build(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut started, mut log, mut last) = (false, Vec::new(), None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pbvm::build_event::Event::Started(s) => started = !s.build_id.is_empty(),
+            pbvm::build_event::Event::Log(l) => log.extend_from_slice(&l.data),
+            pbvm::build_event::Event::Build(b) => last = Some(b),
+        }
+    }
+    assert!(started);
+    let log = String::from_utf8(log).unwrap();
+    assert!(log.contains("one\n") && log.contains("two\n"), "{log:?}");
+    assert_eq!(file_node(&last.unwrap().outputs[0]).name, "out");
+
+    let text = reqwest_free_get(&metrics).await;
+    assert!(
+        text.contains("tvix_build_vm_builds_total{result=\"success\"} 2\n"),
+        "{text}"
+    );
+    drop(server);
+    env.assert_clean();
+}
+
+/// A plain HTTP GET /metrics.
+async fn reqwest_free_get(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_have_their_codes_and_name_the_field() {
+    let env = Env::new();
+    let server = Serve::start(&env, &[]);
+    let channel = server.channel();
+    let busybox = upload_busybox(channel.clone()).await;
+    let mut client = BuildServiceClient::new(channel.clone());
+    let ok = seed_request(busybox, "true", &["out"]);
+
+    let mut cases: Vec<(pb::BuildRequest, Code, &str)> = Vec::new();
+    let mut r = ok.clone();
+    r.command_args.clear();
+    cases.push((r, Code::InvalidArgument, "command_args"));
+    let mut r = ok.clone();
+    r.outputs = vec!["b".into(), "a".into()];
+    cases.push((r, Code::InvalidArgument, "outputs[1]"));
+    let mut r = ok.clone();
+    r.outputs = vec!["a/b".into()];
+    cases.push((r, Code::InvalidArgument, "outputs[0]"));
+    let mut r = ok.clone();
+    r.environment_vars = vec![env_var("B", "1"), env_var("A", "2")];
+    cases.push((r, Code::InvalidArgument, "environment_vars[1]"));
+    let mut r = ok.clone();
+    r.environment_vars = vec![env_var("A=B", "1")];
+    cases.push((r, Code::InvalidArgument, "environment_vars[0]"));
+    let mut r = ok.clone();
+    r.inputs.push(r.inputs[0].clone());
+    cases.push((r, Code::InvalidArgument, "inputs[1]"));
+    let mut r = ok.clone();
+    r.inputs[0] = cpb::Node { node: None };
+    cases.push((r, Code::InvalidArgument, "inputs[0]"));
+    let mut r = ok.clone();
+    r.command_args[0] = "a\0b".into();
+    cases.push((r, Code::InvalidArgument, "command_args[0]"));
+    let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().available_ro_paths = vec!["relative".into()];
+    cases.push((
+        r,
+        Code::InvalidArgument,
+        "constraints.available_ro_paths[0]",
+    ));
+    let mut r = ok.clone();
+    r.outputs = vec!["busybox".into()];
+    cases.push((r, Code::InvalidArgument, "outputs[0]"));
+    // Valid, but not for this host.
+    let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().system = "aarch64-linux".into();
+    cases.push((r, Code::FailedPrecondition, "constraints.system"));
+    let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().available_ro_paths = vec!["/dev/kvm".into()];
+    cases.push((r, Code::FailedPrecondition, "/dev/kvm"));
+    let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().min_memory = 1 << 50;
+    cases.push((r, Code::FailedPrecondition, "constraints.min_memory"));
+    let mut r = ok.clone();
+    if let Some(cpb::node::Node::File(f)) = &mut r.inputs[0].node {
+        f.digest = Bytes::copy_from_slice(B3Digest::of(b"absent").as_bytes());
+    }
+    cases.push((r, Code::FailedPrecondition, "busybox"));
+
+    for (req, code, needle) in cases {
+        let status = client.do_build(req).await.unwrap_err();
+        assert_eq!(status.code(), code, "{needle}: {}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{needle}: {}",
+            status.message()
+        );
+    }
+    // A failed build: ABORTED with the exit code and the log's end.
+    let failing = seed_request(
+        upload_busybox(channel.clone()).await,
+        "echo last words >&2; exit 42",
+        &["out"],
+    );
+    let status = client.do_build(failing).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{}", status.message());
+    assert!(
+        status.message().contains("exited with code 42"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("last words"),
+        "{}",
+        status.message()
+    );
+    assert!(status
+        .metadata()
+        .get("x-tvix-build-vm-log-digest")
+        .is_some());
+    drop(server);
+    env.assert_clean();
+}
+
+/// Starts a long build through the streaming RPC and waits until it has its VM.
+async fn start_long_build(channel: Channel) -> tonic::Streaming<pbvm::BuildEvent> {
+    let req = seed_request(
+        upload_busybox(channel.clone()).await,
+        "echo up; sleep 60",
+        &[],
+    );
+    let mut stream = BuildVmServiceClient::new(channel)
+        .build(req)
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait for the log: the VM is up and the command runs.
+    loop {
+        match stream.message().await.unwrap().unwrap().event.unwrap() {
+            pbvm::build_event::Event::Log(_) => return stream,
+            pbvm::build_event::Event::Started(_) => {}
+            pbvm::build_event::Event::Build(b) => panic!("finished early: {b:?}"),
+        }
+    }
+}
+
+fn runtime_entries(env: &Env) -> usize {
+    std::fs::read_dir(env.runtime.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("svc-"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_refuses_and_a_cancelled_client_kills_its_vm() {
+    let env = Env::new();
+    let server = Serve::start(&env, &["--max-vms", "1", "--max-queue", "0"]);
+    let channel = server.channel();
+    let running = start_long_build(channel.clone()).await;
+    assert_eq!(runtime_entries(&env), 1, "one build's runtime directory");
+
+    let req = seed_request(upload_busybox(channel.clone()).await, "true", &[]);
+    let status = BuildServiceClient::new(channel.clone())
+        .do_build(req)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("queue is full"),
+        "{}",
+        status.message()
+    );
+
+    // The client goes away: the VM must go within seconds.
+    drop(running);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime_entries(&env) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled build's VM is still there:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A cancelled unary call likewise.
+    let req = seed_request(upload_busybox(channel.clone()).await, "sleep 60", &[]);
+    let call = tokio::spawn({
+        let channel = channel.clone();
+        async move { BuildServiceClient::new(channel).do_build(req).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while runtime_entries(&env) == 0 {
+        assert!(Instant::now() < deadline, "the unary build did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    call.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime_entries(&env) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the aborted unary build's VM is still there:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(server);
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_cancels_after_the_grace_period_and_a_killed_server_is_swept_on_restart() {
+    let env = Env::new();
+    let mut server = Serve::start(&env, &["--grace-period", "1s"]);
+    let mut running = start_long_build(server.channel()).await;
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = loop {
+        match running.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        server.wait(Duration::from_secs(20)).success(),
+        "{}",
+        server.log()
+    );
+    env.assert_clean();
+
+    // SIGKILL leaves the VM behind; the next start sweeps it.
+    let mut server = Serve::start(&env, &[]);
+    let running = start_long_build(server.channel()).await;
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    server.wait(Duration::from_secs(5));
+    drop(running);
+    let restarted = Serve::start(&env, &[]);
+    env.assert_clean_except_service();
+    drop(restarted);
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_2024_layout_is_served_end_to_end() {
+    let env = Env::new();
+    let server = Serve::start(&env, &["--protocol", "tvix-2024"]);
+    let channel = server.channel();
+    let busybox = upload_busybox(channel.clone()).await;
+    let x = "mjs27ix6ig2bkbi3s3sm470vrv4lf7ic";
+    let out = format!("/nix/store/{x}-hello");
+    let env_vars = [("HOME", "/homeless-shelter"), ("out", out.as_str())];
+    let req = pb2024::BuildRequest {
+        inputs: vec![busybox],
+        command_args: vec![
+            SH.into(),
+            "sh".into(),
+            "-c".into(),
+            "echo hi $out > $out".into(),
+        ],
+        working_dir: "build".into(),
+        scratch_paths: vec!["build".into(), "nix/store".into()],
+        inputs_dir: "nix/store".into(),
+        outputs: vec![format!("nix/store/{x}-hello")],
+        environment_vars: env_vars
+            .iter()
+            .map(|(k, v)| pb2024::build_request::EnvVar {
+                key: (*k).into(),
+                value: Bytes::from(v.to_string()),
+            })
+            .collect(),
+        constraints: Some(pb2024::build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }),
+        additional_files: vec![],
+        refscan_needles: vec![x.into(), "7777777777777777777777777777777z".into()],
+    };
+    let mut client = pb2024::build_service_client::BuildServiceClient::new(channel.clone());
+    let build = client.do_build(req.clone()).await.unwrap().into_inner();
+    assert_eq!(build.outputs.len(), 1);
+    let node = file_node(&build.outputs[0]);
+    assert!(node.name.is_empty(), "anonymous: {:?}", node.name);
+    let blobs = GrpcBlobService::new(channel.clone());
+    let content = read_to_vec(&blobs, &B3Digest::try_from(&node.digest[..]).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(content, format!("hi {out}\n").as_bytes());
+    assert_eq!(build.outputs_needles.len(), 1);
+    assert_eq!(build.outputs_needles[0].needles, [0]);
+
+    // provide_bin_sh and network_access are refused unless the operator offers them.
+    let mut r = req.clone();
+    r.constraints.as_mut().unwrap().provide_bin_sh = true;
+    let s = client.do_build(r).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(s.message().contains("provide_bin_sh"), "{}", s.message());
+    let mut r = req.clone();
+    r.constraints.as_mut().unwrap().network_access = true;
+    let s = client.do_build(r).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(s.message().contains("network_access"), "{}", s.message());
+    let mut r = req;
+    r.working_dir = "/build".into();
+    let s = client.do_build(r).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("working_dir"), "{}", s.message());
+    drop(server);
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_refuses_a_client_without_a_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        (
+            p.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server_cert, server_key) = issue("localhost");
+    let (client_cert, client_key) = issue("alice");
+    let write = |n: &str, s: &str| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, s).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (sc, sk, cac) = (
+        write("server.pem", &server_cert),
+        write("server.key", &server_key),
+        write("ca.pem", &ca.pem()),
+    );
+
+    // The castore alone (no kernel/agent) is enough to test the transport.
+    let port = free_port();
+    let store = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
+        .args(["serve", "--store"])
+        .arg(store.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &sc,
+            "--tls-key",
+            &sk,
+        ])
+        .args(["--tls-client-ca", &cac])
+        .env_remove("TVIX_BUILD_VM_KERNEL")
+        .env_remove("TVIX_BUILD_VM_AGENT")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let endpoint = |identity: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca.pem()))
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    };
+    let anonymous = match endpoint(None).connect().await {
+        Err(e) => Err(e.to_string()),
+        Ok(ch) => {
+            use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+            HealthClient::new(ch)
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    };
+    assert!(
+        anonymous.is_err(),
+        "a client without a certificate got through"
+    );
+
+    let ch = endpoint(Some(Identity::from_pem(client_cert, client_key)))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(health(ch, "tvix.castore.v1.BlobService").await, 1);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(child.wait().unwrap().success());
+}
