@@ -331,6 +331,9 @@ pub enum InfraError {
         expected: castore::B3Digest,
         root: castore::B3Digest,
     },
+    /// The harvest deadline fired while the host waited on the castore, not on the guest.
+    #[error("castore: {what} did not finish before the harvest deadline of {after:?}: the castore stalls")]
+    CastoreStalled { what: &'static str, after: Duration },
     #[error("writing a blob ({at})")]
     BlobWrite {
         at: Box<Location>,

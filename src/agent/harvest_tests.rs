@@ -599,3 +599,101 @@ mod random {
         }
     }
 }
+
+/// A blob service whose writers never open: a castore that stalls.
+struct StallingBlobs;
+
+#[async_trait::async_trait]
+impl BlobService for StallingBlobs {
+    async fn has(&self, _digest: &B3Digest) -> Result<bool, crate::castore::Error> {
+        Ok(false)
+    }
+    async fn open_read(
+        &self,
+        _digest: &B3Digest,
+    ) -> Result<Option<Box<dyn crate::castore::BlobReader>>, crate::castore::Error> {
+        Ok(None)
+    }
+    async fn open_write(
+        &self,
+    ) -> Result<Box<dyn crate::castore::BlobWriter>, crate::castore::Error> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_castore_is_blamed_when_the_harvest_deadline_fires() {
+    let mut msgs = vec![hello(), exited_code(0), start(0)];
+    msgs.extend(file(b"", b"data", false));
+    msgs.push(done());
+    let greeted = accept_hello(
+        fake_guest(wire(&msgs), true),
+        SessionLimits::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = Job {
+        outputs: vec!["/nix/store/out".into()],
+        ..Default::default()
+    };
+    let mut running = greeted.send_job(job).await.unwrap();
+    let status = running.run(&mut DiscardLog).await.unwrap();
+    let limits = HarvestLimits {
+        deadline: Duration::from_secs(7),
+        ..HarvestLimits::default()
+    };
+    let dirs = RecordingDirs::default();
+    let err = running
+        .harvest(&status, &StallingBlobs, &dirs, &limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Infra(InfraError::CastoreStalled {
+                what: "opening a blob for writing",
+                after
+            }) if after == Duration::from_secs(7)
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), crate::agent::ErrorClass::Infrastructure);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_guest_is_blamed_when_the_harvest_deadline_fires() {
+    let msgs = vec![hello(), exited_code(0), start(0)];
+    let greeted = accept_hello(
+        fake_guest(wire(&msgs), true),
+        SessionLimits::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = Job {
+        outputs: vec!["/nix/store/out".into()],
+        ..Default::default()
+    };
+    let mut running = greeted.send_job(job).await.unwrap();
+    let status = running.run(&mut DiscardLog).await.unwrap();
+    let limits = HarvestLimits {
+        deadline: Duration::from_secs(7),
+        ..HarvestLimits::default()
+    };
+    let (blobs, dirs) = (MemoryBlobService::new(), RecordingDirs::default());
+    let err = running
+        .harvest(&status, &blobs, &dirs, &limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout(Timeout {
+                which: DeadlineKind::Harvest,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}

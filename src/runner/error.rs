@@ -48,7 +48,7 @@ pub enum RunError {
     Spec(#[from] SpecError),
     #[error("starting the VM")]
     Launch(#[from] LaunchError),
-    #[error("the VM ended before the build did ({status:?}) while {during}")]
+    #[error("the VM ended before the build did while {during}: {status}")]
     VmDied {
         status: VmStatus,
         during: &'static str,
