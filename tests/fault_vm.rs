@@ -159,7 +159,7 @@ impl CastoreServer {
         let dir = tempfile::Builder::new()
             .prefix("tbv-cas-")
             .tempdir_in("/tmp")
-            .unwrap();
+            .expect("castore dir");
         let socket = dir.path().join("castore.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
             .arg("serve")
