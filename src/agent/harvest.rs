@@ -31,6 +31,8 @@ use tvix_build_vm_agent::proto::{guest_message::Msg, Entry, EntryKind};
 
 /// How much of a guest-sent name goes into an error message.
 const SHOWN_NAME_BYTES: usize = 300;
+/// Roughly how much of a path inside an output goes into an error message.
+const SHOWN_PATH_BYTES: usize = 1024;
 
 /// The castore calls of a harvest, for [`InfraError::CastoreStalled`]: a harvest deadline
 /// that fires while one of these is pending blames the castore, not the guest.
@@ -76,6 +78,7 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
         metadata_bytes: 0,
         last_file: None,
         pending: &pending,
+        empty_blob: None,
     };
     let result = tokio::time::timeout(limits.deadline, harvester.all()).await;
     result.map_err(
@@ -140,6 +143,9 @@ struct Harvester<'a, S> {
     last_file: Option<(u32, Option<PathComponent>, u64)>,
     /// The castore call in progress (an index into [`CASTORE_OPS`]), or [`NO_OP`].
     pending: &'a AtomicUsize,
+    /// The empty blob, once stored by this harvest: later empty files reuse it instead of
+    /// costing the castore a write each (a guest can send a million of them).
+    empty_blob: Option<B3Digest>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
@@ -300,6 +306,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             ));
         }
         self.bytes = total;
+        if let (0, Some(digest)) = (size, self.empty_blob) {
+            self.last_file = Some((place.index, name, 0));
+            return Ok(Node::File {
+                digest,
+                size: 0,
+                executable: entry.executable,
+            });
+        }
         let mut writer = self
             .castore(OPEN_BLOB, self.blobs.open_write())
             .await
@@ -348,6 +362,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 at: Some(self.location(place)),
                 source: Box::new(source),
             })?;
+        if size == 0 {
+            self.empty_blob = Some(digest);
+        }
         self.last_file = Some((place.index, name, size));
         Ok(Node::File {
             digest,
@@ -538,13 +555,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     }
 
     fn location(&self, place: Place<'_>) -> Box<Location> {
-        let mut shown = String::new();
-        for component in place.path.iter().map(|c| c.as_bytes()).chain(place.name) {
-            if !shown.is_empty() {
-                shown.push('/');
+        // The innermost components say the most; a deep path keeps only its end, so that a
+        // hostile tree (256 levels of 255-byte names) cannot make one error 64 KiB long.
+        let mut parts = Vec::new();
+        let mut len = 0;
+        for component in place
+            .path
+            .iter()
+            .map(|c| c.as_bytes())
+            .chain(place.name)
+            .rev()
+        {
+            if len > SHOWN_PATH_BYTES {
+                parts.push("...".to_owned());
+                break;
             }
-            shown.push_str(&show_bytes(component, SHOWN_NAME_BYTES));
+            let part = show_bytes(component, SHOWN_NAME_BYTES);
+            len += part.len() + 1;
+            parts.push(part);
         }
+        parts.reverse();
+        let shown = parts.join("/");
         Box::new(Location {
             index: place.index,
             output: self

@@ -211,8 +211,23 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
 /// Runs `cmd` (the `build` CLI of `env`), measuring it (see the module docs).
 pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // The CLI in its own process group, so a test can signal it alone.
-    cmd.process_group(0);
+    // If the test dies (a harness timeout), the CLI dies with it (and its VMs with it).
+    // SAFETY: the closure runs between fork and exec and only makes the prctl syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawning tvix-build-vm");
     let pid = child.id() as i32;
