@@ -161,8 +161,8 @@ impl CastoreServer {
             .tempdir_in("/tmp")
             .expect("castore dir");
         let socket = dir.path().join("castore.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"));
+        cmd.arg("serve")
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--store")
@@ -172,9 +172,9 @@ impl CastoreServer {
             .env("TVIX_BUILD_VM_RUNTIME_DIR", env.runtime.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the castore server");
+            .stderr(Stdio::null());
+        hostile_support::die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("starting the castore server");
         let started = Instant::now();
         while !socket.exists() {
             assert!(
@@ -263,4 +263,56 @@ fn a_castore_that_stalls_mid_build_is_named_at_the_harvest_deadline() {
         "did not finish before the harvest deadline of 10s: the castore stalls",
     );
     cost.assert_within(Duration::from_secs(60), 64);
+}
+
+#[test]
+fn a_castore_that_stalls_before_the_build_is_named_and_no_vm_starts() {
+    let env = Env::new();
+    let server = CastoreServer::start(&env);
+    let addr = server.addr();
+    // busybox in the server's castore, named in a request file.
+    let out = env
+        .command()
+        .args(["store", "import", "--blob-service-addr", &addr])
+        .args(["--directory-service-addr", &addr, BUSYBOX])
+        .output()
+        .expect("store import");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node: serde_json::Value = serde_json::from_slice(&out.stdout).expect("node JSON");
+    let dir = tempfile::tempdir().expect("request dir");
+    let req = dir.path().join("req.json");
+    let json = serde_json::json!({
+        "commandArgs": [SH, "true"],
+        "inputs": [node],
+        "constraints": {"system": "x86_64-linux"},
+    });
+    std::fs::write(&req, json.to_string()).expect("request file");
+
+    signal(server.pid(), "-STOP");
+    let mut cmd = env.command();
+    cmd.arg("build")
+        .arg("-q")
+        .args([
+            "--blob-service-addr",
+            &addr,
+            "--directory-service-addr",
+            &addr,
+        ])
+        .args(["--castore-timeout", "3s", "--request"])
+        .arg(&req);
+    let (run, cost) = measured(&env, cmd);
+    eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
+    hostile_support::record("castore server -STOP before the build", &run, &cost);
+    run.assert_failed(
+        INFRASTRUCTURE,
+        "the castore did not answer within 3s while checking the inputs: it stalls",
+    );
+    assert_eq!(cost.vm_procs_max, 0, "a VM started: {}", cost.summary());
+    cost.assert_within(Duration::from_secs(30), 64);
+    drop(server);
+    env.assert_clean();
 }

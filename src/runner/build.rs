@@ -66,7 +66,16 @@ impl Runner {
         let started = Instant::now();
         let config = &self.config;
         let shape = config.offer.shape_for(req)?;
-        inputs::resolve(&req.inputs, &*self.blobs, &*self.dirs).await?;
+        let after = config.deadlines.castore;
+        tokio::time::timeout(
+            after,
+            inputs::resolve(&req.inputs, &*self.blobs, &*self.dirs),
+        )
+        .await
+        .map_err(|_elapsed| RunError::CastoreStalled {
+            what: "checking the inputs",
+            after,
+        })??;
 
         let rt = RuntimeDir::create(&config.runtime_root, id)?;
         let root_file = rt.join("inputs.dir");

@@ -208,10 +208,9 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     }
 }
 
-/// Runs `cmd` (the `build` CLI of `env`), measuring it (see the module docs).
-pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // If the test dies (a harness timeout), the CLI dies with it (and its VMs with it).
+/// If the test dies (a harness timeout), the process started from `cmd` dies with it (and
+/// its VMs with it, through their own parent-death signal).
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs between fork and exec and only makes the prctl syscall.
     unsafe {
         cmd.pre_exec(|| {
@@ -228,6 +227,12 @@ pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
             Ok(())
         });
     }
+}
+
+/// Runs `cmd` (the `build` CLI of `env`), measuring it (see the module docs).
+pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawning tvix-build-vm");
     let pid = child.id() as i32;
