@@ -7,8 +7,9 @@
 //! [`Scenario::parse`]; each is what a compromised guest kernel or agent could send.
 //!
 //! After misbehaving, most scenarios hold the VM (never power off), the worst case for the
-//! host, which must then kill the VM itself. Scenarios that end the stream (`*-close`,
-//! `stop-mid-file`) power off after closing, as a guest that crashes would.
+//! host, which must then kill the VM itself. `lying-length-close` and `stop-mid-file` close
+//! the stream and power off, as a guest that crashes would; `symlink-escape` powers off after
+//! a valid conversation, so that its build succeeds without waiting for the host's deadline.
 
 #[allow(
     dead_code,
