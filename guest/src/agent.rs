@@ -25,8 +25,12 @@ use crate::job::JobSpec;
 use crate::{logs, net, outputs, sandbox, sys};
 
 /// How long the agent waits, after its last message, for the host to close the connection.
-/// Powering off at once could drop data still queued in the guest's vsock transport.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Powering off at once could drop data still queued in the guest's vsock transport, and so
+/// could any wait shorter than the host's own: a host that is slow to store the last output
+/// (a remote or busy castore) would find the VM gone and the end of the outputs lost. The
+/// host bounds this wait itself (harvest and shutdown deadlines, then it kills the VM), so
+/// the agent's bound only guards against a host that forgot the VM.
+const CLOSE_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The host connection's descriptor, for the panic hook; -1 before it exists.
 static CONN_FD: AtomicI32 = AtomicI32::new(-1);

@@ -18,8 +18,10 @@ use tvix_build_vm_agent::frame::FrameError;
 /// Everything a [`super::Session`] can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Not a `#[source]`: the message already names the failure, and an error chain would
+    /// name it twice.
     #[error("the build failed: {0}")]
-    Build(#[from] BuildFailure),
+    Build(BuildFailure),
     #[error(transparent)]
     Timeout(#[from] Timeout),
     #[error(transparent)]
@@ -30,6 +32,12 @@ pub enum Error {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Infra(#[from] InfraError),
+}
+
+impl From<BuildFailure> for Error {
+    fn from(failure: BuildFailure) -> Self {
+        Error::Build(failure)
+    }
 }
 
 /// Whose fault an [`Error`] is.
@@ -323,6 +331,9 @@ pub enum InfraError {
         expected: castore::B3Digest,
         root: castore::B3Digest,
     },
+    /// The harvest deadline fired while the host waited on the castore, not on the guest.
+    #[error("castore: {what} did not finish before the harvest deadline of {after:?}: the castore stalls")]
+    CastoreStalled { what: &'static str, after: Duration },
     #[error("writing a blob ({at})")]
     BlobWrite {
         at: Box<Location>,
@@ -394,6 +405,16 @@ mod tests {
         assert_eq!(
             Error::from(BuildFailure::ExitCode(1)).class(),
             ErrorClass::BuildFailed
+        );
+    }
+
+    #[test]
+    fn a_build_failure_is_named_once_in_the_error_chain() {
+        let e = Error::from(BuildFailure::ExitCode(3));
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            "the build failed: the command exited with code 3"
         );
     }
 

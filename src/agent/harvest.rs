@@ -25,11 +25,31 @@ use super::session::agent_failure;
 use crate::castore::directory::{Directory, Node, PathComponent, SymlinkTarget};
 use crate::castore::{B3Digest, BlobService, DirectoryPutter, DirectoryService};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tvix_build_vm_agent::proto::{guest_message::Msg, Entry, EntryKind};
 
 /// How much of a guest-sent name goes into an error message.
 const SHOWN_NAME_BYTES: usize = 300;
+/// Roughly how much of a path inside an output goes into an error message.
+const SHOWN_PATH_BYTES: usize = 1024;
+
+/// The castore calls of a harvest, for [`InfraError::CastoreStalled`]: a harvest deadline
+/// that fires while one of these is pending blames the castore, not the guest.
+const CASTORE_OPS: [&str; 5] = [
+    "opening a blob for writing",
+    "writing a blob",
+    "storing a blob",
+    "storing a directory",
+    "storing the output's directories",
+];
+const OPEN_BLOB: usize = 0;
+const WRITE_BLOB: usize = 1;
+const CLOSE_BLOB: usize = 2;
+const PUT_DIRECTORY: usize = 3;
+const CLOSE_DIRECTORIES: usize = 4;
+/// Nothing of the castore's is pending.
+const NO_OP: usize = usize::MAX;
 
 /// Receives every output of the job (in order, then OutputsDone) and stores it. Returns one
 /// entry per output: its root node, or `None` if the guest reported it missing.
@@ -45,6 +65,7 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
         which: DeadlineKind::Harvest,
         after: limits.deadline,
     };
+    let pending = AtomicUsize::new(NO_OP);
     let mut harvester = Harvester {
         conn,
         outputs,
@@ -56,10 +77,19 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
         bytes: 0,
         metadata_bytes: 0,
         last_file: None,
+        pending: &pending,
+        empty_blob: None,
     };
-    tokio::time::timeout(limits.deadline, harvester.all())
-        .await
-        .map_err(|_elapsed| Error::from(timeout))?
+    let result = tokio::time::timeout(limits.deadline, harvester.all()).await;
+    result.map_err(
+        |_elapsed| match CASTORE_OPS.get(pending.load(Ordering::Relaxed)) {
+            Some(what) => Error::from(InfraError::CastoreStalled {
+                what,
+                after: limits.deadline,
+            }),
+            None => Error::from(timeout),
+        },
+    )?
 }
 
 /// A directory being received.
@@ -111,9 +141,22 @@ struct Harvester<'a, S> {
     /// (`None` for an output's root) and announced size. A FileChunk now means that file
     /// was longer than announced.
     last_file: Option<(u32, Option<PathComponent>, u64)>,
+    /// The castore call in progress (an index into [`CASTORE_OPS`]), or [`NO_OP`].
+    pending: &'a AtomicUsize,
+    /// The empty blob, once stored by this harvest: later empty files reuse it instead of
+    /// costing the castore a write each (a guest can send a million of them).
+    empty_blob: Option<B3Digest>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
+    /// Awaits a castore call, noting it as pending meanwhile (see [`CASTORE_OPS`]).
+    async fn castore<T>(&self, op: usize, call: impl std::future::Future<Output = T>) -> T {
+        self.pending.store(op, Ordering::Relaxed);
+        let out = call.await;
+        self.pending.store(NO_OP, Ordering::Relaxed);
+        out
+    }
+
     async fn all(&mut self) -> Result<Vec<Option<Node>>, Error> {
         let mut nodes = Vec::with_capacity(self.outputs.len());
         let mut pending = Vec::new();
@@ -143,9 +186,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         }
         for mut root in pending {
             let at = self.location(Place::root(root.index));
-            let got = root
-                .putter
-                .close()
+            let got = self
+                .castore(CLOSE_DIRECTORIES, root.putter.close())
                 .await
                 .map_err(|source| InfraError::Castore {
                     what: "storing the output's directories",
@@ -264,9 +306,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             ));
         }
         self.bytes = total;
+        if let (0, Some(digest)) = (size, self.empty_blob) {
+            self.last_file = Some((place.index, name, 0));
+            return Ok(Node::File {
+                digest,
+                size: 0,
+                executable: entry.executable,
+            });
+        }
         let mut writer = self
-            .blobs
-            .open_write()
+            .castore(OPEN_BLOB, self.blobs.open_write())
             .await
             .map_err(|source| InfraError::Castore {
                 what: "opening a blob for writing",
@@ -296,17 +345,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             if len > size - received {
                 return Err(self.violation(place, TreeViolation::FileTooLong { announced: size }));
             }
-            if let Err(source) = writer.write_all(&chunk.data).await {
+            if let Err(source) = self
+                .castore(WRITE_BLOB, writer.write_all(&chunk.data))
+                .await
+            {
                 let at = self.location(place);
                 return Err(InfraError::BlobWrite { at, source }.into());
             }
             received += len;
         }
-        let digest = writer.close().await.map_err(|source| InfraError::Castore {
-            what: "storing a blob",
-            at: Some(self.location(place)),
-            source: Box::new(source),
-        })?;
+        let digest = self
+            .castore(CLOSE_BLOB, writer.close())
+            .await
+            .map_err(|source| InfraError::Castore {
+                what: "storing a blob",
+                at: Some(self.location(place)),
+                source: Box::new(source),
+            })?;
+        if size == 0 {
+            self.empty_blob = Some(digest);
+        }
         self.last_file = Some((place.index, name, size));
         Ok(Node::File {
             digest,
@@ -431,8 +489,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         dir: Directory,
     ) -> Result<(B3Digest, u64), Error> {
         let named = (dir.digest(), dir.size());
-        putter
-            .put(dir)
+        self.castore(PUT_DIRECTORY, putter.put(dir))
             .await
             .map_err(|source| InfraError::Castore {
                 what: "storing a directory",
@@ -498,13 +555,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     }
 
     fn location(&self, place: Place<'_>) -> Box<Location> {
-        let mut shown = String::new();
-        for component in place.path.iter().map(|c| c.as_bytes()).chain(place.name) {
-            if !shown.is_empty() {
-                shown.push('/');
+        // The innermost components say the most; a deep path keeps only its end, so that a
+        // hostile tree (256 levels of 255-byte names) cannot make one error 64 KiB long.
+        let mut parts = Vec::new();
+        let mut len = 0;
+        for component in place
+            .path
+            .iter()
+            .map(|c| c.as_bytes())
+            .chain(place.name)
+            .rev()
+        {
+            if len > SHOWN_PATH_BYTES {
+                parts.push("...".to_owned());
+                break;
             }
-            shown.push_str(&show_bytes(component, SHOWN_NAME_BYTES));
+            let part = show_bytes(component, SHOWN_NAME_BYTES);
+            len += part.len() + 1;
+            parts.push(part);
         }
+        parts.reverse();
+        let shown = parts.join("/");
         Box::new(Location {
             index: place.index,
             output: self

@@ -325,6 +325,27 @@ async fn depth_is_bounded() {
 }
 
 #[tokio::test]
+async fn a_deep_location_keeps_only_its_end() {
+    let name = [b'n'; 255];
+    let mut deep = Vec::new();
+    for _ in 0..40 {
+        deep.push(dir(&name));
+    }
+    deep.push(dir(b"last"));
+    let limits = HarvestLimits {
+        max_depth: 41,
+        ..Default::default()
+    };
+    let err = failing(deep, limits).await;
+    let Error::Limit(LimitExceeded { at: Some(at), .. }) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(at.path.starts_with(".../"), "{}", at.path);
+    assert!(at.path.ends_with("/last"), "{}", at.path);
+    assert!(at.path.len() < 1024 + 2 * 256, "{} bytes", at.path.len());
+}
+
+#[tokio::test]
 async fn the_entry_count_is_bounded() {
     let limits = HarvestLimits {
         max_entries: 3,
@@ -598,4 +619,174 @@ mod random {
             }
         }
     }
+}
+
+/// A blob service whose writers never open: a castore that stalls.
+struct StallingBlobs;
+
+#[async_trait::async_trait]
+impl BlobService for StallingBlobs {
+    async fn has(&self, _digest: &B3Digest) -> Result<bool, crate::castore::Error> {
+        Ok(false)
+    }
+    async fn open_read(
+        &self,
+        _digest: &B3Digest,
+    ) -> Result<Option<Box<dyn crate::castore::BlobReader>>, crate::castore::Error> {
+        Ok(None)
+    }
+    async fn open_write(
+        &self,
+    ) -> Result<Box<dyn crate::castore::BlobWriter>, crate::castore::Error> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_castore_is_blamed_when_the_harvest_deadline_fires() {
+    let mut msgs = vec![hello(), exited_code(0), start(0)];
+    msgs.extend(file(b"", b"data", false));
+    msgs.push(done());
+    let greeted = accept_hello(
+        fake_guest(wire(&msgs), true),
+        SessionLimits::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = Job {
+        outputs: vec!["/nix/store/out".into()],
+        ..Default::default()
+    };
+    let mut running = greeted.send_job(job).await.unwrap();
+    let status = running.run(&mut DiscardLog).await.unwrap();
+    let limits = HarvestLimits {
+        deadline: Duration::from_secs(7),
+        ..HarvestLimits::default()
+    };
+    let dirs = RecordingDirs::default();
+    let err = running
+        .harvest(&status, &StallingBlobs, &dirs, &limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Infra(InfraError::CastoreStalled {
+                what: "opening a blob for writing",
+                after
+            }) if after == Duration::from_secs(7)
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), crate::agent::ErrorClass::Infrastructure);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_guest_is_blamed_when_the_harvest_deadline_fires() {
+    let msgs = vec![hello(), exited_code(0), start(0)];
+    let greeted = accept_hello(
+        fake_guest(wire(&msgs), true),
+        SessionLimits::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = Job {
+        outputs: vec!["/nix/store/out".into()],
+        ..Default::default()
+    };
+    let mut running = greeted.send_job(job).await.unwrap();
+    let status = running.run(&mut DiscardLog).await.unwrap();
+    let limits = HarvestLimits {
+        deadline: Duration::from_secs(7),
+        ..HarvestLimits::default()
+    };
+    let (blobs, dirs) = (MemoryBlobService::new(), RecordingDirs::default());
+    let err = running
+        .harvest(&status, &blobs, &dirs, &limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout(Timeout {
+                which: DeadlineKind::Harvest,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+/// A memory blob service that counts the writers it opens.
+#[derive(Default)]
+struct CountingBlobs {
+    inner: MemoryBlobService,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl BlobService for CountingBlobs {
+    async fn has(&self, digest: &B3Digest) -> Result<bool, crate::castore::Error> {
+        self.inner.has(digest).await
+    }
+    async fn open_read(
+        &self,
+        digest: &B3Digest,
+    ) -> Result<Option<Box<dyn crate::castore::BlobReader>>, crate::castore::Error> {
+        self.inner.open_read(digest).await
+    }
+    async fn open_write(
+        &self,
+    ) -> Result<Box<dyn crate::castore::BlobWriter>, crate::castore::Error> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.open_write().await
+    }
+}
+
+#[tokio::test]
+async fn empty_files_cost_the_castore_one_write_per_harvest() {
+    let mut children = Vec::new();
+    for name in [&b"a"[..], b"b", b"c"] {
+        children.extend(file(name, b"", false));
+    }
+    children.extend(file(b"d", b"data", false));
+    let mut msgs = vec![hello(), exited_code(0)];
+    msgs.extend(one_dir(children));
+    let greeted = accept_hello(
+        fake_guest(wire(&msgs), false),
+        SessionLimits::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = Job {
+        outputs: vec!["/nix/store/out".into()],
+        ..Default::default()
+    };
+    let mut running = greeted.send_job(job).await.unwrap();
+    let status = running.run(&mut DiscardLog).await.unwrap();
+    let blobs = CountingBlobs::default();
+    let dirs = RecordingDirs::default();
+    let nodes = running
+        .harvest(&status, &blobs, &dirs, &HarvestLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(blobs.writes.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let empty = B3Digest::from(blake3::hash(b""));
+    assert_eq!(blob(&blobs.inner, &empty).await.as_deref(), Some(&b""[..]));
+    // The same tree as if every file had been written.
+    let mut want = Directory::default();
+    for name in ["a", "b", "c"] {
+        want.try_insert(self::name(name), file_node(b"", false))
+            .unwrap();
+    }
+    want.try_insert(self::name("d"), file_node(b"data", false))
+        .unwrap();
+    assert!(
+        matches!(&nodes[0], Some(Node::Directory { digest, .. }) if *digest == want.digest()),
+        "{nodes:?}"
+    );
 }

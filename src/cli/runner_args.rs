@@ -84,6 +84,9 @@ pub struct RunnerArgs {
     /// The longest the command may stay silent (no stdout/stderr); off unless given.
     #[arg(long, value_parser = parse_duration)]
     pub silence_timeout: Option<Duration>,
+    /// The longest the castore may take to confirm a build's inputs before its VM starts.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub castore_timeout: Duration,
     /// The longest the output transfer may take.
     #[arg(long, value_parser = parse_duration, default_value = "30m")]
     pub harvest_timeout: Duration,
@@ -251,6 +254,7 @@ impl RunnerArgs {
             },
             deadlines: Deadlines {
                 boot: self.boot_timeout,
+                castore: self.castore_timeout,
                 ..Deadlines::default()
             },
             session_limits: SessionLimits {

@@ -66,7 +66,16 @@ impl Runner {
         let started = Instant::now();
         let config = &self.config;
         let shape = config.offer.shape_for(req)?;
-        inputs::resolve(&req.inputs, &*self.blobs, &*self.dirs).await?;
+        let after = config.deadlines.castore;
+        tokio::time::timeout(
+            after,
+            inputs::resolve(&req.inputs, &*self.blobs, &*self.dirs),
+        )
+        .await
+        .map_err(|_elapsed| RunError::CastoreStalled {
+            what: "checking the inputs",
+            after,
+        })??;
 
         let rt = RuntimeDir::create(&config.runtime_root, id)?;
         let root_file = rt.join("inputs.dir");
@@ -144,6 +153,9 @@ impl Runner {
             },
             exit = vm.wait() => return Err(vm_died(&vm, exit, "booting")),
         };
+        // The agent's one connection is made: stop listening, so that nothing else in the
+        // guest (the build itself) can open another to the host.
+        drop(listener);
         let remaining = boot_deadline.saturating_duration_since(Instant::now());
         let greeted = tokio::select! {
             r = accept_hello(stream, config.session_limits.clone(), remaining) => {

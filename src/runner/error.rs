@@ -26,6 +26,8 @@ pub enum Fault {
 pub enum RunError {
     #[error(transparent)]
     Unsatisfiable(#[from] Unsatisfiable),
+    #[error("the castore did not answer within {after:?} while {what}: it stalls")]
+    CastoreStalled { what: &'static str, after: Duration },
     #[error("input {name} ({digest}) is not in the castore")]
     MissingInput { name: String, digest: B3Digest },
     #[error("resolving input {name}")]
@@ -48,7 +50,7 @@ pub enum RunError {
     Spec(#[from] SpecError),
     #[error("starting the VM")]
     Launch(#[from] LaunchError),
-    #[error("the VM ended before the build did ({status:?}) while {during}")]
+    #[error("the VM ended before the build did while {during}: {status}")]
     VmDied {
         status: VmStatus,
         during: &'static str,
@@ -84,6 +86,7 @@ impl RunError {
                 agent::ErrorClass::Infrastructure => Fault::Infrastructure,
             },
             RunError::ResolveInput { .. }
+            | RunError::CastoreStalled { .. }
             | RunError::RuntimeDir(_)
             | RunError::Setup { .. }
             | RunError::FsDaemon { .. }

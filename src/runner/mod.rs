@@ -35,6 +35,9 @@ pub struct Deadlines {
     pub shutdown: Duration,
     /// For the virtio-fs daemon to listen.
     pub helper_start: Duration,
+    /// For the castore to confirm the inputs before the VM starts: a stalled castore must
+    /// not hold a build (and its admission slot) forever.
+    pub castore: Duration,
 }
 
 impl Default for Deadlines {
@@ -43,6 +46,7 @@ impl Default for Deadlines {
             boot: Duration::from_secs(30),
             shutdown: Duration::from_secs(10),
             helper_start: Duration::from_secs(10),
+            castore: Duration::from_secs(60),
         }
     }
 }

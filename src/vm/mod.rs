@@ -340,6 +340,20 @@ pub enum VmStatus {
     Killed,
 }
 
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmStatus::Exited(code) => write!(f, "the VMM exited with code {code}"),
+            VmStatus::Signaled(signal) => write!(f, "the VMM was killed by signal {signal}"),
+            VmStatus::HelperFailed { helper, status } => {
+                write!(f, "the VM's {helper} failed ({status})")
+            }
+            VmStatus::DeadlineExceeded => f.write_str("the VM was killed at its deadline"),
+            VmStatus::Killed => f.write_str("the VM was killed"),
+        }
+    }
+}
+
 /// The end of a VM.
 #[derive(Debug, Clone)]
 pub struct VmExit {
