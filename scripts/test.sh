@@ -8,6 +8,8 @@ eval "$(scripts/install-deps.sh --print-env)"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The test-only hostile agent is behind a feature; lint it too.
+cargo clippy -p tvix-build-vm-agent --features hostile --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --profile ci
 nix-instantiate --parse default.nix > /dev/null
 echo "test.sh: all checks passed"
