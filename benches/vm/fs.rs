@@ -112,7 +112,7 @@ pub async fn run(env: &Env, svc: &Service, sizes: &FsSizes) -> anyhow::Result<Ve
             "--max-handles",
             &daemon.max_handles.to_string(),
         ]);
-    group.spawn("fs-daemon", cmd, Stdout::Log)?;
+    let ours_id = group.spawn("fs-daemon", cmd, Stdout::Log)?;
     let peer_sock = rt.join("passthru.sock");
     let mut cmd = tokio::process::Command::new(virtiofsd);
     cmd.arg("--shared-dir")
@@ -128,9 +128,13 @@ pub async fn run(env: &Env, svc: &Service, sizes: &FsSizes) -> anyhow::Result<Ve
             "--log-level",
             "error",
         ]);
-    group.spawn("virtiofsd", cmd, Stdout::Log)?;
-    wait_listening(&ours_sock, Duration::from_secs(20)).await?;
-    wait_listening(&peer_sock, Duration::from_secs(20)).await?;
+    let peer_id = group.spawn("virtiofsd", cmd, Stdout::Log)?;
+    for (sock, id) in [(&ours_sock, ours_id), (&peer_sock, peer_id)] {
+        if let Err(e) = wait_listening(sock, Duration::from_secs(20)).await {
+            let log = tvix_build_vm::vm::logsink::tail(&group.log_path(id), 4096);
+            bail!("{e:#}; {}: {log}", group.name(id));
+        }
+    }
 
     let spec = LaunchSpec::new(LaunchConfig {
         kernel: env.kernel.clone(),

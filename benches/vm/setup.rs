@@ -171,22 +171,26 @@ pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Whether a unix socket at `path` is listening (not merely bound): a vhost-user front end
-/// connecting between bind() and listen() would be refused. Listening sockets carry
-/// `__SO_ACCEPTCON` (0x10000) in /proc/net/unix.
+/// Whether a unix socket at `path` is ready for a vhost-user front end: it exists, and it is
+/// not merely bound (a connection between bind() and listen() would be refused). Listening
+/// sockets carry `__SO_ACCEPTCON` (0x10000) in /proc/net/unix; a socket bound elsewhere and
+/// renamed into place after listen() (as our fs-daemon does) is not listed under `path`,
+/// and its existence is enough.
 pub fn is_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return path.exists();
-    };
-    let Some(path) = path.to_str() else {
+    if !path.exists() {
         return false;
+    }
+    let (Ok(table), Some(path)) = (std::fs::read_to_string("/proc/net/unix"), path.to_str()) else {
+        return true;
     };
-    table.lines().skip(1).any(|line| {
+    let mut listed = table.lines().skip(1).filter_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() == 8
-            && f[7] == path
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
-    })
+        (f.len() == 8 && f[7] == path).then(|| u32::from_str_radix(f[3], 16).unwrap_or(0))
+    });
+    match listed.next() {
+        Some(flags) => flags & 0x10000 != 0,
+        None => true,
+    }
 }
 
 /// Waits up to `limit` for `path` to listen.
