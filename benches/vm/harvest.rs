@@ -11,7 +11,6 @@ use crate::setup::{secs, Env};
 use crate::stats::ratios;
 use anyhow::{bail, Context};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tvix_build_vm::vm::process::ProcessGroup;
 use tvix_build_vm::vm::vsock::HostListener;
 use tvix_build_vm::vm::{HybridVsock, LaunchConfig, LaunchSpec, VmmBackend};
@@ -61,27 +60,42 @@ async fn raw_once(env: &Env, initrd: &std::path::Path, mib: usize) -> anyhow::Re
         .launch(&spec, ProcessGroup::new(dir.path()))
         .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let mut stream = tokio::select! {
+    let stream = tokio::select! {
         s = listener.accept(deadline) => s?,
         exit = vm.wait() => bail!("stream VM ended before connecting: {:?}; {}", exit?.status, vm.serial_tail(2048)),
     };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0usize;
-    let mut first: Option<Instant> = None;
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .context("reading the vsock stream")?;
-        if n == 0 {
-            break;
-        }
-        first.get_or_insert_with(Instant::now);
-        total += n;
-    }
-    let elapsed = first.map(|t| t.elapsed()).unwrap_or_default();
+    // Counted on a plain blocking thread with a read timeout; until the byte count, not
+    // EOF: vhost-device-vsock does not turn the guest's half-close into EOF.
+    let want = mib << 20;
+    let std_stream = stream.into_std().context("vsock stream")?;
+    let counted = tokio::task::spawn_blocking(
+        move || -> std::io::Result<(usize, Duration, std::os::unix::net::UnixStream)> {
+            use std::io::Read;
+            let mut s = std_stream;
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0usize;
+            let mut first: Option<Instant> = None;
+            while total < want {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                first.get_or_insert_with(Instant::now);
+                total += n;
+            }
+            Ok((total, first.map(|t| t.elapsed()).unwrap_or_default(), s))
+        },
+    )
+    .await
+    .context("the counting thread")?;
+    let (total, elapsed, stream) = counted.context("reading the vsock stream")?;
+    eprintln!("  [harvest] raw vsock: {total} bytes in {elapsed:?}");
     drop(stream);
-    let exit = vm.wait().await?;
+    let exit = tokio::time::timeout(Duration::from_secs(60), vm.wait())
+        .await
+        .context("the stream VM did not power off within 60 s")??;
     if total != mib << 20 || !exit.is_clean() {
         bail!(
             "vsock stream: {total} bytes, VM {:?}; {}",
@@ -100,6 +114,7 @@ pub async fn run(env: &Env, svc: &Service, mib: usize, reps: usize) -> anyhow::R
     for i in 0..reps {
         eprintln!("  [harvest] repetition {}/{reps}", i + 1);
         ours.push(harvest_once(svc, mib).await?);
+        eprintln!("  [harvest] harvest: {:.1} MiB/s", ours[ours.len() - 1]);
         raw.push(raw_once(env, &initrd, mib).await?);
     }
     Ok(vec![Row::new("harvest_vs_vsock", &format!("4. output harvest of a {mib} MiB file"), "MiB/s")
