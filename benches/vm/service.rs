@@ -141,9 +141,8 @@ impl Service {
             constraints: Some(pb::build_request::BuildConstraints {
                 system: "x86_64-linux".into(),
                 min_memory: min_memory_mib << 20,
-                ..Default::default()
+                available_ro_paths: vec![],
             }),
-            ..Default::default()
         };
         BuildRequest::try_from(wire).context("the bench's request is invalid")
     }
