@@ -1,0 +1,166 @@
+//! The service side of the trivial build: an embedded store (local blobs + redb), the
+//! castore served to the virtio-fs daemons over a private gRPC socket, and a [`Runner`],
+//! assembled as `tvix-build-vm serve` assembles them, except that the daemon program is the
+//! `tvix-build-vm` binary (this bench is not it).
+
+use crate::setup::Env;
+use anyhow::Context;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use tvix_build_vm::agent::{HarvestLimits, LogChunk, LogSink, SessionLimits};
+use tvix_build_vm::castore::blob::LocalBlobService;
+use tvix_build_vm::castore::directory_service::RedbDirectoryService;
+use tvix_build_vm::castore::import::import_path;
+use tvix_build_vm::castore::{BlobService, DirectoryService};
+use tvix_build_vm::proto::{build as pb, castore as castore_pb};
+use tvix_build_vm::request::BuildRequest;
+use tvix_build_vm::runner::constraints::HostOffer;
+use tvix_build_vm::runner::{
+    new_build_id, BuildOutcome, Deadlines, FsDaemonConfig, RunError, Runner, RunnerConfig,
+};
+use tvix_build_vm::server;
+
+/// Discards the build log (the runner keeps its tail for errors).
+pub struct NullSink;
+
+#[async_trait::async_trait]
+impl LogSink for NullSink {
+    async fn send(&mut self, _chunk: LogChunk) {}
+}
+
+pub struct Service {
+    pub runner: Arc<Runner>,
+    pub blobs: Arc<dyn BlobService>,
+    pub dirs: Arc<dyn DirectoryService>,
+    busybox: castore_pb::Node,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    /// Opens a fresh store under the scratch space, imports busybox and starts the runner.
+    pub async fn start(env: &Env, default_memory_mib: u32) -> anyhow::Result<Service> {
+        let store = env.scratch("store")?;
+        let blob_dir = store.join("blobs");
+        let blobs: Arc<dyn BlobService> =
+            Arc::new(LocalBlobService::open(&blob_dir).context("opening the bench's blob store")?);
+        let dirs: Arc<dyn DirectoryService> = Arc::new(
+            RedbDirectoryService::open(&store.join("directories.redb"))
+                .context("opening the bench's directory store")?,
+        );
+        let node = import_path(blobs.clone(), dirs.clone(), &env.busybox)
+            .await
+            .context("importing busybox")?;
+        let busybox = node.to_proto(Bytes::from_static(b"busybox"));
+
+        let runtime_root = env.scratch("rt")?;
+        let socket = runtime_root.join("castore.sock");
+        let router = server::router(blobs.clone(), dirs.clone()).await?;
+        let listener = server::Listener::bind(&server::ListenAddr::Unix(socket.clone())).await?;
+        let server = tokio::spawn(async move {
+            let _ = server::serve(router, listener, std::future::pending()).await;
+        });
+        let config = RunnerConfig {
+            kernel: env.kernel.clone(),
+            initrd: env.agent_initrd.clone(),
+            accel: env.accel,
+            vcpus: env.vcpus,
+            runtime_root,
+            offer: HostOffer {
+                systems: vec!["x86_64-linux".into()],
+                default_memory_mib,
+                max_memory_mib: 4096,
+                nested_virtualization: false,
+                allowed_ro_paths: vec![],
+            },
+            // Generous: other VMs may share this 2-core machine.
+            deadlines: Deadlines {
+                boot: Duration::from_secs(120),
+                ..Deadlines::default()
+            },
+            session_limits: SessionLimits::default(),
+            harvest_limits: HarvestLimits::default(),
+            fs_daemon: FsDaemonConfig {
+                program: env.cli.clone(),
+                blob_service_addr: format!("objectstore+file://{}", blob_dir.display()),
+                directory_service_addr: format!("grpc+unix://{}", socket.display()),
+                max_handles: 1024,
+            },
+        };
+        Ok(Service {
+            runner: Arc::new(Runner::new(
+                config,
+                env.qemu.clone(),
+                blobs.clone(),
+                dirs.clone(),
+            )),
+
+            blobs,
+            dirs,
+            busybox,
+            _server: server,
+        })
+    }
+
+    /// A seed-layout request like the CLI's: busybox as the only input, one output `out`
+    /// (the basename), Nix's default environment plus `out`.
+    pub fn request(
+        &self,
+        script: &str,
+        out: &str,
+        min_memory_mib: u64,
+    ) -> anyhow::Result<BuildRequest> {
+        let env_var = |k: &str, v: &str| pb::build_request::EnvVar {
+            key: k.to_owned(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+        };
+        let mut vars: Vec<_> = [
+            ("HOME", "/homeless-shelter"),
+            ("NIX_BUILD_CORES", "1"),
+            ("NIX_BUILD_TOP", "/build"),
+            ("NIX_STORE", "/nix/store"),
+            ("PATH", "/path-not-set"),
+            ("PWD", "/build"),
+            ("TMPDIR", "/build"),
+        ]
+        .iter()
+        .map(|(k, v)| env_var(k, v))
+        .collect();
+        vars.push(env_var("out", &format!("/nix/store/{out}")));
+        vars.sort_by(|a, b| a.key.cmp(&b.key));
+        let wire = pb::BuildRequest {
+            inputs: vec![self.busybox.clone()],
+            command_args: vec![
+                "/nix/store/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+            ],
+            outputs: vec![out.to_owned()],
+            environment_vars: vars,
+            constraints: Some(pb::build_request::BuildConstraints {
+                system: "x86_64-linux".into(),
+                min_memory: min_memory_mib << 20,
+                available_ro_paths: vec![],
+            }),
+        };
+        BuildRequest::try_from(wire).context("the bench's request is invalid")
+    }
+
+    /// Runs one build to its end.
+    pub async fn build(&self, req: &BuildRequest) -> Result<BuildOutcome, RunError> {
+        self.runner.build(&new_build_id(), req, &mut NullSink).await
+    }
+}
+
+/// An error and its causes on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

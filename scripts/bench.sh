@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the benchmark harness (issue 7) and prints its table; the JSON goes to
+# target/bench/latest.json (or --json PATH).
+#   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,micro] [--reps N]
+# Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside
+# the checkout, bubblewrap from Debian, plus the kernel and agent (scripts/install-deps.sh).
+# --quick: few repetitions and smaller files, a smoke run of a few minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+eval "$(scripts/install-deps.sh --print-env)"
+
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/tvix-build-vm/bench
+virtiofsd=$cache/virtiofsd/bin/virtiofsd
+if ! "$virtiofsd" --version 2>/dev/null | grep -qF 1.14.0; then
+  echo "bench: cargo install virtiofsd@1.14.0 into $cache/virtiofsd" >&2
+  mkdir -p "$cache"
+  cargo install --locked --quiet virtiofsd --version 1.14.0 \
+    --root "$cache/virtiofsd" --target-dir "$cache/virtiofsd-build" >&2
+fi
+if ! command -v bwrap >/dev/null; then
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends bubblewrap >&2
+fi
+export VIRTIOFSD=$virtiofsd
+export TVIX_BENCH_COMMAND="scripts/bench.sh $*"
+
+quick=""
+for a in "$@"; do [ "$a" = --quick ] && quick=--quick; done
+only=""
+prev=""
+for a in "$@"; do [ "$prev" = --only ] && only=$a; prev=$a; done
+
+# Item 7 (criterion) first, so that the VM harness can fold its results into the table.
+if [ -z "$only" ] || [[ ",$only," == *,micro,* ]]; then
+  echo "bench: cargo bench --bench castore $quick" >&2
+  if [ -n "$quick" ]; then
+    cargo bench --locked --bench castore -- --quick --noplot >&2
+  else
+    cargo bench --locked --bench castore -- --noplot >&2
+  fi
+fi
+echo "bench: cargo bench --bench vm -- $*" >&2
+exec cargo bench --locked --bench vm -- "$@"
