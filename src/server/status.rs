@@ -125,7 +125,9 @@ fn run_error_code(error: &RunError) -> Code {
             | RunError::BootTimeout { .. }
             | RunError::VmDied { .. }
             | RunError::HelperDied { .. }
-            | RunError::FsDaemon { .. } => Code::Unavailable,
+            | RunError::FsDaemon { .. }
+            // A castore that stalls is a passing condition of the host: worth a retry.
+            | RunError::CastoreStalled { .. } => Code::Unavailable,
             _ => Code::Internal,
         },
     }
@@ -285,6 +287,12 @@ mod tests {
         });
         assert_eq!(boot.code(), Code::Unavailable);
         assert_eq!(boot.result(), BuildResult::InternalError);
+
+        let stalled = run(RunError::CastoreStalled {
+            what: "resolving the inputs",
+            after: Duration::from_secs(60),
+        });
+        assert_eq!(stalled.code(), Code::Unavailable);
 
         assert_eq!(
             BuildError::QueueFull(QueueFull {
