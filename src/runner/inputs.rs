@@ -19,20 +19,7 @@ pub async fn resolve(
         let name_str = || name.to_string();
         match node {
             Node::Directory { digest, .. } => {
-                if dirs
-                    .get(digest)
-                    .await
-                    .map_err(|source| RunError::ResolveInput {
-                        name: name_str(),
-                        source,
-                    })?
-                    .is_none()
-                {
-                    return Err(RunError::MissingInput {
-                        name: name_str(),
-                        digest: *digest,
-                    });
-                }
+                // One walk: every backend reports a missing root as DirectoryNotFound(root).
                 dirs.get_recursive(digest)
                     .try_for_each(|_| async { Ok(()) })
                     .await
@@ -63,10 +50,12 @@ fn missing_or(name: String, digest: crate::castore::B3Digest, source: CastoreErr
     match source {
         CastoreError::DirectoryNotFound(missing)
         | CastoreError::InvalidClosure(crate::castore::error::ClosureError::Missing(missing)) => {
-            RunError::MissingInput {
-                name: format!("{name} (directory {missing} inside it)"),
-                digest,
-            }
+            let name = if missing == digest {
+                name
+            } else {
+                format!("{name} (directory {missing} inside it)")
+            };
+            RunError::MissingInput { name, digest }
         }
         source => RunError::ResolveInput { name, source },
     }
