@@ -289,7 +289,14 @@ async fn explain(
     log_tail: String,
     during: &'static str,
 ) -> RunError {
-    if matches!(error, agent::Error::Protocol(_) | agent::Error::Infra(_)) {
+    // Only a lost connection can be the VM's or a helper's death showing through; any
+    // other protocol breach is the guest's own, and needs no wait.
+    let connection_lost = matches!(
+        error,
+        agent::Error::Protocol(agent::error::ProtocolError::Closed { .. })
+            | agent::Error::Infra(agent::error::InfraError::Io { .. })
+    );
+    if connection_lost {
         if let Ok(end) = tokio::time::timeout(VM_END_GRACE, vm.wait()).await {
             let clean = matches!(&end, Ok(e) if e.status == VmStatus::Exited(0));
             if !clean {
