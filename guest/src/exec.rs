@@ -104,6 +104,7 @@ pub fn spawn(cmd: &Command) -> Result<Child, ExecError> {
             unsafe { child(cmd, program, &argv, &envp, &fds) }
         }
         nix::unistd::ForkResult::Parent { child: pid } => {
+            crate::trace::mark("forked");
             drop((devnull, out_w, err_w, report_w));
             match read_report(&report_r) {
                 None => Ok(Child {
