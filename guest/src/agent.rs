@@ -83,7 +83,8 @@ pub fn run(agent_start_us: u64) -> ! {
         }
         Err(f) => (tvix_build_vm_agent::DEFAULT_AGENT_PORT, Some(f)),
     };
-    // What does not depend on the Job, best effort (see `stage`); only on a working base.
+    // What does not depend on the Job, best effort (see `stage`), and only on a working
+    // base. A part that failed here is made again after the Job, which reports its error.
     let (staged, cgroup) = if early.is_ok() {
         let staged = stage::stage();
         let cgroup = PreparedCgroup::new();
