@@ -190,13 +190,7 @@ fn mount_scratch(job: &JobSpec, staged: &mut Staged) -> Result<(), SandboxError>
         staged.scratch = false;
         if job.tmpfs_bytes > 0 {
             // The staged tmpfs is nearly empty, so any size the Job asks for fits.
-            sys::mount(
-                None,
-                target,
-                "tmpfs",
-                SCRATCH_FLAGS | MsFlags::MS_REMOUNT,
-                Some(&format!("size={}", job.tmpfs_bytes)),
-            )?;
+            resize_scratch_tmpfs(target, job.tmpfs_bytes)?;
         }
         return Ok(());
     }
@@ -222,6 +216,17 @@ fn scratch_tmpfs_options(size: u64) -> String {
         opts.push_str(&format!(",size={size}"));
     }
     opts
+}
+
+/// Sets the size of the scratch tmpfs at `target`, keeping its flags and mode.
+fn resize_scratch_tmpfs(target: &Path, bytes: u64) -> Result<(), SysError> {
+    sys::mount(
+        None,
+        target,
+        "tmpfs",
+        SCRATCH_FLAGS | MsFlags::MS_REMOUNT,
+        Some(&format!("size={bytes}")),
+    )
 }
 
 /// The scratch tmpfs as the stage mounts it, before the Job's size is known.
@@ -556,6 +561,36 @@ mod tests {
         // Writing again replaces the contents.
         write_file(root.as_fd(), &path, b"x", me()).unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_staged_scratch_tmpfs_takes_the_jobs_size_and_keeps_its_flags() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        sys::mount(
+            None,
+            dir,
+            "tmpfs",
+            SCRATCH_FLAGS,
+            Some(&scratch_tmpfs_options(0)),
+        )
+        .unwrap();
+        let resized = resize_scratch_tmpfs(dir, 8 << 20);
+        let st = nix::sys::statvfs::statvfs(dir);
+        let mode = std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o7777);
+        nix::mount::umount(dir).unwrap();
+        resized.unwrap();
+        let st = st.unwrap();
+        assert_eq!(st.blocks() * st.fragment_size(), 8 << 20);
+        let flags = st.flags();
+        assert!(flags.contains(nix::sys::statvfs::FsFlags::ST_NOSUID));
+        assert!(flags.contains(nix::sys::statvfs::FsFlags::ST_NODEV));
+        assert!(!flags.contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+        assert_eq!(mode.unwrap(), 0o755);
     }
 
     #[test]
