@@ -16,13 +16,14 @@ use tvix_build_vm_agent::proto::{
 use tvix_build_vm_agent::{frame, proto::GuestMessage, PROTOCOL_VERSION};
 use vsock::VsockStream;
 
-use crate::cgroup::BuildCgroup;
+use crate::cgroup::{BuildCgroup, PreparedCgroup};
 use crate::cmdline::BootConfig;
 use crate::conn::{failure_msg, Conn, Sink};
 use crate::error::{Failure, InPhase};
 use crate::exec::{self, Reaper};
 use crate::job::JobSpec;
-use crate::{logs, net, outputs, sandbox, sys};
+use crate::stage::{self, Staged};
+use crate::{logs, net, outputs, sandbox, sys, trace};
 
 /// How long the agent waits, after its last message, for the host to close the connection.
 /// Powering off at once could drop data still queued in the guest's vsock transport, and so
@@ -68,13 +69,31 @@ pub fn run(agent_start_us: u64) -> ! {
         .phase("init")
         .and_then(|()| sys::set_hostname("localhost").phase("init"))
         .and_then(|()| net::loopback_up().phase("init"));
-    let mounts_done_us = sys::boottime_us();
+    let early_done_us = sys::boottime_us();
     // SIGCHLD is blocked before anything could fork.
     let reaper = Reaper::new().phase("init");
     let (port, cmdline_failure) = match BootConfig::from_proc().phase("cmdline") {
-        Ok(c) => (c.agent_port, None),
+        Ok(c) => {
+            if c.trace {
+                trace::enable();
+                trace::mark_at("agent start", agent_start_us);
+                trace::mark_at("early mounts", early_done_us);
+            }
+            (c.agent_port, None)
+        }
         Err(f) => (tvix_build_vm_agent::DEFAULT_AGENT_PORT, Some(f)),
     };
+    // What does not depend on the Job, best effort (see `stage`), and only on a working
+    // base. A part that failed here is made again after the Job, which reports its error.
+    let (staged, cgroup) = if early.is_ok() {
+        let staged = stage::stage();
+        let cgroup = PreparedCgroup::new();
+        trace::mark("cgroup prepared");
+        (staged, cgroup.ok())
+    } else {
+        (Staged::default(), None)
+    };
+    let mounts_done_us = sys::boottime_us();
     let stream = match crate::vsock::dial(port).phase("connect") {
         Ok(s) => s,
         Err(f) => {
@@ -82,6 +101,7 @@ pub fn run(agent_start_us: u64) -> ! {
             sys::power_off()
         }
     };
+    trace::mark("connected");
     CONN_FD.store(stream.as_raw_fd(), Ordering::SeqCst);
     let mut conn = Conn::new(stream);
     let hello = Msg::Hello(Hello {
@@ -97,10 +117,11 @@ pub fn run(agent_start_us: u64) -> ! {
         console(&f);
         sys::power_off()
     }
+    trace::mark("hello sent");
     let result = early
         .and(cmdline_failure.map_or(Ok(()), Err))
         .and(reaper)
-        .and_then(|reaper| session(&mut conn, reaper));
+        .and_then(|reaper| session(&mut conn, reaper, staged, cgroup));
     if let Err(f) = result {
         console(&f);
         conn.send_failure(&f);
@@ -109,7 +130,15 @@ pub fn run(agent_start_us: u64) -> ! {
 }
 
 /// Everything from reading the Job to OutputsDone.
-fn session(conn: &mut Conn<VsockStream>, mut reaper: Reaper) -> Result<(), Failure> {
+///
+/// `staged` and `cgroup` are what was prepared before the Hello; a part missing there is
+/// made here the ordinary way, so that its failure is reported as without preparation.
+fn session(
+    conn: &mut Conn<VsockStream>,
+    mut reaper: Reaper,
+    mut staged: Staged,
+    cgroup: Option<PreparedCgroup>,
+) -> Result<(), Failure> {
     let job = match conn.recv().phase("read job")?.msg {
         Some(host_message::Msg::Job(job)) => job,
         None => {
@@ -119,15 +148,23 @@ fn session(conn: &mut Conn<VsockStream>, mut reaper: Reaper) -> Result<(), Failu
             })
         }
     };
+    trace::mark("job received");
     let job = JobSpec::try_from(job).phase("job")?;
+    trace::mark("job parsed");
     if job.clock_unix_ns > 0 {
         sys::set_clock(job.clock_unix_ns).phase("clock")?;
     }
-    let sandbox = sandbox::build(&job).phase("sandbox")?;
+    trace::mark("clock set");
+    let sandbox = sandbox::build(&job, &mut staged).phase("sandbox")?;
     if job.network {
         net::eth0_up().phase("network")?;
     }
-    let cgroup = BuildCgroup::create(job.memory_bytes, job.max_processes).phase("cgroup")?;
+    let cgroup = match cgroup {
+        Some(prepared) => prepared.limit(job.memory_bytes, job.max_processes),
+        None => BuildCgroup::create(job.memory_bytes, job.max_processes),
+    }
+    .phase("cgroup")?;
+    trace::mark("cgroup created");
 
     let bad_path = |what: &str| Failure {
         phase: "job",
@@ -144,8 +181,12 @@ fn session(conn: &mut Conn<VsockStream>, mut reaper: Reaper) -> Result<(), Failu
         cgroup_procs: cgroup.procs_fd(),
     };
     let child = exec::spawn(&cmd).phase("exec")?;
+    trace::mark("exec done");
     let finished = logs::stream_until_exit(child, &mut reaper, &cgroup, conn).phase("logs")?;
+    trace::mark("command exited, output drained");
     let oom_killed = cgroup.oom_killed().phase("cgroup")?;
+    trace::mark("oom checked");
+    trace::flush();
     let status = match finished.status {
         nix::sys::wait::WaitStatus::Signaled(_, sig, _) => exited::Status::Signal(sig as i32),
         nix::sys::wait::WaitStatus::Exited(_, code) => exited::Status::Code(code),
@@ -178,6 +219,7 @@ fn session(conn: &mut Conn<VsockStream>, mut reaper: Reaper) -> Result<(), Failu
         })?;
         outputs::send_output(sandbox.root_fd.as_fd(), index, path, conn).phase("outputs")?;
     }
+    trace::mark("outputs sent");
     conn.send(Msg::OutputsDone(OutputsDone {}))
         .and_then(|()| conn.flush())
         .phase("outputs")
@@ -186,6 +228,7 @@ fn session(conn: &mut Conn<VsockStream>, mut reaper: Reaper) -> Result<(), Failu
 /// Flushes, signals the end of our side, waits (bounded) for the host to close, powers off.
 fn finish(mut conn: Conn<VsockStream>) -> ! {
     let _ = conn.flush();
+    trace::flush();
     let stream = conn.get_ref();
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let _ = stream.set_read_timeout(Some(CLOSE_WAIT));

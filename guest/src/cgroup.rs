@@ -52,10 +52,15 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
-impl BuildCgroup {
-    /// Creates the cgroup with the memory and pids controllers and the given limits
-    /// (0 = none).
-    pub fn create(memory_bytes: u64, max_processes: u64) -> Result<Self, CgroupError> {
+/// The build's cgroup with its controllers but no limits yet: everything about it that does
+/// not depend on the Job, made before the Hello.
+pub struct PreparedCgroup {
+    dir: PathBuf,
+}
+
+impl PreparedCgroup {
+    /// Enables the memory and pids controllers below the root and creates the cgroup.
+    pub fn new() -> Result<Self, CgroupError> {
         let root = Path::new(CGROUP_ROOT);
         // One at a time, so an error names the controller that is missing.
         write(&root.join("cgroup.subtree_control"), "+memory")?;
@@ -65,6 +70,12 @@ impl BuildCgroup {
             path: dir.clone(),
             source,
         })?;
+        Ok(Self { dir })
+    }
+
+    /// Sets the Job's limits (0 = none) and opens `cgroup.procs` for the child to join.
+    pub fn limit(self, memory_bytes: u64, max_processes: u64) -> Result<BuildCgroup, CgroupError> {
+        let dir = self.dir;
         if memory_bytes > 0 {
             write(&dir.join("memory.max"), &memory_bytes.to_string())?;
             // Without swap memory.max is the whole bound; with swap it would leak past it.
@@ -83,7 +94,15 @@ impl BuildCgroup {
             path: procs_path,
             source,
         })?;
-        Ok(Self { dir, procs })
+        Ok(BuildCgroup { dir, procs })
+    }
+}
+
+impl BuildCgroup {
+    /// Creates the cgroup with the memory and pids controllers and the given limits
+    /// (0 = none).
+    pub fn create(memory_bytes: u64, max_processes: u64) -> Result<Self, CgroupError> {
+        PreparedCgroup::new()?.limit(memory_bytes, max_processes)
     }
 
     /// `cgroup.procs`, open for writing: a forked child writes "0" to it to move itself in

@@ -1,6 +1,6 @@
 //! The agent's configuration from the kernel command line.
 
-use tvix_build_vm_agent::{CMDLINE_PORT_KEY, DEFAULT_AGENT_PORT};
+use tvix_build_vm_agent::{CMDLINE_PORT_KEY, CMDLINE_TRACE_KEY, DEFAULT_AGENT_PORT};
 
 /// The longest command line we read; the kernel's own limit on x86_64 is 2048 bytes.
 const MAX_CMDLINE_BYTES: u64 = 64 * 1024;
@@ -18,6 +18,8 @@ pub enum CmdlineError {
 pub struct BootConfig {
     /// The host's vsock port (CID 2) to dial.
     pub agent_port: u32,
+    /// Whether to print phase stamps on the console (`tvix.agent_trace`, see `trace`).
+    pub trace: bool,
 }
 
 impl BootConfig {
@@ -35,11 +37,13 @@ impl BootConfig {
     /// without `tvix.agent_port` the default port is used.
     pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
         let mut port = None;
+        let mut trace = false;
         for word in words(cmdline) {
-            if let Some((key, value)) = word.split_once('=') {
-                if key == CMDLINE_PORT_KEY {
-                    port = Some(value.to_owned());
-                }
+            let (key, value) = word.split_once('=').unwrap_or((word.as_str(), ""));
+            if key == CMDLINE_PORT_KEY && word.contains('=') {
+                port = Some(value.to_owned());
+            } else if key == CMDLINE_TRACE_KEY {
+                trace = !matches!(value, "0" | "off" | "no");
             }
         }
         let agent_port = match port {
@@ -50,7 +54,7 @@ impl BootConfig {
                 _ => return Err(CmdlineError::BadPort { value }),
             },
         };
-        Ok(Self { agent_port })
+        Ok(Self { agent_port, trace })
     }
 }
 
@@ -96,6 +100,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.agent_port, 5000);
+        assert!(!c.trace);
+    }
+
+    #[test]
+    fn trace_switch() {
+        assert!(BootConfig::parse("quiet tvix.agent_trace").unwrap().trace);
+        assert!(BootConfig::parse("tvix.agent_trace=1").unwrap().trace);
+        assert!(!BootConfig::parse("tvix.agent_trace=0").unwrap().trace);
+        assert!(!BootConfig::parse("tvix.agent_tracex").unwrap().trace);
     }
 
     #[test]

@@ -19,5 +19,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Kernel command line key carrying the vsock port the agent dials on the host (CID 2).
 pub const CMDLINE_PORT_KEY: &str = "tvix.agent_port";
 
+/// The virtio-fs tag of the inputs share (the host's `Job.inputs_tag`). The agent mounts
+/// this share before it says Hello (FUSE INIT and STATFS only, nothing is looked up in it
+/// before the Job); a Job naming another tag works too but pays for its mount.
+pub const INPUTS_TAG: &str = "inputs";
+
+/// Kernel command line switch that makes the agent print phase stamps on the console
+/// (`tvix.agent_trace` or `tvix.agent_trace=1`); for profiling, off by default.
+pub const CMDLINE_TRACE_KEY: &str = "tvix.agent_trace";
+
 /// The port the host listens on unless told otherwise.
 pub const DEFAULT_AGENT_PORT: u32 = 1024;

@@ -12,7 +12,9 @@ mod logs;
 mod net;
 mod outputs;
 mod sandbox;
+mod stage;
 mod sys;
+mod trace;
 mod users;
 mod vsock;
 

@@ -18,6 +18,11 @@
 //!
 //! Everything is built before the command starts, so the only symlinks that could mislead the
 //! path walks here come from the inputs; those walks refuse symlinks altogether.
+//!
+//! The parts that do not depend on the Job (the scratch tmpfs, the inputs share and its
+//! overlay, /dev, /proc) are made before the Hello at staging places by [`crate::stage`] and
+//! moved into place here, at the moment this module would otherwise have mounted them, so the
+//! result is the same as building everything after the Job.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -31,17 +36,24 @@ use nix::sys::stat::{fchmodat, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
 use nix::unistd::{fchownat, Gid, Uid};
 
 use crate::job::{GuestPath, JobSpec};
+use crate::stage::{Staged, STAGE_DEV, STAGE_OVERLAY, STAGE_PROC};
 use crate::sys::{self, SysError};
-use crate::users;
+use crate::{trace, users};
 
 /// Where the scratch filesystem is mounted in the agent's root.
 pub const SCRATCH: &str = "/scratch";
 /// The build's root directory, as the agent sees it.
 pub const ROOT: &str = "/scratch/root";
-const OVERLAY_UPPER: &str = "/scratch/overlay/upper";
-const OVERLAY_WORK: &str = "/scratch/overlay/work";
+pub const OVERLAY_UPPER: &str = "/scratch/overlay/upper";
+pub const OVERLAY_WORK: &str = "/scratch/overlay/work";
+/// The scratch filesystem's flags; a tmpfs also gets `mode=0755` and the Job's size.
+const SCRATCH_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+/// The flags of a read-only virtio-fs share.
+pub const SHARE_FLAGS: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV);
 /// Where the inputs share is mounted when it is the lower layer of an overlay.
-const INPUTS_LOWER: &str = "/mnt/inputs";
+pub const INPUTS_LOWER: &str = "/mnt/inputs";
 
 /// Character devices of the sandbox's /dev: name, major, minor.
 const DEVICES: [(&str, u64, u64); 6] = [
@@ -101,9 +113,11 @@ const ROOT_DIR: DirAttrs = DirAttrs {
     gid: 0,
 };
 
-/// Builds the whole sandbox for `job`.
-pub fn build(job: &JobSpec) -> Result<Sandbox, SandboxError> {
-    mount_scratch(job)?;
+/// Builds the whole sandbox for `job`, moving into place what `staged` prepared before the
+/// Job where it is what the Job asks for.
+pub fn build(job: &JobSpec, staged: &mut Staged) -> Result<Sandbox, SandboxError> {
+    mount_scratch(job, staged)?;
+    trace::mark("scratch mounted");
     sys::mkdir_all(Path::new(ROOT), 0o755)?;
     let root_fd = open_dir(Path::new(ROOT))?;
     let root = root_fd.as_fd();
@@ -113,30 +127,32 @@ pub fn build(job: &JobSpec) -> Result<Sandbox, SandboxError> {
         gid: job.gid,
     };
 
-    mount_inputs(root, job)?;
+    mount_inputs(root, job, staged)?;
+    trace::mark("inputs mounted");
     for dir in &job.scratch_dirs {
         ensure_dir(root, dir.rel(), ROOT_DIR)?;
         set_attrs(root, dir.rel(), user)?;
     }
     for (tag, path) in &job.extra_mounts {
         ensure_dir(root, path.rel(), ROOT_DIR)?;
-        sys::mount(
-            Some(tag),
-            &in_root(path),
-            "virtiofs",
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None,
-        )?;
+        sys::mount(Some(tag), &in_root(path), "virtiofs", SHARE_FLAGS, None)?;
     }
-    populate_dev(root)?;
+    ensure_dir(root, "dev", ROOT_DIR)?;
+    let dev = PathBuf::from(format!("{ROOT}/dev"));
+    if std::mem::take(&mut staged.dev) {
+        sys::move_mount(Path::new(STAGE_DEV), &dev)?;
+    } else {
+        make_dev(&dev)?;
+    }
+    trace::mark("dev");
     ensure_dir(root, "proc", ROOT_DIR)?;
-    sys::mount(
-        None,
-        Path::new(&format!("{ROOT}/proc")),
-        "proc",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("hidepid=2"),
-    )?;
+    let proc = PathBuf::from(format!("{ROOT}/proc"));
+    if std::mem::take(&mut staged.proc) {
+        sys::move_mount(Path::new(STAGE_PROC), &proc)?;
+    } else {
+        mount_proc(&proc)?;
+    }
+    trace::mark("proc");
     write_etc(root, job)?;
     if let Some(sh) = &job.bin_sh {
         provide_bin_sh(root, sh)?;
@@ -145,10 +161,22 @@ pub fn build(job: &JobSpec) -> Result<Sandbox, SandboxError> {
         write_file(root, path, contents, user)?;
     }
     ensure_dir(root, job.working_dir.rel(), user)?;
+    trace::mark("etc, files, working dir");
     Ok(Sandbox {
         root: PathBuf::from(ROOT),
         root_fd,
     })
+}
+
+/// The build's /proc: its own instance, showing only the build's processes.
+pub fn mount_proc(target: &Path) -> Result<(), SysError> {
+    sys::mount(
+        None,
+        target,
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("hidepid=2"),
+    )
 }
 
 /// The agent's view of a guest path inside the sandbox.
@@ -156,26 +184,74 @@ fn in_root(path: &GuestPath) -> PathBuf {
     PathBuf::from(format!("{ROOT}/{}", path.rel()))
 }
 
-fn mount_scratch(job: &JobSpec) -> Result<(), SandboxError> {
+fn mount_scratch(job: &JobSpec, staged: &mut Staged) -> Result<(), SandboxError> {
     let target = Path::new(SCRATCH);
-    sys::mkdir_all(target, 0o755)?;
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    match &job.scratch_device {
-        Some(dev) => sys::mount(Some(dev.as_str()), target, "ext4", flags, None)?,
-        None => {
-            let mut opts = String::from("mode=0755");
-            if job.tmpfs_bytes > 0 {
-                opts.push_str(&format!(",size={}", job.tmpfs_bytes));
-            }
-            sys::mount(None, target, "tmpfs", flags, Some(&opts))?
+    if staged.scratch && job.scratch_device.is_none() {
+        staged.scratch = false;
+        if job.tmpfs_bytes > 0 {
+            // The staged tmpfs is nearly empty, so any size the Job asks for fits.
+            resize_scratch_tmpfs(target, job.tmpfs_bytes)?;
         }
+        return Ok(());
+    }
+    staged.discard_scratch()?;
+    sys::mkdir_all(target, 0o755)?;
+    match &job.scratch_device {
+        Some(dev) => sys::mount(Some(dev.as_str()), target, "ext4", SCRATCH_FLAGS, None)?,
+        None => sys::mount(
+            None,
+            target,
+            "tmpfs",
+            SCRATCH_FLAGS,
+            Some(&scratch_tmpfs_options(job.tmpfs_bytes)),
+        )?,
     }
     Ok(())
 }
 
+/// The scratch tmpfs's options: `size` only when the Job sets one (else half of RAM).
+fn scratch_tmpfs_options(size: u64) -> String {
+    let mut opts = String::from("mode=0755");
+    if size > 0 {
+        opts.push_str(&format!(",size={size}"));
+    }
+    opts
+}
+
+/// Sets the size of the scratch tmpfs at `target`, keeping its flags and mode.
+fn resize_scratch_tmpfs(target: &Path, bytes: u64) -> Result<(), SysError> {
+    sys::mount(
+        None,
+        target,
+        "tmpfs",
+        SCRATCH_FLAGS | MsFlags::MS_REMOUNT,
+        Some(&format!("size={bytes}")),
+    )
+}
+
+/// The scratch tmpfs as the stage mounts it, before the Job's size is known.
+pub fn mount_scratch_tmpfs() -> Result<(), SysError> {
+    let target = Path::new(SCRATCH);
+    sys::mkdir_all(target, 0o755)?;
+    sys::mount(
+        None,
+        target,
+        "tmpfs",
+        SCRATCH_FLAGS,
+        Some(&scratch_tmpfs_options(0)),
+    )
+}
+
+/// The overlay of `inputs_dir` at `target`: the inputs share below, the upper layer and work
+/// directory on the scratch filesystem.
+pub fn mount_overlay(target: &Path) -> Result<(), SysError> {
+    let opts = format!("lowerdir={INPUTS_LOWER},upperdir={OVERLAY_UPPER},workdir={OVERLAY_WORK}");
+    sys::mount(None, target, "overlay", SCRATCH_FLAGS, Some(&opts))
+}
+
 /// inputs_dir: an overlay when writable (Nix's store is 1775 root:nixbld there), else the
 /// share itself, read-only. Without a share there is nothing below, so no overlay is needed.
-fn mount_inputs(root: BorrowedFd, job: &JobSpec) -> Result<(), SandboxError> {
+fn mount_inputs(root: BorrowedFd, job: &JobSpec, staged: &mut Staged) -> Result<(), SandboxError> {
     let dir = &job.inputs_dir;
     let target = in_root(dir);
     let store = DirAttrs {
@@ -183,46 +259,61 @@ fn mount_inputs(root: BorrowedFd, job: &JobSpec) -> Result<(), SandboxError> {
         uid: 0,
         gid: job.gid,
     };
-    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // What the stage mounted and this Job does not use goes first, before anything else is
+    // mounted where it was.
+    if job.inputs_tag.as_deref() != Some(tvix_build_vm_agent::INPUTS_TAG) {
+        staged.discard_inputs()?;
+    } else if !job.inputs_writable {
+        staged.discard_overlay()?;
+    }
     ensure_dir(root, dir.rel(), ROOT_DIR)?;
     match (&job.inputs_tag, job.inputs_writable) {
         (None, false) => {}
         (None, true) => set_attrs(root, dir.rel(), store)?,
-        (Some(tag), false) => sys::mount(Some(tag), &target, "virtiofs", ro, None)?,
+        (Some(tag), false) => {
+            if std::mem::take(&mut staged.inputs) {
+                sys::move_mount(Path::new(INPUTS_LOWER), &target)?;
+            } else {
+                sys::mount(Some(tag), &target, "virtiofs", SHARE_FLAGS, None)?;
+            }
+        }
+        (Some(_), true) if staged.overlay => {
+            staged.overlay = false;
+            staged.inputs = false;
+            // Through the overlay, so that its root inode takes the new owner and mode too.
+            let overlay = open_dir(Path::new(STAGE_OVERLAY))?;
+            set_attrs(overlay.as_fd(), ".", store)?;
+            drop(overlay);
+            sys::move_mount(Path::new(STAGE_OVERLAY), &target)?;
+        }
         (Some(tag), true) => {
             let lower = Path::new(INPUTS_LOWER);
-            sys::mkdir_all(lower, 0o755)?;
-            sys::mount(Some(tag), lower, "virtiofs", ro, None)?;
+            // A staged share stays where it is, as the lower layer.
+            if !std::mem::take(&mut staged.inputs) {
+                sys::mkdir_all(lower, 0o755)?;
+                sys::mount(Some(tag), lower, "virtiofs", SHARE_FLAGS, None)?;
+            }
             sys::mkdir_all(Path::new(OVERLAY_UPPER), 0o755)?;
             sys::mkdir_all(Path::new(OVERLAY_WORK), 0o755)?;
             let upper = open_dir(Path::new(OVERLAY_UPPER))?;
             set_attrs(upper.as_fd(), ".", store)?;
-            let opts =
-                format!("lowerdir={INPUTS_LOWER},upperdir={OVERLAY_UPPER},workdir={OVERLAY_WORK}");
-            sys::mount(
-                None,
-                &target,
-                "overlay",
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(&opts),
-            )?;
+            mount_overlay(&target)?;
         }
     }
     Ok(())
 }
 
-fn populate_dev(root: BorrowedFd) -> Result<(), SandboxError> {
-    ensure_dir(root, "dev", ROOT_DIR)?;
-    let dev_path = format!("{ROOT}/dev");
-    // Its own small tmpfs, so device nodes work while the scratch filesystem stays nodev.
+/// The build's /dev at `dev_path`: its own small tmpfs (so device nodes work while the
+/// scratch filesystem stays nodev) with the nodes, links, a devpts instance and shm.
+pub fn make_dev(dev_path: &Path) -> Result<(), SandboxError> {
     sys::mount(
         None,
-        Path::new(&dev_path),
+        dev_path,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=0755,size=64k"),
     )?;
-    let dev = open_dir(Path::new(&dev_path))?;
+    let dev = open_dir(dev_path)?;
     let mut devices: Vec<(&str, u64, u64)> = DEVICES.to_vec();
     // The guest has /dev/kvm only when the host gave it a CPU with virtualization, which it
     // does only for requests that asked for /dev/kvm.
@@ -257,7 +348,7 @@ fn populate_dev(root: BorrowedFd) -> Result<(), SandboxError> {
     ensure_dir(dev.as_fd(), "pts", ROOT_DIR)?;
     sys::mount(
         None,
-        Path::new(&format!("{dev_path}/pts")),
+        &dev_path.join("pts"),
         "devpts",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
@@ -265,7 +356,7 @@ fn populate_dev(root: BorrowedFd) -> Result<(), SandboxError> {
     ensure_dir(dev.as_fd(), "shm", ROOT_DIR)?;
     sys::mount(
         None,
-        Path::new(&format!("{dev_path}/shm")),
+        &dev_path.join("shm"),
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
@@ -470,6 +561,36 @@ mod tests {
         // Writing again replaces the contents.
         write_file(root.as_fd(), &path, b"x", me()).unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_staged_scratch_tmpfs_takes_the_jobs_size_and_keeps_its_flags() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        sys::mount(
+            None,
+            dir,
+            "tmpfs",
+            SCRATCH_FLAGS,
+            Some(&scratch_tmpfs_options(0)),
+        )
+        .unwrap();
+        let resized = resize_scratch_tmpfs(dir, 8 << 20);
+        let st = nix::sys::statvfs::statvfs(dir);
+        let mode = std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o7777);
+        nix::mount::umount(dir).unwrap();
+        resized.unwrap();
+        let st = st.unwrap();
+        assert_eq!(st.blocks() * st.fragment_size(), 8 << 20);
+        let flags = st.flags();
+        assert!(flags.contains(nix::sys::statvfs::FsFlags::ST_NOSUID));
+        assert!(flags.contains(nix::sys::statvfs::FsFlags::ST_NODEV));
+        assert!(!flags.contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+        assert_eq!(mode.unwrap(), 0o755);
     }
 
     #[test]

@@ -16,6 +16,19 @@ pub enum SysError {
         #[source]
         source: Errno,
     },
+    #[error("move the mount at {} to {}", from.display(), to.display())]
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("detach the mount at {}", target.display())]
+    Detach {
+        target: PathBuf,
+        #[source]
+        source: Errno,
+    },
     #[error("create directory {}", path.display())]
     Mkdir {
         path: PathBuf,
@@ -97,6 +110,32 @@ pub fn bind_ro(source: &Path, target: &Path) -> Result<(), SysError> {
     .map_err(err)
 }
 
+/// Moves the mount at `source` (with everything mounted below it) to `target`.
+pub fn move_mount(source: &Path, target: &Path) -> Result<(), SysError> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|errno| SysError::Move {
+        from: source.to_owned(),
+        to: target.to_owned(),
+        source: errno,
+    })
+}
+
+/// Detaches the mount at `target` and everything below it (lazily: open files keep them).
+pub fn detach(target: &Path) -> Result<(), SysError> {
+    nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(|source| {
+        SysError::Detach {
+            target: target.to_owned(),
+            source,
+        }
+    })
+}
+
 /// Creates `path` and its missing parents with `mode`.
 pub fn mkdir_all(path: &Path, mode: u32) -> Result<(), SysError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -148,7 +187,21 @@ pub fn early_mounts() -> Result<(), SysError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     )?;
-    mount_at("/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None)?;
+    // favordynmods: moving a process into a cgroup or enabling a controller then needs no
+    // RCU grace period, which under TCG costs milliseconds each time; forks and exits pay
+    // slightly instead. A kernel without the option (before 6.1) mounts it without.
+    match mount_at(
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev_noexec,
+        Some("favordynmods"),
+    ) {
+        Err(SysError::Mount {
+            source: Errno::EINVAL,
+            ..
+        }) => mount_at("/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None)?,
+        other => other?,
+    }
     Ok(())
 }
 
