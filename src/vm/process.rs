@@ -132,9 +132,40 @@ impl ProcessGroup {
     pub fn spawn(
         &mut self,
         name: &str,
-        mut command: tokio::process::Command,
+        command: tokio::process::Command,
         stdout: Stdout,
     ) -> Result<MemberId, ProcessError> {
+        self.spawn_inner(name, command, stdout, false)
+            .map(|(id, _)| id)
+    }
+
+    /// Like [`ProcessGroup::spawn`], but the member's stdin is a pipe whose write end is
+    /// returned (to hand it something after it started).
+    pub fn spawn_with_stdin(
+        &mut self,
+        name: &str,
+        command: tokio::process::Command,
+        stdout: Stdout,
+    ) -> Result<(MemberId, tokio::process::ChildStdin), ProcessError> {
+        let (id, stdin) = self.spawn_inner(name, command, stdout, true)?;
+        match stdin {
+            Some(stdin) => Ok((id, stdin)),
+            // tokio hands out the pipe it was asked to create.
+            None => Err(ProcessError::Spawn {
+                name: name.to_owned(),
+                program: name.to_owned(),
+                source: std::io::Error::other("no stdin pipe"),
+            }),
+        }
+    }
+
+    fn spawn_inner(
+        &mut self,
+        name: &str,
+        mut command: tokio::process::Command,
+        stdout: Stdout,
+        piped_stdin: bool,
+    ) -> Result<(MemberId, Option<tokio::process::ChildStdin>), ProcessError> {
         let name_ok = !name.is_empty()
             && name.len() <= 32
             && name
@@ -164,7 +195,11 @@ impl ProcessGroup {
         };
 
         command
-            .stdin(Stdio::null())
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false)
@@ -207,6 +242,7 @@ impl ProcessGroup {
         if self.pgid.is_none() {
             self.pgid = i32::try_from(pid).ok();
         }
+        let stdin = child.stdin.take();
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
             pumps.push(tokio::spawn(logsink::pump(out, stdout_file, stdout_cap)));
@@ -227,7 +263,7 @@ impl ProcessGroup {
             pumps,
         });
         self.record()?;
-        Ok(MemberId(self.members.len() - 1))
+        Ok((MemberId(self.members.len() - 1), stdin))
     }
 
     /// The log file of the member called `name`.
