@@ -169,7 +169,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => {
                 let m = Arc::clone(&metrics);
-                Box::new(move || m.render(0, 0))
+                Box::new(move || m.render(0, 0, None))
             }
         };
         tokio::spawn(server::metrics_http::serve(

@@ -132,7 +132,10 @@ impl CastoreFs {
         // Only the root has no digest; without a cached listing it is not assigned yet.
         let Some(digest) = digest else {
             return match self.root_gate.wait(ROOT_WAIT) {
-                true => inode.cached_listing().cloned().ok_or(FsError::RootUnassigned),
+                true => inode
+                    .cached_listing()
+                    .cloned()
+                    .ok_or(FsError::RootUnassigned),
                 false => Err(FsError::RootUnassigned),
             };
         };

@@ -23,6 +23,6 @@ mod staging;
 
 pub use error::FsError;
 pub use filesystem::{CastoreFs, FsLimits};
-pub use root::RootAssigner;
 pub use listing::{FsNode, Listing};
+pub use root::RootAssigner;
 pub use source::{CastoreSource, ContentSource};

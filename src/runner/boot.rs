@@ -203,13 +203,16 @@ impl BootedVm {
 
     /// Whether the VM (or one of its helpers) has ended since it booted.
     pub fn has_ended(&mut self) -> bool {
-        use futures::FutureExt;
-        self.vm.wait().now_or_never().is_some()
+        self.vm.has_ended()
     }
 
     /// Gives the share its root: the build's inputs. Must come before the job, whose command
     /// will look at them.
-    pub async fn assign_inputs(&mut self, root: &Directory, limit: Duration) -> Result<(), RunError> {
+    pub async fn assign_inputs(
+        &mut self,
+        root: &Directory,
+        limit: Duration,
+    ) -> Result<(), RunError> {
         let Some(mut pipe) = self.inputs.take() else {
             return Err(RunError::FsDaemon {
                 reason: "its inputs were already assigned".into(),

@@ -83,9 +83,11 @@ impl Pool {
             state: Mutex::new(State::default()),
             taken: Notify::new(),
         });
-        let filler = tokio::spawn(
-            fill(booter, shared.clone()).instrument(info_span!("vm_pool", size, ?shape)),
-        );
+        let filler = tokio::spawn(fill(booter, shared.clone()).instrument(info_span!(
+            "vm_pool",
+            size,
+            ?shape
+        )));
         Self { shared, filler }
     }
 

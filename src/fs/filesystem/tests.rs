@@ -295,7 +295,10 @@ fn a_pending_root_mounts_and_answers_once_assigned() {
         std::thread::spawn(move || fs.lookup(ctx(), ROOT_INO, c"data").map(|e| e.inode))
     };
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!waiting.is_finished(), "the lookup did not wait for the root");
+    assert!(
+        !waiting.is_finished(),
+        "the lookup did not wait for the root"
+    );
     assigner.assign(root);
     let ino = waiting.join().unwrap().unwrap();
     assert_ne!(ino, 0);
