@@ -167,6 +167,15 @@ async fn a_pooled_vm_that_died_idle_is_dropped_not_used() {
         })
         .expect("the pooled VM's QEMU");
     let pid: i32 = qemu.file_name().to_string_lossy().parse().unwrap();
+    // Pre-boots run in the background (the tests run as root, who may renice them back).
+    let stat = std::fs::read_to_string(qemu.path().join("stat")).unwrap();
+    let nice: i32 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(nice, 10, "an idle pre-booted VM runs at nice 10");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

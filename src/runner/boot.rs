@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::process::ChildStdin;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use tvix_build_vm_agent::DEFAULT_AGENT_PORT;
 
 /// The guest's vsock context id; every VM has its own vsock device, so one value serves all.
@@ -60,6 +60,17 @@ pub struct BootedVm {
     rt: RuntimeDir,
     boot: Duration,
     shape: BootShape,
+    background: Option<Background>,
+}
+
+/// The priorities of a VM booted in the background: it must not slow the builds that run
+/// meanwhile, and must run as fast as they do once it has a build of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Background {
+    /// While booting and idle.
+    pub nice: i32,
+    /// Once assigned: the service's own.
+    pub foreground: i32,
 }
 
 impl std::fmt::Debug for BootedVm {
@@ -79,11 +90,20 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
 
 impl Booter {
     /// Starts the helpers and the VM in a runtime directory called `name`, and waits for the
-    /// agent's Hello.
-    pub async fn boot(&self, name: &str, shape: BootShape) -> Result<BootedVm, RunError> {
+    /// agent's Hello. With `background`, the VM's processes run at that nice value until it
+    /// is assigned a build, when they get the service's own (see [`Background`]).
+    pub async fn boot(
+        &self,
+        name: &str,
+        shape: BootShape,
+        background: Option<Background>,
+    ) -> Result<BootedVm, RunError> {
         let config = &self.config;
         let rt = RuntimeDir::create(&config.runtime_root, name)?;
         let mut group = ProcessGroup::new(rt.path());
+        if let Some(bg) = background {
+            group.start_niced(bg.nice);
+        }
         let fs_socket = rt.join("fs.sock");
         let fsd = &config.fs_daemon;
         let mut cmd = tokio::process::Command::new(&fsd.program);
@@ -174,6 +194,7 @@ impl Booter {
             rt,
             boot,
             shape,
+            background,
         })
     }
 }
@@ -213,6 +234,12 @@ impl BootedVm {
         root: &Directory,
         limit: Duration,
     ) -> Result<(), RunError> {
+        if let Some(bg) = self.background.take() {
+            // Not fatal: the build then runs at background priority, slower under load.
+            if let Err(e) = self.vm.renice(bg.foreground) {
+                warn!(error = %e, nice = bg.foreground, "cannot bring a pre-booted VM to the foreground");
+            }
+        }
         let Some(mut pipe) = self.inputs.take() else {
             return Err(RunError::FsDaemon {
                 reason: "its inputs were already assigned".into(),
@@ -236,9 +263,11 @@ impl BootedVm {
         })
     }
 
-    /// Splits the VM into its parts for the rest of the build.
-    pub(super) fn into_parts(self) -> (Greeted<UnixStream>, RunningVm, RuntimeDir) {
-        (self.greeted, self.vm, self.rt)
+    /// Splits the VM into its parts for the rest of the build, in the order to bind them:
+    /// bindings drop in reverse, so the conversation ends first, then the processes, then
+    /// their directory goes.
+    pub(super) fn into_parts(self) -> (RuntimeDir, RunningVm, Greeted<UnixStream>) {
+        (self.rt, self.vm, self.greeted)
     }
 }
 

@@ -79,7 +79,7 @@ impl Runner {
                 (vm, Duration::ZERO)
             }
             None => {
-                let vm = self.booter.boot(id, boot_shape).await?;
+                let vm = self.booter.boot(id, boot_shape, None).await?;
                 let boot = vm.boot_time();
                 (vm, boot)
             }
@@ -88,7 +88,7 @@ impl Runner {
             .assign_inputs(&root, config.deadlines.helper_start)
             .await?;
         let hello = booted.hello().clone();
-        let (greeted, mut vm, _rt) = booted.into_parts();
+        let (_rt, mut vm, greeted) = booted.into_parts();
 
         let exec_started = Instant::now();
         let mut running = greeted

@@ -468,6 +468,11 @@ impl RunningVm {
         }
     }
 
+    /// Sets the nice value of all the VM's host processes (see [`ProcessGroup::renice`]).
+    pub fn renice(&mut self, nice: i32) -> std::io::Result<()> {
+        self.group.renice(nice)
+    }
+
     /// Whether the VM has ended (or is being cleaned up after it did), without waiting: one
     /// look at its processes.
     pub fn has_ended(&mut self) -> bool {

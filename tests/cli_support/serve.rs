@@ -1,5 +1,7 @@
 //! A real `serve` process on a unix socket, and the requests the tests send it.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use super::{Env, BUSYBOX};
 use bytes::Bytes;
 use std::os::unix::process::CommandExt;
