@@ -1,6 +1,7 @@
 //! Service metrics in the Prometheus text format: builds by result, queue depth, VMs
 //! running, and histograms of the phases of a build.
 
+use crate::runner::pool::PoolStats;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -113,8 +114,9 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the gauges read at the time of the scrape.
-    pub fn render(&self, queued: usize, running: usize) -> String {
+    /// The text exposition, with the gauges read at the time of the scrape (`pool`: the
+    /// pre-booted VMs' counters, if there is a pool).
+    pub fn render(&self, queued: usize, running: usize, pool: Option<PoolStats>) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP tvix_build_vm_builds_total Builds by result.");
         let _ = writeln!(out, "# TYPE tvix_build_vm_builds_total counter");
@@ -135,6 +137,9 @@ impl Metrics {
         let _ = writeln!(out, "# HELP tvix_build_vm_vms_running VMs running now.");
         let _ = writeln!(out, "# TYPE tvix_build_vm_vms_running gauge");
         let _ = writeln!(out, "tvix_build_vm_vms_running {running}");
+        if let Some(pool) = pool {
+            render_pool(&mut out, &pool);
+        }
         let _ = writeln!(
             out,
             "# HELP tvix_build_vm_phase_seconds Duration of each phase of a build."
@@ -173,6 +178,43 @@ impl Metrics {
     }
 }
 
+fn render_pool(out: &mut String, pool: &PoolStats) {
+    let gauges = [(
+        "pool_idle_vms",
+        "Pre-booted VMs waiting for a request.",
+        pool.idle as u64,
+    )];
+    let counters = [
+        (
+            "pool_hits_total",
+            "Builds served by a pre-booted VM.",
+            pool.hits,
+        ),
+        (
+            "pool_misses_total",
+            "Builds of the pool's shape that found no pre-booted VM waiting.",
+            pool.misses,
+        ),
+        (
+            "pool_boot_failures_total",
+            "Pre-boots that failed.",
+            pool.boot_failures,
+        ),
+        (
+            "pool_lost_total",
+            "Pre-booted VMs that ended while idle.",
+            pool.lost,
+        ),
+    ];
+    for (kind, list) in [("gauge", &gauges[..]), ("counter", &counters[..])] {
+        for (name, help, value) in list {
+            let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+            let _ = writeln!(out, "# TYPE tvix_build_vm_{name} {kind}");
+            let _ = writeln!(out, "tvix_build_vm_{name} {value}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +227,7 @@ mod tests {
         m.count(BuildResult::Timeout);
         m.observe(Phase::Boot, Duration::from_millis(800));
         m.observe(Phase::Boot, Duration::from_secs(3));
-        let text = m.render(4, 2);
+        let text = m.render(4, 2, None);
         assert!(text.contains("tvix_build_vm_builds_total{result=\"success\"} 2\n"));
         assert!(text.contains("tvix_build_vm_builds_total{result=\"timeout\"} 1\n"));
         assert!(text.contains("tvix_build_vm_builds_total{result=\"failed\"} 0\n"));
@@ -197,5 +239,27 @@ mod tests {
         assert!(text.contains("tvix_build_vm_phase_seconds_bucket{phase=\"boot\",le=\"+Inf\"} 2\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_count{phase=\"boot\"} 2\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_count{phase=\"exec\"} 0\n"));
+        assert!(!text.contains("pool"), "no pool, no pool metrics");
+    }
+
+    #[test]
+    fn renders_the_pool_when_there_is_one() {
+        let stats = PoolStats {
+            idle: 2,
+            hits: 7,
+            misses: 1,
+            boot_failures: 3,
+            lost: 4,
+        };
+        let text = Metrics::default().render(0, 0, Some(stats));
+        for line in [
+            "# TYPE tvix_build_vm_pool_idle_vms gauge\ntvix_build_vm_pool_idle_vms 2\n",
+            "# TYPE tvix_build_vm_pool_hits_total counter\ntvix_build_vm_pool_hits_total 7\n",
+            "tvix_build_vm_pool_misses_total 1\n",
+            "tvix_build_vm_pool_boot_failures_total 3\n",
+            "tvix_build_vm_pool_lost_total 4\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in:\n{text}");
+        }
     }
 }

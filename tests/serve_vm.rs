@@ -7,166 +7,16 @@
 mod cli_support;
 
 use bytes::Bytes;
-use cli_support::{Env, BUSYBOX};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use cli_support::serve::*;
+use cli_support::Env;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
-use tvix_build_vm::castore::blob::{put_bytes, read_to_vec, GrpcBlobService};
+use tvix_build_vm::castore::blob::{read_to_vec, GrpcBlobService};
 use tvix_build_vm::castore::B3Digest;
 use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
 use tvix_build_vm::proto::build_vm::build_vm_service_client::BuildVmServiceClient;
 use tvix_build_vm::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm, castore as cpb};
-
-const SH: &str = "/nix/store/busybox";
-
-/// A running `serve`; SIGTERM and wait on drop.
-struct Serve {
-    child: Child,
-    sock: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Serve {
-    fn start(env: &Env, args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("tbv-serve-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let sock = dir.path().join("s.sock");
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut c = env.command();
-        c.arg("serve")
-            .arg("--store")
-            .arg(env.store.path())
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = c.spawn().unwrap();
-        let s = Self { child, sock, dir };
-        s.wait_for(|| s.sock.exists(), "the socket");
-        s
-    }
-
-    fn wait_for(&self, cond: impl Fn() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not appear:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn channel(&self) -> Channel {
-        Endpoint::from_shared(format!("unix://{}", self.sock.display()))
-            .unwrap()
-            .connect_lazy()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// Waits for the process to exit; its exit status.
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(nix::sys::signal::Signal::SIGTERM);
-            let _ = self.wait(Duration::from_secs(20));
-        }
-    }
-}
-
-fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
-    pb::build_request::EnvVar {
-        key: k.into(),
-        value: Bytes::from(v.to_owned()),
-    }
-}
-
-/// Uploads /bin/busybox through the castore service; the input node named `busybox`.
-async fn upload_busybox(channel: Channel) -> cpb::Node {
-    let data = std::fs::read(BUSYBOX).unwrap();
-    let blobs = GrpcBlobService::new(channel);
-    let digest = put_bytes(&blobs, &data).await.unwrap();
-    cpb::Node {
-        node: Some(cpb::node::Node::File(cpb::FileNode {
-            name: "busybox".into(),
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size: data.len() as u64,
-            executable: true,
-        })),
-    }
-}
-
-fn seed_request(busybox: cpb::Node, script: &str, outputs: &[&str]) -> pb::BuildRequest {
-    pb::BuildRequest {
-        command_args: vec![SH.into(), "sh".into(), "-c".into(), script.into()],
-        outputs: outputs.iter().map(|s| s.to_string()).collect(),
-        environment_vars: vec![
-            env_var("HOME", "/homeless-shelter"),
-            env_var("PATH", "/nix/store"),
-        ],
-        inputs: vec![busybox],
-        constraints: Some(pb::build_request::BuildConstraints {
-            system: "x86_64-linux".into(),
-            ..Default::default()
-        }),
-    }
-}
-
-fn file_node(n: &cpb::Node) -> &cpb::FileNode {
-    match &n.node {
-        Some(cpb::node::Node::File(f)) => f,
-        other => panic!("expected a file node, got {other:?}"),
-    }
-}
-
-async fn health(channel: Channel, service: &str) -> i32 {
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_seed_build_with_uploaded_inputs_reads_back_through_the_castore() {
@@ -252,18 +102,6 @@ async fn a_seed_build_with_uploaded_inputs_reads_back_through_the_castore() {
     );
     drop(server);
     env.assert_clean();
-}
-
-/// A plain HTTP GET /metrics.
-async fn reqwest_free_get(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -381,14 +219,6 @@ async fn start_long_build(channel: Channel) -> tonic::Streaming<pbvm::BuildEvent
             pbvm::build_event::Event::Build(b) => panic!("finished early: {b:?}"),
         }
     }
-}
-
-fn runtime_entries(env: &Env) -> usize {
-    std::fs::read_dir(env.runtime.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with("svc-"))
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,14 +3,15 @@
 //! The variants run interleaved, one of each per repetition.
 
 use crate::report::{Row, Target};
-use crate::service::{chain, Service};
+use crate::service::{chain, NullSink, Service};
 use crate::setup::{secs, Env, TRIVIAL_MEMORY_MIB};
 use crate::stats::ratios;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tvix_build_vm::castore::import::import_path;
+use tvix_build_vm::runner::{new_build_id, Runner};
 use tvix_build_vm::vm::cpuinfo::CpuInfo;
 use tvix_build_vm::vm::process::ProcessGroup;
 use tvix_build_vm::vm::{cmdline, LaunchConfig, LaunchSpec, VmmBackend};
@@ -24,6 +25,9 @@ pub struct Phases {
     pub boot: Vec<f64>,
     pub exec: Vec<f64>,
     pub harvest: Vec<f64>,
+    /// The build's total minus boot, exec and harvest: inputs, helpers, job hand-over,
+    /// ending the VM.
+    pub rest: Vec<f64>,
     /// Guest uptime when the agent started / had mounted / had connected (seconds).
     pub agent_start: Vec<f64>,
     pub mounts_done: Vec<f64>,
@@ -100,11 +104,46 @@ async fn bare_floor_once(env: &Env, initrd: &Path) -> anyhow::Result<f64> {
     Ok(secs(elapsed))
 }
 
+/// How long a pre-boot may take on a loaded machine before the bench gives up.
+const POOL_FILL_LIMIT: Duration = Duration::from_secs(120);
+
 async fn runner_once(svc: &Service, phases: &mut Phases) -> anyhow::Result<f64> {
+    trivial_once(svc, &svc.runner, phases).await
+}
+
+/// A trivial build on a pre-booted VM: the pool is full when the clock starts, and its
+/// replacement boot is waited for after the clock stops, so that it does not run during
+/// the next measurement.
+async fn pooled_once(svc: &Service, pooled: &Runner, phases: &mut Phases) -> anyhow::Result<f64> {
+    let pool = pooled.pool().context("the pooled runner has no pool")?;
+    if !pool.wait_idle(1, POOL_FILL_LIMIT).await {
+        bail!(
+            "no VM was pre-booted within {POOL_FILL_LIMIT:?}: {:?}",
+            pool.stats()
+        );
+    }
+    let hits = pool.stats().hits;
+    let elapsed = trivial_once(svc, pooled, phases).await?;
+    if pool.stats().hits != hits + 1 {
+        bail!(
+            "the pooled build did not use a pre-booted VM: {:?}",
+            pool.stats()
+        );
+    }
+    if !pool.wait_idle(1, POOL_FILL_LIMIT).await {
+        bail!(
+            "the pool was not refilled within {POOL_FILL_LIMIT:?}: {:?}",
+            pool.stats()
+        );
+    }
+    Ok(elapsed)
+}
+
+async fn trivial_once(svc: &Service, runner: &Runner, phases: &mut Phases) -> anyhow::Result<f64> {
     let req = svc.request(TRIVIAL_SCRIPT, "hello", 0)?;
     let start = Instant::now();
-    let outcome = svc
-        .build(&req)
+    let outcome = runner
+        .build(&new_build_id(), &req, &mut NullSink)
         .await
         .map_err(|e| anyhow::anyhow!("trivial build: {}", chain(&e)))?;
     let elapsed = start.elapsed();
@@ -112,9 +151,14 @@ async fn runner_once(svc: &Service, phases: &mut Phases) -> anyhow::Result<f64> 
         bail!("trivial build gave {} outputs", outcome.outputs.len());
     }
     let t = &outcome.timings;
-    phases.boot.push(secs(t.boot));
+    if !t.boot.is_zero() {
+        phases.boot.push(secs(t.boot));
+    }
     phases.exec.push(secs(t.exec));
     phases.harvest.push(secs(t.harvest));
+    phases
+        .rest
+        .push(secs(t.total.saturating_sub(t.boot + t.exec + t.harvest)));
     if let Some(h) = &outcome.hello.timings {
         phases.agent_start.push(h.agent_start_us as f64 / 1e6);
         phases.mounts_done.push(h.mounts_done_us as f64 / 1e6);
@@ -217,21 +261,30 @@ async fn bwrap_once(env: &Env, bwrap: &Path, svc: &Service, n: usize) -> anyhow:
 }
 
 /// Runs sections 1 and 2 for `reps` interleaved repetitions.
-pub async fn run(env: &Env, svc: &Service, reps: usize) -> anyhow::Result<(Vec<Row>, Phases)> {
+pub async fn run(
+    env: &Env,
+    svc: &Service,
+    reps: usize,
+) -> anyhow::Result<(Vec<Row>, Phases, Phases)> {
     let poweroff = env.guest_program("poweroff")?;
     let floor_initrd = env.program_initrd(&poweroff)?;
     let cli_store = env.scratch("cli-store")?;
     let cli_runtime: PathBuf = env.scratch("cli-rt")?;
     let (mut floor, mut bare, mut ours, mut cli, mut bw) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut pooled_times = vec![];
     let mut phases = Phases::default();
+    let mut pooled_phases = Phases::default();
+    let pooled = svc.pooled_runner(env, 1);
     // One warm-up of each path (page cache, initrd cache, the CLI's store) is not measured.
     floor_once(env, &floor_initrd, TRIVIAL_MEMORY_MIB).await?;
     runner_once(svc, &mut Phases::default()).await?;
     cli_once(env, &cli_store, &cli_runtime).await?;
+    pooled_once(svc, &pooled, &mut Phases::default()).await?;
     for i in 0..reps {
         eprintln!("  [boot] repetition {}/{reps}", i + 1);
         floor.push(floor_once(env, &floor_initrd, TRIVIAL_MEMORY_MIB).await?);
         ours.push(runner_once(svc, &mut phases).await?);
+        pooled_times.push(pooled_once(svc, &pooled, &mut pooled_phases).await?);
         cli.push(cli_once(env, &cli_store, &cli_runtime).await?);
         bare.push(bare_floor_once(env, &floor_initrd).await?);
         if let Some(b) = &env.bwrap {
@@ -245,6 +298,12 @@ pub async fn run(env: &Env, svc: &Service, reps: usize) -> anyhow::Result<(Vec<R
             .ratio(&ratios(&ours, &floor))
             .target(Target::RatioAtMost(1.3))
             .note("floor = same QEMU backend, kernel, cmdline, 256 MiB, 1 vCPU, no devices, a static init that powers off at once"),
+        Row::new("pooled_vs_floor", "1a. trivial build on a pre-booted VM (request to Build) vs floor", "s")
+            .ours(&pooled_times)
+            .peer("floor", &floor)
+            .ratio(&ratios(&pooled_times, &floor))
+            .target(Target::RatioAtMost(0.25))
+            .note("a runner with a pool of 1: the VM booted before the request; timed from the call to the Build, the replacement's boot waited for afterwards"),
         Row::new("cli_vs_floor", "1b. trivial build via `tvix-build-vm build` vs floor", "s")
             .ours(&cli)
             .peer("floor", &floor)
@@ -273,5 +332,5 @@ pub async fn run(env: &Env, svc: &Service, reps: usize) -> anyhow::Result<(Vec<R
                 .note("bwrap not found: skipped"),
         );
     }
-    Ok((rows, phases))
+    Ok((rows, phases, pooled_phases))
 }

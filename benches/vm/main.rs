@@ -132,14 +132,16 @@ async fn run(plan: Plan, command: String) -> anyhow::Result<Report> {
     let svc = service::Service::start(&env, setup::TRIVIAL_MEMORY_MIB).await?;
     let mut rows: Vec<Row> = Vec::new();
     let mut phases = None;
+    let mut pooled_phases = None;
     if plan.wants("boot") {
         eprintln!(
             "bench: 1-2 boot floor, trivial build, CLI, bubblewrap ({} reps)",
             plan.boot_reps
         );
-        let (r, p) = boot::run(&env, &svc, plan.boot_reps).await?;
+        let (r, p, pp) = boot::run(&env, &svc, plan.boot_reps).await?;
         rows.extend(r);
         phases = Some(p);
+        pooled_phases = Some(pp);
     }
     if plan.wants("fs") {
         eprintln!("bench: 3 virtio-fs vs virtiofsd");
@@ -196,6 +198,31 @@ async fn run(plan: Plan, command: String) -> anyhow::Result<Report> {
             )
             .ours(&p.harvest),
         );
+        rows.push(
+            Row::new(
+                "phase_rest",
+                "where time goes: the rest (inputs, helpers, job hand-over, ending the VM)",
+                "s",
+            )
+            .ours(&p.rest),
+        );
+    }
+    if let Some(p) = pooled_phases {
+        for (id, what, v) in [
+            ("pooled_exec", "job sent to command exit", &p.exec),
+            (
+                "pooled_harvest",
+                "harvest of the trivial output",
+                &p.harvest,
+            ),
+            (
+                "pooled_rest",
+                "the rest (inputs, root to the fs-daemon, job hand-over, ending the VM)",
+                &p.rest,
+            ),
+        ] {
+            rows.push(Row::new(id, &format!("pre-booted, where time goes: {what}"), "s").ours(v));
+        }
     }
     machine.loadavg_after = loadavg();
     let date_unix = std::time::SystemTime::now()

@@ -151,6 +151,18 @@ impl Service {
     pub async fn build(&self, req: &BuildRequest) -> Result<BuildOutcome, RunError> {
         self.runner.build(&new_build_id(), req, &mut NullSink).await
     }
+
+    /// A second runner over the same store and configuration that keeps `size` VMs booted
+    /// ahead of requests.
+    pub fn pooled_runner(&self, env: &Env, size: usize) -> Runner {
+        Runner::new(
+            self.runner.config().clone(),
+            env.qemu.clone(),
+            self.blobs.clone(),
+            self.dirs.clone(),
+        )
+        .with_pool(size)
+    }
 }
 
 /// An error and its causes on one line.

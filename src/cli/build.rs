@@ -81,7 +81,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let handle = args.runner.runner(&args.store, blobs, dirs, None).await?;
+    let handle = args
+        .runner
+        .runner(&args.store, blobs, dirs, None, 0)
+        .await?;
     let id = new_build_id();
     let mut log = StderrLog(tokio::io::stderr());
     match handle.runner.build(&id, &req, &mut log).await {

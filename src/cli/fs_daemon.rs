@@ -9,10 +9,10 @@ use crate::castore::directory::{Directory, ValidationError};
 use crate::castore::{self, BlobService, DirectoryService};
 use crate::fs::daemon::{self, DaemonConfig, DaemonError};
 use crate::fs::sandbox::{self, SandboxError};
-use crate::fs::{CastoreFs, CastoreSource, FsError, FsLimits, Listing};
+use crate::fs::{CastoreFs, CastoreSource, FsError, FsLimits, Listing, RootAssigner};
 use crate::proto::castore as pb;
 use prost::Message;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -31,8 +31,14 @@ pub struct FsDaemonArgs {
     pub socket: PathBuf,
     /// A file holding an encoded `tvix.castore.v1.Directory` whose entries are the share's
     /// root entries (the build's inputs).
-    #[arg(long)]
-    pub root_directory: PathBuf,
+    #[arg(long, required_unless_present = "root_from_stdin")]
+    pub root_directory: Option<PathBuf>,
+    /// Read the root directory (as for `--root-directory`) from stdin, to its end, while
+    /// already serving: a pooled VM boots before its build's inputs are known. Requests that
+    /// need the root's entries wait for them; the daemon exits (code 2) if stdin ends without
+    /// a valid Directory.
+    #[arg(long, conflicts_with = "root_directory")]
+    pub root_from_stdin: bool,
     /// Blob service address (e.g. `objectstore+file:///var/lib/tvix-build-vm/blobs`).
     #[arg(long)]
     pub blob_service_addr: String,
@@ -116,14 +122,7 @@ pub fn run(args: FsDaemonArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                msg.push_str(": ");
-                msg.push_str(&c.to_string());
-                cause = c.source();
-            }
-            tracing::error!("fs-daemon: {msg}");
+            tracing::error!("fs-daemon: {}", castore::error::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }
@@ -137,9 +136,10 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
         threads: args.threads as usize,
     };
     cfg.validate().map_err(FsDaemonError::Daemon)?;
-    let root = read_root(&args.root_directory)?;
-    let root =
-        Listing::from_directory(&root.digest(), &root).map_err(FsDaemonError::RootListing)?;
+    let root = match &args.root_directory {
+        Some(path) => Some(read_listing(std::fs::File::open(path), path)?),
+        None => None,
+    };
 
     // While still single-threaded: capabilities are per thread.
     let fds = args.max_handles + FD_RESERVE + 2 * args.threads;
@@ -159,15 +159,19 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
     if let Some(local) = local {
         source = source.with_local_files(local);
     }
-    let fs = CastoreFs::new(
-        root,
-        Arc::new(source),
-        FsLimits {
-            // Bounded by clap.
-            max_handles: args.max_handles as usize,
-            max_inodes: args.max_inodes as usize,
-        },
-    );
+    let limits = FsLimits {
+        // Bounded by clap.
+        max_handles: args.max_handles as usize,
+        max_inodes: args.max_inodes as usize,
+    };
+    let fs = match root {
+        Some(root) => CastoreFs::new(root, Arc::new(source), limits),
+        None => {
+            let (fs, assigner) = CastoreFs::with_pending_root(Arc::new(source), limits);
+            assign_from_stdin(assigner).map_err(FsDaemonError::Runtime)?;
+            fs
+        }
+    };
     let listener = daemon::bind(&cfg.socket).map_err(FsDaemonError::Daemon)?;
     let served = daemon::serve(fs, listener, &cfg).map_err(FsDaemonError::Daemon);
     // The services' background tasks have nothing left to do.
@@ -175,30 +179,67 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
     served
 }
 
-fn read_root(path: &PathBuf) -> Result<Directory, FsDaemonError> {
+/// Where stdin's root comes from, for error messages.
+const STDIN: &str = "<stdin>";
+
+/// Reads the root from stdin on a thread of its own and assigns it; a root that cannot be
+/// read ends the daemon (the VM then loses its share, and the runner reports the daemon's
+/// death with this log).
+fn assign_from_stdin(assigner: RootAssigner) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("fs-daemon-root".to_owned())
+        .spawn(move || {
+            let path = PathBuf::from(STDIN);
+            match read_listing(Ok(std::io::stdin().lock()), &path) {
+                Ok(root) => {
+                    tracing::debug!(entries = root.len(), "root assigned");
+                    assigner.assign(root);
+                }
+                Err(e) => {
+                    tracing::error!("fs-daemon: {}", castore::error::error_chain(&e));
+                    std::process::exit(i32::from(e.exit_code()));
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// The root directory read from `file` (named `path` in errors), as the share's root entries.
+fn read_listing(
+    file: std::io::Result<impl std::io::Read>,
+    path: &Path,
+) -> Result<Listing, FsDaemonError> {
+    let root = read_root(file, path)?;
+    Listing::from_directory(&root.digest(), &root).map_err(FsDaemonError::RootListing)
+}
+
+fn read_root(
+    file: std::io::Result<impl std::io::Read>,
+    path: &Path,
+) -> Result<Directory, FsDaemonError> {
     use std::io::Read;
     let read_err = |source| FsDaemonError::ReadRoot {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
+    let file = file.map_err(read_err)?;
     let mut buf = Vec::new();
     file.take(MAX_ROOT_FILE + 1)
         .read_to_end(&mut buf)
         .map_err(read_err)?;
     if buf.len() as u64 > MAX_ROOT_FILE {
         return Err(FsDaemonError::RootTooLarge {
-            path: path.clone(),
+            path: path.to_owned(),
             len: buf.len() as u64,
         });
     }
     let msg =
         pb::Directory::decode(buf.as_slice()).map_err(|source| FsDaemonError::DecodeRoot {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         })?;
     Directory::try_from(msg).map_err(|source| FsDaemonError::InvalidRoot {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }

@@ -155,13 +155,15 @@ impl RunnerArgs {
     }
 
     /// Sweeps runtime directories left by dead processes, serves the castore to the helper
-    /// processes on a private socket, and assembles the runner. Call inside a tokio runtime.
+    /// processes on a private socket, and assembles the runner, with `pool_size` VMs booted
+    /// ahead of requests (0: none). Call inside a tokio runtime.
     pub async fn runner(
         &self,
         store: &StoreArgs,
         blobs: Arc<dyn BlobService>,
         dirs: Arc<dyn DirectoryService>,
         bin_sh: Option<&std::path::Path>,
+        pool_size: usize,
     ) -> anyhow::Result<RunnerHandle> {
         let kernel = self
             .kernel
@@ -279,7 +281,7 @@ impl RunnerArgs {
         };
         info!(vmm = vmm.name(), accel = ?config.accel, kernel = %config.kernel.display(), "runner ready");
         Ok(RunnerHandle {
-            runner: Arc::new(Runner::new(config, vmm, blobs, dirs)),
+            runner: Arc::new(Runner::new(config, vmm, blobs, dirs).with_pool(pool_size)),
             _service_dir: service_dir,
         })
     }

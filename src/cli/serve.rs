@@ -114,6 +114,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     blobs.clone(),
                     directories.clone(),
                     config.bin_sh.as_deref(),
+                    config.pool_size,
                 )
                 .await?;
             let host = Arc::new(BuildHost::new(
@@ -126,7 +127,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 },
             ));
             _runner_handle = Some(handle);
-            info!(protocol = %config.protocol, max_vms = config.max_vms, max_queue = config.max_queue, "serving builds");
+            info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");
             Some(host)
         }
         false => {
@@ -168,7 +169,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => {
                 let m = Arc::clone(&metrics);
-                Box::new(move || m.render(0, 0))
+                Box::new(move || m.render(0, 0, None))
             }
         };
         tokio::spawn(server::metrics_http::serve(

@@ -67,6 +67,8 @@ pub enum FsError {
     PermissionDenied,
     #[error("no such extended attribute")]
     NoXattr,
+    #[error("the share's root entries were not assigned in time")]
+    RootUnassigned,
 }
 
 impl FsError {
@@ -82,7 +84,8 @@ impl FsError {
             | BlobTruncated { .. }
             | NameWithNul { .. }
             | Staging(_)
-            | GuestCopy { .. } => libc::EIO,
+            | GuestCopy { .. }
+            | RootUnassigned => libc::EIO,
             InodeTableFull { .. } => libc::ENOMEM,
             TooManyHandles { .. } => libc::ENFILE,
             StaleInode(_) => libc::ESTALE,

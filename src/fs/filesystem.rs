@@ -12,6 +12,7 @@ use super::handles::HandleTable;
 use super::inode::{Inode, InodeKind, InodeTable};
 use super::listing::Listing;
 use super::log_limit::LogLimiter;
+use super::root::{RootAssigner, RootGate};
 use super::source::ContentSource;
 use std::ffi::CStr;
 use std::io;
@@ -43,6 +44,11 @@ impl Default for FsLimits {
     }
 }
 
+/// How long a request that needs the root's entries waits for them to be assigned. The host
+/// assigns them before the guest gets its job, so only a guest looking early (or a host that
+/// never assigns) waits at all.
+const ROOT_WAIT: Duration = Duration::from_secs(30);
+
 /// The smallest FUSE dirent (header plus a one-byte name, 8-aligned): bounds how many
 /// entries one `readdir` reply can hold.
 const MIN_DIRENT_SIZE: usize = 32;
@@ -51,6 +57,7 @@ const MIN_DIRENT_SIZE: usize = 32;
 pub struct CastoreFs {
     source: Arc<dyn ContentSource>,
     inodes: InodeTable,
+    root_gate: Arc<RootGate>,
     handles: HandleTable<OpenFile>,
     log: LogLimiter,
 }
@@ -58,9 +65,32 @@ pub struct CastoreFs {
 impl CastoreFs {
     /// A filesystem whose root directory holds the entries of `root`.
     pub fn new(root: Listing, source: Arc<dyn ContentSource>, limits: FsLimits) -> Self {
+        let gate = RootGate::default();
+        Self::with_root(Some(root), Arc::new(gate), source, limits)
+    }
+
+    /// A filesystem whose root entries are assigned later through the returned
+    /// [`RootAssigner`]; until then, requests that need them wait (see [`super::root`]).
+    pub fn with_pending_root(
+        source: Arc<dyn ContentSource>,
+        limits: FsLimits,
+    ) -> (Self, RootAssigner) {
+        let gate = Arc::new(RootGate::default());
+        let fs = Self::with_root(None, gate.clone(), source, limits);
+        let assigner = RootAssigner::new(fs.inodes.root().clone(), gate);
+        (fs, assigner)
+    }
+
+    fn with_root(
+        root: Option<Listing>,
+        root_gate: Arc<RootGate>,
+        source: Arc<dyn ContentSource>,
+        limits: FsLimits,
+    ) -> Self {
         Self {
             source,
             inodes: InodeTable::new(root, limits.max_inodes),
+            root_gate,
             handles: HandleTable::new(limits.max_handles),
             log: LogLimiter::new(20, Duration::from_secs(10)),
         }
@@ -99,9 +129,15 @@ impl CastoreFs {
         if let Some(listing) = inode.cached_listing() {
             return Ok(listing.clone());
         }
-        // Only the root has no digest, and its listing is always cached.
+        // Only the root has no digest; without a cached listing it is not assigned yet.
         let Some(digest) = digest else {
-            return Ok(Arc::new(Listing::default()));
+            return match self.root_gate.wait(ROOT_WAIT) {
+                true => inode
+                    .cached_listing()
+                    .cloned()
+                    .ok_or(FsError::RootUnassigned),
+                false => Err(FsError::RootUnassigned),
+            };
         };
         let listing = Arc::new(self.source.listing(digest)?);
         Ok(inode.cache_listing(listing).clone())

@@ -116,22 +116,29 @@ struct Inner {
 pub struct InodeTable {
     inner: Mutex<Inner>,
     cap: usize,
+    /// Also in `inner` (never evicted); kept here to be reachable without the lock.
+    root: Arc<Inode>,
 }
 
 impl InodeTable {
-    /// A table holding only the root, whose entries are `root`. `cap` counts the root and is
-    /// raised to 2 if smaller.
-    pub fn new(root: Listing, cap: usize) -> Self {
+    /// A table holding only the root, whose entries are `root` (`None`: assigned later
+    /// through [`InodeTable::root`]'s listing). `cap` counts the root and is raised to 2 if
+    /// smaller.
+    pub fn new(root: Option<Listing>, cap: usize) -> Self {
+        let listing = OnceLock::new();
+        if let Some(root) = root {
+            let _ = listing.set(Arc::new(root));
+        }
         let root = Arc::new(Inode {
             ino: ROOT_INO,
             kind: InodeKind::Directory { digest: None },
-            listing: OnceLock::from(Arc::new(root)),
+            listing,
         });
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT_INO,
             Slot {
-                inode: root,
+                inode: root.clone(),
                 key: None,
                 lookups: 0,
             },
@@ -144,6 +151,7 @@ impl InodeTable {
                 forgotten: 0,
             }),
             cap: cap.max(2),
+            root,
         }
     }
 
@@ -213,6 +221,11 @@ impl InodeTable {
         if slot.lookups == 0 {
             inner.forgotten += 1;
         }
+    }
+
+    /// The root inode.
+    pub fn root(&self) -> &Arc<Inode> {
+        &self.root
     }
 
     /// How many inodes the table holds, the root included.
@@ -327,7 +340,7 @@ mod tests {
     }
 
     fn table(cap: usize) -> InodeTable {
-        InodeTable::new(Listing::default(), cap)
+        InodeTable::new(Some(Listing::default()), cap)
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`inode`], [`handles`]: the bounded inode and open-file tables.
 //! - [`listing`], [`attr`], [`blob`]: directory listings, attributes, reading blobs.
 //! - [`source`]: the [`ContentSource`] interface to the castore.
+//! - [`root`]: the root's entries, possibly assigned after boot (pooled VMs).
 //! - [`daemon`]: serving one VM over a vhost-user socket.
 
 pub mod attr;
@@ -15,6 +16,7 @@ pub mod handles;
 pub mod inode;
 pub mod listing;
 mod log_limit;
+pub mod root;
 pub mod sandbox;
 pub mod source;
 mod staging;
@@ -22,4 +24,5 @@ mod staging;
 pub use error::FsError;
 pub use filesystem::{CastoreFs, FsLimits};
 pub use listing::{FsNode, Listing};
+pub use root::RootAssigner;
 pub use source::{CastoreSource, ContentSource};

@@ -7,20 +7,25 @@
 //! way: every process of the build killed, its directory removed).
 
 pub mod admission;
+mod boot;
 mod build;
 pub mod constraints;
 mod error;
 pub mod inputs;
 pub mod job;
+pub mod pool;
 pub mod runtime_dir;
 
+pub use boot::{BootShape, BootedVm};
 pub use build::{BuildOutcome, Timings};
 pub use error::{Fault, RunError, SessionFailure};
 
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};
 use crate::vm::{Accel, VmmBackend};
+use boot::Booter;
 use constraints::HostOffer;
+use pool::Pool;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +36,6 @@ use std::time::Duration;
 pub struct Deadlines {
     /// From starting the VMM to the agent's Hello.
     pub boot: Duration,
-    /// From the last output to the VMM's exit, before it is killed.
-    pub shutdown: Duration,
     /// For the virtio-fs daemon to listen.
     pub helper_start: Duration,
     /// For the castore to confirm the inputs before the VM starts: a stalled castore must
@@ -44,7 +47,6 @@ impl Default for Deadlines {
     fn default() -> Self {
         Self {
             boot: Duration::from_secs(30),
-            shutdown: Duration::from_secs(10),
             helper_start: Duration::from_secs(10),
             castore: Duration::from_secs(60),
         }
@@ -85,10 +87,10 @@ pub struct RunnerConfig {
 
 /// Runs builds; cheap to share between concurrent requests.
 pub struct Runner {
-    config: RunnerConfig,
-    vmm: Arc<dyn VmmBackend>,
+    booter: Booter,
     blobs: Arc<dyn BlobService>,
     dirs: Arc<dyn DirectoryService>,
+    pool: Option<Pool>,
 }
 
 impl Runner {
@@ -99,15 +101,39 @@ impl Runner {
         dirs: Arc<dyn DirectoryService>,
     ) -> Self {
         Self {
-            config,
-            vmm,
+            booter: Booter {
+                config: Arc::new(config),
+                vmm,
+            },
             blobs,
             dirs,
+            pool: None,
         }
     }
 
+    /// Keeps `size` VMs of the default shape (the offer's default memory, no nested
+    /// virtualization, no network) booted ahead of requests; see [`pool`]. Requests of
+    /// another shape, or finding none waiting, boot their own. Must be called within a tokio
+    /// runtime, which runs the pool's filler.
+    pub fn with_pool(mut self, size: usize) -> Self {
+        self.pool = (size > 0).then(|| {
+            let shape = BootShape {
+                memory_mib: self.config().offer.default_memory_mib,
+                nested_virtualization: false,
+                network: false,
+            };
+            Pool::start(self.booter.clone(), shape, size)
+        });
+        self
+    }
+
+    /// The pool of pre-booted VMs, if there is one.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
     pub fn config(&self) -> &RunnerConfig {
-        &self.config
+        &self.booter.config
     }
 
     pub fn blobs(&self) -> &Arc<dyn BlobService> {

@@ -107,7 +107,8 @@ impl BuildHost {
 
     /// The Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.queued(), self.running())
+        let pool = self.runner.pool().map(|p| p.stats());
+        self.metrics.render(self.queued(), self.running(), pool)
     }
 
     /// Refuses new builds from now on, and sends the queued ones away (`UNAVAILABLE`, so

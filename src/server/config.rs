@@ -40,6 +40,9 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Idle VMs each hold their guest memory: a pool beyond this is a typo, not a plan.
+const MAX_POOL_SIZE: usize = 256;
+
 /// The options of `serve` (flags, environment, and the keys of the TOML config file).
 #[derive(
     Clone, Debug, Default, PartialEq, Eq, clap::Args, serde::Deserialize, serde::Serialize,
@@ -58,6 +61,12 @@ pub struct ServeOptions {
     #[arg(long, env = "TVIX_BUILD_VM_MAX_VMS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_vms: Option<usize>,
+    /// VMs kept booted ahead of requests, each used for one build of the default shape
+    /// (--vm-memory, no /dev/kvm, no network) and then replaced; they come on top of
+    /// max-vms [default: 0, no pool].
+    #[arg(long, env = "TVIX_BUILD_VM_POOL_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
     /// Requests that may wait for a VM; beyond, RESOURCE_EXHAUSTED [default: 16].
     #[arg(long, env = "TVIX_BUILD_VM_MAX_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +114,7 @@ pub struct ServeConfig {
     pub listen: ListenAddr,
     pub protocol: Protocol,
     pub max_vms: usize,
+    pub pool_size: usize,
     pub max_queue: usize,
     pub grace_period: Duration,
     pub max_message_bytes: usize,
@@ -141,6 +151,7 @@ impl ServeOptions {
             listen,
             protocol,
             max_vms,
+            pool_size,
             max_queue,
             grace_period,
             max_message_size,
@@ -179,6 +190,13 @@ impl ServeOptions {
         if max_vms == 0 {
             return Err(invalid("max-vms", "must be at least 1"));
         }
+        let pool_size = self.pool_size.unwrap_or(0);
+        if pool_size > MAX_POOL_SIZE {
+            return Err(invalid(
+                "pool-size",
+                format!("{pool_size} is more than {MAX_POOL_SIZE}"),
+            ));
+        }
         let metrics_listen = self
             .metrics_listen
             .as_deref()
@@ -191,6 +209,7 @@ impl ServeOptions {
             listen,
             protocol: self.protocol.unwrap_or_default(),
             max_vms,
+            pool_size,
             max_queue: self.max_queue.unwrap_or(16),
             grace_period,
             max_message_bytes: usize::try_from(max_message)
@@ -260,6 +279,7 @@ impl ServeConfig {
             listen: Some(self.listen.to_string()),
             protocol: Some(self.protocol),
             max_vms: Some(self.max_vms),
+            pool_size: Some(self.pool_size),
             max_queue: Some(self.max_queue),
             grace_period: Some(format!("{}s", self.grace_period.as_secs())),
             max_message_size: Some(self.max_message_bytes.to_string()),

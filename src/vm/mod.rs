@@ -468,6 +468,21 @@ impl RunningVm {
         }
     }
 
+    /// Sets the nice value of all the VM's host processes (see [`ProcessGroup::renice`]).
+    pub fn renice(&mut self, nice: i32) -> std::io::Result<()> {
+        self.group.renice(nice)
+    }
+
+    /// Whether the VM has ended (or is being cleaned up after it did), without waiting: one
+    /// look at its processes.
+    pub fn has_ended(&mut self) -> bool {
+        use futures::FutureExt;
+        // A VM found ended starts its clean-up in this poll and records how it ended in
+        // `ending`, so the answer holds even if the reaping is not finished yet.
+        let _ = self.wait().now_or_never();
+        self.exit.is_some() || self.ending.is_some()
+    }
+
     /// Like [`RunningVm::wait`], but kills the VM at `deadline`.
     pub async fn wait_until(&mut self, deadline: Instant) -> Result<VmExit, VmError> {
         match tokio::time::timeout_at(deadline, self.wait()).await {

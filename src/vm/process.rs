@@ -7,6 +7,8 @@
 //! - `<runtime dir>/pids` records pid, group and start time of every child, so that a later
 //!   start-up can kill orphans by recorded identity ([`kill_recorded`]), never by name.
 //! - Dropping a [`ProcessGroup`] kills the group.
+//! - A group may start in the background (a nice value for every member, e.g. a pre-booted
+//!   VM's boot) and be brought to the foreground later ([`ProcessGroup::renice`]).
 //!
 //! Pid reuse: `killpg` is only sent while at least one member has not been reaped, because a
 //! process group id cannot be reused while any member, even a zombie, still exists.
@@ -97,6 +99,8 @@ pub struct ProcessGroup {
     runtime_dir: PathBuf,
     pgid: Option<i32>,
     members: Vec<Member>,
+    /// The nice value members start with; `None`: the service's own.
+    nice: Option<i32>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -116,7 +120,31 @@ impl ProcessGroup {
             runtime_dir: runtime_dir.to_owned(),
             pgid: None,
             members: Vec::new(),
+            nice: None,
         }
+    }
+
+    /// Members spawned from now on start with this nice value (all their threads inherit
+    /// it).
+    pub fn start_niced(&mut self, nice: i32) {
+        self.nice = Some(nice.clamp(-20, 19));
+    }
+
+    /// Sets the nice value of every thread of every member (Linux keeps it per thread;
+    /// `PRIO_PGRP` reaches them all). Lowering it needs `CAP_SYS_NICE` or `RLIMIT_NICE`,
+    /// see [`may_lower_nice`].
+    pub fn renice(&mut self, nice: i32) -> std::io::Result<()> {
+        let Some(pgid) = self.pgid else {
+            return Ok(());
+        };
+        self.nice = None;
+        let pgid = libc::id_t::try_from(pgid).map_err(|_| std::io::Error::other("bad pgid"))?;
+        // SAFETY: setpriority takes plain integers and touches no memory.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PGRP, pgid, nice.clamp(-20, 19)) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The group id, once a member exists.
@@ -132,9 +160,40 @@ impl ProcessGroup {
     pub fn spawn(
         &mut self,
         name: &str,
-        mut command: tokio::process::Command,
+        command: tokio::process::Command,
         stdout: Stdout,
     ) -> Result<MemberId, ProcessError> {
+        self.spawn_inner(name, command, stdout, false)
+            .map(|(id, _)| id)
+    }
+
+    /// Like [`ProcessGroup::spawn`], but the member's stdin is a pipe whose write end is
+    /// returned (to hand it something after it started).
+    pub fn spawn_with_stdin(
+        &mut self,
+        name: &str,
+        command: tokio::process::Command,
+        stdout: Stdout,
+    ) -> Result<(MemberId, tokio::process::ChildStdin), ProcessError> {
+        let (id, stdin) = self.spawn_inner(name, command, stdout, true)?;
+        match stdin {
+            Some(stdin) => Ok((id, stdin)),
+            // tokio hands out the pipe it was asked to create.
+            None => Err(ProcessError::Spawn {
+                name: name.to_owned(),
+                program: name.to_owned(),
+                source: std::io::Error::other("no stdin pipe"),
+            }),
+        }
+    }
+
+    fn spawn_inner(
+        &mut self,
+        name: &str,
+        mut command: tokio::process::Command,
+        stdout: Stdout,
+        piped_stdin: bool,
+    ) -> Result<(MemberId, Option<tokio::process::ChildStdin>), ProcessError> {
         let name_ok = !name.is_empty()
             && name.len() <= 32
             && name
@@ -164,17 +223,28 @@ impl ProcessGroup {
         };
 
         command
-            .stdin(Stdio::null())
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false)
             .process_group(self.pgid.unwrap_or(0));
         let parent = std::process::id();
+        let nice = self.nice;
         // SAFETY: the closure runs in the forked child before exec, where only
-        // async-signal-safe calls are allowed: it calls prctl and getppid (plain syscalls) and
-        // builds an io::Error from a raw errno (no allocation). It touches no locks or heap.
+        // async-signal-safe calls are allowed: it calls prctl, getppid and setpriority (plain
+        // syscalls) and builds an io::Error from a raw errno (no allocation). It touches no
+        // locks or heap.
         unsafe {
             command.pre_exec(move || {
+                if let Some(nice) = nice {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
                     libc::SIGKILL as libc::c_ulong,
@@ -207,6 +277,7 @@ impl ProcessGroup {
         if self.pgid.is_none() {
             self.pgid = i32::try_from(pid).ok();
         }
+        let stdin = child.stdin.take();
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
             pumps.push(tokio::spawn(logsink::pump(out, stdout_file, stdout_cap)));
@@ -227,7 +298,7 @@ impl ProcessGroup {
             pumps,
         });
         self.record()?;
-        Ok(MemberId(self.members.len() - 1))
+        Ok((MemberId(self.members.len() - 1), stdin))
     }
 
     /// The log file of the member called `name`.
@@ -389,6 +460,31 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// Whether this process may lower a nice value to `nice` (raise a priority): with
+/// `CAP_SYS_NICE`, or within `RLIMIT_NICE` (whose limit `r` allows down to `20 - r`).
+pub fn may_lower_nice(nice: i32) -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct it is given.
+    let by_rlimit = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0
+        && 20 - i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX) <= i64::from(nice);
+    by_rlimit || has_cap_sys_nice()
+}
+
+fn has_cap_sys_nice() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+}
+
 /// Kills every process recorded in the pids file at `path` that still is the same process
 /// (same pid and start time): the orphans of a service that died without cleaning up.
 /// Returns how many were killed.
@@ -471,6 +567,55 @@ mod tests {
         }
         let log = std::fs::read_to_string(group.log_path(a)).expect("log");
         assert!(log.contains("out-a") && log.contains("err-a"), "{log}");
+    }
+
+    /// The nice value of every thread of `pid` (field 19 of each task's stat).
+    fn thread_nices(pid: u32) -> Vec<i32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("task dir")
+            .flatten()
+            .map(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).expect("stat");
+                let after = &stat[stat.rfind(')').expect("comm") + 1..];
+                after
+                    .split_whitespace()
+                    .nth(16)
+                    .expect("nice")
+                    .parse()
+                    .expect("nice")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_group_started_niced_is_reniced_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = ProcessGroup::new(dir.path());
+        group.start_niced(10);
+        group
+            .spawn("a", sh("exec sleep 60"), Stdout::Log)
+            .expect("a");
+        group
+            .spawn("b", sh("exec sleep 60"), Stdout::Log)
+            .expect("b");
+        for pid in group.pids() {
+            assert_eq!(thread_nices(pid), [10], "member {pid} did not start niced");
+        }
+        let own = 0;
+        if !may_lower_nice(own) {
+            eprintln!("SKIPPED renice back: no CAP_SYS_NICE or RLIMIT_NICE here");
+        } else {
+            group.renice(own).expect("renice");
+            for pid in group.pids() {
+                assert_eq!(thread_nices(pid), [own], "member {pid} kept its nice value");
+            }
+        }
+        // Renicing to a higher value is always allowed.
+        group.renice(15).expect("renice up");
+        for pid in group.pids() {
+            assert_eq!(thread_nices(pid), [15]);
+        }
+        group.kill_and_reap().await;
     }
 
     #[tokio::test]

@@ -180,6 +180,13 @@ fn big_blob() -> Vec<u8> {
 /// in the store), hole (file whose blob is missing), short (file whose blob is shorter than
 /// its node says).
 fn fixture_with(mode: BlobMode, limits: FsLimits) -> (CastoreFs, Arc<FakeSource>) {
+    let (root, source) = fixture_parts(mode);
+    let fs = CastoreFs::new(root, source.clone(), limits);
+    (fs, source)
+}
+
+/// The fixture's root entries and content source.
+fn fixture_parts(mode: BlobMode) -> (Listing, Arc<FakeSource>) {
     let hello = b"#!/bin/sh\necho hi\n".to_vec();
     let data = big_blob();
     let mut blobs = HashMap::new();
@@ -244,8 +251,7 @@ fn fixture_with(mode: BlobMode, limits: FsLimits) -> (CastoreFs, Arc<FakeSource>
         seeks: Arc::new(AtomicUsize::new(0)),
         tmp: tempfile::tempdir().unwrap(),
     });
-    let fs = CastoreFs::new(root, source.clone(), limits);
-    (fs, source)
+    (root, source)
 }
 
 fn fixture(mode: BlobMode) -> (CastoreFs, Arc<FakeSource>) {
@@ -269,6 +275,34 @@ fn read_all(fs: &CastoreFs, ino: u64, h: u64, offset: u64, size: u32) -> io::Res
     let n = fs.read(ctx(), ino, h, &mut w, size, offset, None, 0)?;
     assert_eq!(n, w.data.len());
     Ok(w.data)
+}
+
+#[test]
+fn a_pending_root_mounts_and_answers_once_assigned() {
+    let (root, source) = fixture_parts(BlobMode::Stream);
+    let (fs, assigner) = CastoreFs::with_pending_root(source, FsLimits::default());
+    let fs = Arc::new(fs);
+    // What a mount needs works before the root's entries are known.
+    fs.init(FsOptions::empty()).unwrap();
+    let (attr, _) = fs.getattr(ctx(), ROOT_INO, None).unwrap();
+    assert_eq!(attr.mode, libc::S_IFDIR | 0o555);
+    fs.statfs(ctx(), ROOT_INO).unwrap();
+    fs.opendir(ctx(), ROOT_INO, 0).unwrap();
+
+    // A lookup waits for the assignment, then sees the entries.
+    let waiting = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.lookup(ctx(), ROOT_INO, c"data").map(|e| e.inode))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !waiting.is_finished(),
+        "the lookup did not wait for the root"
+    );
+    assigner.assign(root);
+    let ino = waiting.join().unwrap().unwrap();
+    assert_ne!(ino, 0);
+    assert_eq!(lookup_path(&fs, &[c"sub", c"b", c"hello"]).attr.size, 18);
 }
 
 #[test]

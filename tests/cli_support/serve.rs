@@ -1,0 +1,192 @@
+//! A real `serve` process on a unix socket, and the requests the tests send it.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use super::{Env, BUSYBOX};
+use bytes::Bytes;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
+use tvix_build_vm::proto::{build as pb, castore as cpb};
+
+pub const SH: &str = "/nix/store/busybox";
+
+/// A running `serve`; SIGTERM and wait on drop.
+pub struct Serve {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Serve {
+    pub fn start(env: &Env, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tbv-serve-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("s.sock");
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let mut c = env.command();
+        c.arg("serve")
+            .arg("--store")
+            .arg(env.store.path())
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; a server
+        // must not outlive the test that started it (a killed test would leave it running).
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        let s = Self { child, sock, dir };
+        s.wait_for(|| s.sock.exists(), "the socket");
+        s
+    }
+
+    pub fn wait_for(&self, cond: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not appear:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("unix://{}", self.sock.display()))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.wait(Duration::from_secs(20));
+        }
+    }
+}
+
+pub fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
+    pb::build_request::EnvVar {
+        key: k.into(),
+        value: Bytes::from(v.to_owned()),
+    }
+}
+
+/// Uploads /bin/busybox through the castore service; the input node named `busybox`.
+pub async fn upload_busybox(channel: Channel) -> cpb::Node {
+    let data = std::fs::read(BUSYBOX).unwrap();
+    let blobs = GrpcBlobService::new(channel);
+    let digest = put_bytes(&blobs, &data).await.unwrap();
+    cpb::Node {
+        node: Some(cpb::node::Node::File(cpb::FileNode {
+            name: "busybox".into(),
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size: data.len() as u64,
+            executable: true,
+        })),
+    }
+}
+
+pub fn seed_request(busybox: cpb::Node, script: &str, outputs: &[&str]) -> pb::BuildRequest {
+    pb::BuildRequest {
+        command_args: vec![SH.into(), "sh".into(), "-c".into(), script.into()],
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        environment_vars: vec![
+            env_var("HOME", "/homeless-shelter"),
+            env_var("PATH", "/nix/store"),
+        ],
+        inputs: vec![busybox],
+        constraints: Some(pb::build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn file_node(n: &cpb::Node) -> &cpb::FileNode {
+    match &n.node {
+        Some(cpb::node::Node::File(f)) => f,
+        other => panic!("expected a file node, got {other:?}"),
+    }
+}
+
+pub async fn health(channel: Channel, service: &str) -> i32 {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET /metrics.
+pub async fn reqwest_free_get(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+pub fn runtime_entries(env: &Env) -> usize {
+    std::fs::read_dir(env.runtime.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("svc-"))
+        .count()
+}
