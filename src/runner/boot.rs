@@ -1,11 +1,11 @@
 //! Booting a build VM up to its agent's Hello, before (pooled) or after (cold) its request
 //! is known.
 //!
-//! The VM's virtio-fs daemon starts without its root: the root's entries (the build's
-//! inputs) are handed to it through its stdin when the VM is assigned a request
-//! ([`BootedVm::assign_inputs`]). Until then the guest can mount the share but sees no
-//! entry, and the agent waits for its job. Cold and pooled builds take the same path, so
-//! the pool is not a second way of doing things.
+//! The VM's virtio-fs daemon reads its root (the build's inputs) from its stdin. A cold
+//! build hands it over as the daemon starts; a pre-booted VM gets it when it is assigned a
+//! request ([`BootedVm::assign_inputs`]). Until then its guest can mount the share (the
+//! agent does, before its Hello) but sees no entry, and the agent waits for its job.
+//! Otherwise cold and pooled VMs are booted the same way.
 
 use super::error::{RunError, SessionFailure};
 use super::job::INPUTS_TAG;
@@ -55,7 +55,8 @@ pub struct BootedVm {
     // Fields drop in this order: the conversation and the pipe first, then the processes,
     // then their directory.
     greeted: Greeted<UnixStream>,
-    inputs: Option<ChildStdin>,
+    /// The fs-daemon's stdin, until it has been given the share's root.
+    root_pipe: Option<ChildStdin>,
     vm: RunningVm,
     rt: RuntimeDir,
     boot: Duration,
@@ -90,12 +91,15 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
 
 impl Booter {
     /// Starts the helpers and the VM in a runtime directory called `name`, and waits for the
-    /// agent's Hello. With `background`, the VM's processes run at that nice value until it
-    /// is assigned a build, when they get the service's own (see [`Background`]).
+    /// agent's Hello. `inputs`: the share's root, if already known (else
+    /// [`BootedVm::assign_inputs`] gives it later). With `background`, the VM's processes
+    /// run at that nice value until it is assigned a build, when they get the service's own
+    /// (see [`Background`]).
     pub async fn boot(
         &self,
         name: &str,
         shape: BootShape,
+        inputs: Option<&Directory>,
         background: Option<Background>,
     ) -> Result<BootedVm, RunError> {
         let config = &self.config;
@@ -119,12 +123,20 @@ impl Booter {
             .arg(INPUTS_TAG)
             .arg("--max-handles")
             .arg(fsd.max_handles.to_string());
-        let (fs_id, inputs) = group
+        let (fs_id, mut root_pipe) = group
             .spawn_with_stdin("fs-daemon", cmd, Stdout::Log)
             .map_err(|e| RunError::FsDaemon {
                 reason: e.to_string(),
                 log_tail: String::new(),
             })?;
+        let root_pipe = match inputs {
+            Some(root) => {
+                let log = group.log_path(fs_id);
+                hand_root(&mut root_pipe, root, config.deadlines.helper_start, &log).await?;
+                None
+            }
+            None => Some(root_pipe),
+        };
         wait_for_socket(&fs_socket, &mut group, fs_id, config.deadlines.helper_start).await?;
 
         let vsock_uds = rt.join("vsock.sock");
@@ -189,7 +201,7 @@ impl Booter {
         );
         Ok(BootedVm {
             greeted,
-            inputs: Some(inputs),
+            root_pipe,
             vm,
             rt,
             boot,
@@ -240,27 +252,13 @@ impl BootedVm {
                 warn!(error = %e, nice = bg.foreground, "cannot bring a pre-booted VM to the foreground");
             }
         }
-        let Some(mut pipe) = self.inputs.take() else {
+        let Some(mut pipe) = self.root_pipe.take() else {
             return Err(RunError::FsDaemon {
                 reason: "its inputs were already assigned".into(),
                 log_tail: String::new(),
             });
         };
-        let bytes = root.encode();
-        let write = async {
-            pipe.write_all(&bytes).await?;
-            // The end of the pipe is the end of the message.
-            pipe.shutdown().await
-        };
-        let failed = match tokio::time::timeout(limit, write).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => format!("it did not take the inputs: {e}"),
-            Err(_elapsed) => format!("it did not take the inputs within {limit:?}"),
-        };
-        Err(RunError::FsDaemon {
-            reason: failed,
-            log_tail: crate::vm::logsink::tail(&self.rt.join("fs-daemon.log"), 4096),
-        })
+        hand_root(&mut pipe, root, limit, &self.rt.join("fs-daemon.log")).await
     }
 
     /// Splits the VM into its parts for the rest of the build, in the order to bind them:
@@ -269,6 +267,30 @@ impl BootedVm {
     pub(super) fn into_parts(self) -> (RuntimeDir, RunningVm, Greeted<UnixStream>) {
         (self.rt, self.vm, self.greeted)
     }
+}
+
+/// Writes the share's root into the fs-daemon's stdin and closes it (the end of the pipe is
+/// the end of the message).
+async fn hand_root(
+    pipe: &mut ChildStdin,
+    root: &Directory,
+    limit: Duration,
+    log: &Path,
+) -> Result<(), RunError> {
+    let bytes = root.encode();
+    let write = async {
+        pipe.write_all(&bytes).await?;
+        pipe.shutdown().await
+    };
+    let failed = match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("it did not take the inputs: {e}"),
+        Err(_elapsed) => format!("it did not take the inputs within {limit:?}"),
+    };
+    Err(RunError::FsDaemon {
+        reason: failed,
+        log_tail: crate::vm::logsink::tail(log, 4096),
+    })
 }
 
 pub(super) fn vm_died(

@@ -73,20 +73,19 @@ impl Runner {
             network: req.constraints.network_access,
         };
         let pooled = self.pool.as_ref().and_then(|pool| pool.take(boot_shape));
-        let (mut booted, boot) = match pooled {
-            Some(vm) => {
+        let limit = config.deadlines.helper_start;
+        let (booted, boot) = match pooled {
+            Some(mut vm) => {
                 info!(vm = %vm.name(), "assigned a pre-booted VM");
+                vm.assign_inputs(&root, limit).await?;
                 (vm, Duration::ZERO)
             }
             None => {
-                let vm = self.booter.boot(id, boot_shape, None).await?;
+                let vm = self.booter.boot(id, boot_shape, Some(&root), None).await?;
                 let boot = vm.boot_time();
                 (vm, boot)
             }
         };
-        booted
-            .assign_inputs(&root, config.deadlines.helper_start)
-            .await?;
         let hello = booted.hello().clone();
         let (_rt, mut vm, greeted) = booted.into_parts();
 

@@ -7,8 +7,9 @@ use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits};
 /// The build user, as in Nix's sandbox.
 pub const BUILD_UID: u32 = 1000;
 pub const BUILD_GID: u32 = 100;
-/// The virtio-fs tag of the inputs share.
-pub const INPUTS_TAG: &str = "inputs";
+/// The virtio-fs tag of the inputs share: the agent stages that share before its job
+/// arrives, so both sides take the tag from the agent's crate.
+pub use tvix_build_vm_agent::INPUTS_TAG;
 /// Where the operator's static shell (`serve --bin-sh`) sits in the initrd; the agent
 /// exposes it as the build's `/bin/sh` when a request asks for `provide_bin_sh`.
 pub const BIN_SH_INITRD_PATH: &str = "/tvix-build-vm/sh";

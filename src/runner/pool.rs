@@ -209,7 +209,7 @@ async fn fill(booter: Booter, shared: Arc<Shared>, background: Option<Background
             shared.taken.notified().await;
             continue;
         }
-        match booter.boot(&name, shared.shape, background).await {
+        match booter.boot(&name, shared.shape, None, background).await {
             Ok(vm) => {
                 info!(vm = %name, boot_ms = vm.boot_time().as_millis() as u64, "pre-booted a VM");
                 let mut state = shared.lock();
