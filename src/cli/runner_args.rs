@@ -108,6 +108,10 @@ pub struct RunnerArgs {
     /// The vhost-device-vsock binary (default: from PATH).
     #[arg(long, value_name = "PATH")]
     pub vhost_device_vsock: Option<PathBuf>,
+    /// QEMU's TCG translation buffer per VM, e.g. 64M (default 256M): less host memory per
+    /// VM, but code-heavy builds slow down once their translated code no longer fits.
+    #[arg(long, value_parser = parse_size)]
+    pub tcg_tb_size: Option<u64>,
 }
 
 /// Parses durations like 30s, 5m, 2h, 250ms, or plain seconds.
@@ -186,6 +190,7 @@ impl RunnerArgs {
                 QemuBackend::new(&QemuConfig {
                     qemu: self.qemu.clone(),
                     vhost_device_vsock: self.vhost_device_vsock.clone(),
+                    tcg_tb_bytes: self.tcg_tb_size,
                 })
                 .context("setting up the QEMU backend")?,
             ),
