@@ -19,6 +19,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(test)]
+mod tests;
+
 /// Files at least this large are hashed before upload (on all cores), to skip the upload
 /// of a blob the store already has.
 pub const PREHASH_MIN: u64 = 4 << 20;

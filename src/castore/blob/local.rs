@@ -16,6 +16,8 @@
 //!   fsyncs per file.
 
 mod pending;
+#[cfg(test)]
+mod tests;
 
 use self::pending::Pending;
 use super::{BlobReader, BlobService, BlobWriter};
