@@ -2,12 +2,12 @@
 //! durable yet, and the barrier ([`Pending::sync`]) that does.
 //!
 //! `put_file` leaves each blob as a complete but unsynced temp file and queues it here; it is
-//! not visible under its digest yet. `sync` then makes every queued blob durable in three
-//! rounds: fsync every temp file, rename each to its digest's name (creating its shard
-//! directory if needed), fsync every touched shard directory and the root. The fsync rounds
-//! run on many threads at once: concurrent fsyncs share the filesystem's journal commits,
-//! where one after the other each pays its own (measured here: 1,000 fsyncs of new 16 KiB
-//! files took 3.3 s one by one, 0.18 s eight at a time). So a name only ever appears for
+//! not visible under its digest yet. `sync` then makes every queued blob durable in rounds:
+//! fsync every temp file; create the shard directories needed; rename each file to its
+//! digest's name; fsync every touched shard directory and the root. Each round runs on many
+//! threads at once: these syscalls mostly wait for the filesystem's journal, and concurrent
+//! ones share its commits where one after the other each pays its own (measured here: 1,000
+//! fsyncs of new 16 KiB files took 3.3 s one by one, 0.18 s eight at a time). So a name only ever appears for
 //! contents already on disk, and `sync` returns only once the names are durable too.
 //!
 //! A failed fsync may have dropped the data it could not write (the kernel marks it clean),
@@ -20,7 +20,6 @@ use crate::castore::{B3Digest, Error};
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tempfile::TempPath;
 
@@ -175,60 +174,72 @@ fn make_durable(
     mut shards: BTreeSet<u8>,
 ) -> Result<(), Error> {
     let temps: Vec<&Path> = files.iter().map(|q| q.temp.as_ref()).collect();
-    fsync_each(&temps, fsync_file).map_err(|(path, e)| {
-        Error::io(format!("syncing blob contents in {}", path.display()), e)
+    in_parallel(temps, |path| {
+        fsync_file(path)
+            .map_err(|e| Error::io(format!("syncing blob contents in {}", path.display()), e))
     })?;
-    let mut made = BTreeSet::new();
-    for q in files {
-        let shard = super::shard_of(&q.digest);
+    let new_shards: BTreeSet<u8> = files.iter().map(|q| super::shard_of(&q.digest)).collect();
+    in_parallel(new_shards.iter().copied().collect(), |shard| {
+        // Its name in the root becomes durable with the root's fsync below, before anything
+        // can refer to the blobs in it.
+        let dir = store.shard_dir(shard);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating blob directory {}", dir.display()), e))
+    })?;
+    in_parallel(files, |q| {
         let final_path = store.blob_path(&q.digest);
-        let ctx = || format!("storing blob {} at {}", q.digest, final_path.display());
-        if made.insert(shard) {
-            // Its name in the root becomes durable with the root's fsync below, before
-            // anything can refer to the blobs in it.
-            std::fs::create_dir_all(store.shard_dir(shard)).map_err(|e| Error::io(ctx(), e))?;
-        }
         // Renaming over an existing blob is harmless: same digest, same bytes.
-        q.temp
-            .persist(&final_path)
-            .map_err(|e| Error::io(ctx(), e.error))?;
-        shards.insert(shard);
-    }
+        q.temp.persist(&final_path).map_err(|e| {
+            let ctx = format!("storing blob {} at {}", q.digest, final_path.display());
+            Error::io(ctx, e.error)
+        })
+    })?;
+    shards.extend(new_shards);
     let mut dirs: Vec<PathBuf> = shards.iter().map(|s| store.shard_dir(*s)).collect();
     // For the shards made above, and any a concurrent writer made whose name may not be
     // durable yet.
     dirs.push(store.root.clone());
-    let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-    fsync_each(&dirs, super::sync_dir)
-        .map_err(|(path, e)| Error::io(format!("syncing blob directory {}", path.display()), e))
+    in_parallel(dirs, |dir| {
+        super::sync_dir(&dir)
+            .map_err(|e| Error::io(format!("syncing blob directory {}", dir.display()), e))
+    })
 }
 
 pub(super) fn fsync_file(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
 
-/// Runs `fsync` on every path, [`SYNC_THREADS`] at a time; the first failure names its path.
-pub(super) fn fsync_each(
-    paths: &[&Path],
-    fsync: fn(&Path) -> io::Result<()>,
-) -> Result<(), (PathBuf, io::Error)> {
-    let next = AtomicUsize::new(0);
-    let failed: Mutex<Option<(PathBuf, io::Error)>> = Mutex::new(None);
-    let worker = || {
-        while let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
-            if let Err(e) = fsync(path) {
-                failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(|| (path.to_path_buf(), e));
-                // The others stop at their next path.
-                next.store(paths.len(), Ordering::Relaxed);
-            }
+/// Runs `f` on every item, on up to [`SYNC_THREADS`] threads; returns the first error (the
+/// other threads stop taking items then). Each round of a sync is many small syscalls that
+/// mostly wait for the filesystem's journal, so waiting in parallel shares the waits.
+pub(super) fn in_parallel<T: Send, E: Send>(
+    items: Vec<T>,
+    f: impl Fn(T) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let threads = items.len().min(SYNC_THREADS);
+    let queue = Mutex::new(items.into_iter());
+    let failed: Mutex<Option<E>> = Mutex::new(None);
+    let worker = || loop {
+        // Poisoning cannot leave an iterator or an Option half-updated.
+        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+        let Some(item) = next else { return };
+        if let Err(e) = f(item) {
+            failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+            // The remaining items are dropped (a temp file's drop deletes it).
+            queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_ref()
+                .for_each(drop);
+            return;
         }
     };
     std::thread::scope(|s| {
-        // This thread works too, so a failure to start helpers only makes the sync slower.
-        for _ in 1..paths.len().min(SYNC_THREADS) {
+        // This thread works too, so a failure to start helpers only makes the round slower.
+        for _ in 1..threads {
             if std::thread::Builder::new().spawn_scoped(s, worker).is_err() {
                 break;
             }
@@ -236,7 +247,7 @@ pub(super) fn fsync_each(
         worker();
     });
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(f) => Err(f),
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }

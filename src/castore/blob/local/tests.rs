@@ -173,7 +173,7 @@ async fn has_marks_the_shard_for_the_next_sync() {
 }
 
 #[test]
-fn fsync_each_reports_the_failing_path_and_covers_the_rest() {
+fn in_parallel_covers_every_item_and_reports_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let mut paths = Vec::new();
     for i in 0..100 {
@@ -181,13 +181,26 @@ fn fsync_each_reports_the_failing_path_and_covers_the_rest() {
         std::fs::write(&p, b"x").unwrap();
         paths.push(p);
     }
-    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    pending::fsync_each(&refs, pending::fsync_file).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    pending::in_parallel(paths.clone(), |p| {
+        pending::fsync_file(&p)?;
+        seen.lock().unwrap().push(p);
+        Ok::<(), io::Error>(())
+    })
+    .unwrap();
+    let mut seen = seen.into_inner().unwrap();
+    seen.sort();
+    let mut want = paths.clone();
+    want.sort();
+    assert_eq!(seen, want);
 
     let missing = dir.path().join("missing");
-    let mut with_missing = refs.clone();
-    with_missing.insert(50, &missing);
-    let (p, e) = pending::fsync_each(&with_missing, pending::fsync_file).unwrap_err();
-    assert_eq!(p, missing);
-    assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    let mut with_missing = paths;
+    with_missing.insert(50, missing.clone());
+    let err = pending::in_parallel(with_missing, |p| {
+        pending::fsync_file(&p).map_err(|e| (p, e))
+    })
+    .unwrap_err();
+    assert_eq!(err.0, missing);
+    assert_eq!(err.1.kind(), io::ErrorKind::NotFound);
 }
