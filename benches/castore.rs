@@ -69,6 +69,18 @@ fn import_group(c: &mut Criterion, name: &str, src: &Path, all_bytes: &[u8]) {
             BatchSize::PerIteration,
         )
     });
+    // The same with directories in memory: what the blob side costs without redb's commit.
+    g.bench_function("import_path_memory_dirs", |b| {
+        b.iter_batched(
+            || fresh_store(false),
+            |s| {
+                rt.block_on(import_path(s.blobs.clone(), s.dirs.clone(), src))
+                    .expect("import");
+                s
+            },
+            BatchSize::PerIteration,
+        )
+    });
     if std::fs::metadata(src).is_ok_and(|m| m.is_file()) {
         g.bench_function("put_bytes", |b| {
             b.iter_batched(

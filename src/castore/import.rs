@@ -1,9 +1,11 @@
 //! Host paths into the castore: a file, an executable file, a symlink or a directory tree
 //! becomes a root [`Node`], with its blobs and directory closure uploaded.
 //!
-//! Files are streamed (never held whole in memory) and several are uploaded at once. A file
-//! of [`PREHASH_MIN`] bytes or more is first hashed with BLAKE3's memory-mapped, multi-threaded
-//! hasher, and not uploaded again if the store already has it. Sockets, FIFOs and device
+//! Files are streamed (never held whole in memory) with [`BlobService::put_file`], several at
+//! once, and [`BlobService::sync`] makes them durable before any directory that refers to
+//! them is stored (and before the root node is returned). A file
+//! of [`PREHASH_MIN`] bytes or more is first hashed (on all cores), and not uploaded again if
+//! the store already has it. Sockets, FIFOs and device
 //! nodes are refused, as are names the castore cannot hold; errors name the path.
 
 use super::directory::{
@@ -11,13 +13,17 @@ use super::directory::{
 };
 use super::{B3Digest, BlobService, DirectoryService, Error};
 use futures::{StreamExt, TryStreamExt};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 
-/// Files at least this large are hashed before upload (in parallel, memory-mapped).
+#[cfg(test)]
+mod tests;
+
+/// Files at least this large are hashed before upload (on all cores), to skip the upload
+/// of a blob the store already has.
 pub const PREHASH_MIN: u64 = 4 << 20;
 /// How many files are uploaded at once.
 pub const CONCURRENT_UPLOADS: usize = 8;
@@ -141,36 +147,58 @@ fn walk(path: &Path, files: &mut Vec<PathBuf>) -> Result<Walked, ImportError> {
     }
 }
 
+/// How much of a file [`hash_file`] reads at once.
+const HASH_CHUNK: usize = 4 << 20;
+
+/// Hashes `file` to its end with plain reads (a memory map would crash the process with
+/// SIGBUS if the file shrank meanwhile); returns the digest and the size of what was read.
+fn hash_file(file: &mut std::fs::File) -> std::io::Result<(B3Digest, u64)> {
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update_rayon(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((B3Digest::from(hasher.finalize()), size))
+}
+
+/// Opens `path`; for a file of [`PREHASH_MIN`] bytes or more, also hashes it and rewinds.
+/// Returns the file, its size and the digest if hashed (digest and size of the same read).
+fn open_and_prehash(path: &Path) -> std::io::Result<(std::fs::File, u64, Option<B3Digest>)> {
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size < PREHASH_MIN {
+        return Ok((file, size, None));
+    }
+    let (digest, hashed) = hash_file(&mut file)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok((file, hashed, Some(digest)))
+}
+
 /// Uploads one file; returns its digest and size.
 async fn upload_file(blobs: &dyn BlobService, path: &Path) -> Result<(B3Digest, u64), ImportError> {
     let store_err = |source| ImportError::Store {
         path: path.to_owned(),
         source,
     };
-    let size = tokio::fs::metadata(path).await.map_err(io_err(path))?.len();
-    let mut known = None;
-    if size >= PREHASH_MIN {
-        let p = path.to_owned();
-        let digest = tokio::task::spawn_blocking(move || {
-            let mut h = blake3::Hasher::new();
-            h.update_mmap_rayon(&p)
-                .map(|h| B3Digest::from(h.finalize()))
-        })
+    let p = path.to_owned();
+    let (file, size, known) = tokio::task::spawn_blocking(move || open_and_prehash(&p))
         .await
         .map_err(ImportError::Task)?
         .map_err(io_err(path))?;
+    if let Some(digest) = known {
         if blobs.has(&digest).await.map_err(store_err)? {
             return Ok((digest, size));
         }
-        known = Some(digest);
     }
-    let mut file = tokio::fs::File::open(path).await.map_err(io_err(path))?;
-    let mut writer = blobs.open_write().await.map_err(store_err)?;
-    let copied = tokio::io::copy(&mut file, &mut writer)
-        .await
-        .map_err(io_err(path))?;
-    writer.flush().await.map_err(io_err(path))?;
-    let digest = writer.close().await.map_err(store_err)?;
+    let (digest, copied) = blobs.put_file(file).await.map_err(store_err)?;
     if known.is_some_and(|k| k != digest) || copied != size {
         return Err(ImportError::Changed {
             path: path.to_owned(),
@@ -238,6 +266,13 @@ pub async fn import_path(
             .await?;
     uploaded.sort_by_key(|(i, _)| *i);
     let files: Vec<(B3Digest, u64)> = uploaded.into_iter().map(|(_, r)| r).collect();
+
+    // The barrier: no node (returned, or in a directory stored below) may refer to a blob a
+    // crash could still take away.
+    blobs.sync().await.map_err(|source| ImportError::Store {
+        path: path.to_owned(),
+        source,
+    })?;
 
     let mut dirs = Vec::new();
     let root = build(walked, &files, &mut dirs)?;

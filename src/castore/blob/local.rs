@@ -1,24 +1,45 @@
 //! Blobs as files in a directory: `<root>/<first two hex digits>/<64 hex digits>`.
 //!
 //! A write goes to a fresh file in `<root>/tmp/` (same filesystem, so the final rename is
-//! atomic), hashed as it is written. `close` fsyncs the file, renames it to its digest's
-//! name and fsyncs the directory that now holds it. So a blob name only ever refers to
-//! complete, durable contents with that digest; a dropped writer deletes its temp file, and a
-//! crash leaves at most a stray file in `tmp/`, which is never taken for a blob.
+//! atomic), hashed as it is written. The file is fsynced before it is renamed to its digest's
+//! name, so a blob name only ever refers to complete contents with that digest; a dropped
+//! writer deletes its temp file, and a crash leaves at most stray files in `tmp/`, which are
+//! never taken for blobs.
+//!
+//! Two ways in, with the same guarantees once each has returned:
+//! - [`BlobWriter::close`] fsyncs the file, renames it and fsyncs its shard directory: the
+//!   blob is durable when `close` returns (two fsyncs per blob; the gRPC `Put` path).
+//! - [`BlobService::put_file`] only writes and hashes the file and queues it; the blob is
+//!   neither durable nor visible until [`BlobService::sync`], which fsyncs every queued file
+//!   at once, renames them, and fsyncs each touched shard directory once (see [`pending`]).
+//!   A tree of many small files so costs a few rounds of concurrent fsyncs, not two serial
+//!   fsyncs per file.
 
+mod pending;
+#[cfg(test)]
+mod tests;
+
+use self::pending::Pending;
 use super::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tempfile::TempPath;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// How much of a file [`BlobService::put_file`] reads, hashes and writes at once.
+const COPY_CHUNK: usize = 4 << 20;
+/// Chunks at least this large are hashed on all cores (BLAKE3's advice for `update_rayon`).
+const RAYON_MIN: usize = 128 << 10;
 
 /// The embedded default blob store.
 #[derive(Clone, Debug)]
 pub struct LocalBlobService {
     root: PathBuf,
+    pending: Arc<Pending>,
 }
 
 impl LocalBlobService {
@@ -29,19 +50,104 @@ impl LocalBlobService {
             .map_err(|e| Error::io(format!("creating blob store {}", tmp.display()), e))?;
         Ok(Self {
             root: root.to_owned(),
+            pending: Arc::default(),
         })
     }
 
     /// Where the blob with this digest lives (whether or not it is present).
     pub fn blob_path(&self, digest: &B3Digest) -> PathBuf {
-        let hex = digest.to_hex();
-        self.root.join(&hex[..2]).join(hex)
+        self.shard_dir(shard_of(digest)).join(digest.to_hex())
     }
 
     /// The directory that holds blobs being written.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
+
+    fn shard_dir(&self, shard: u8) -> PathBuf {
+        self.root.join(format!("{shard:02x}"))
+    }
+
+    /// Creates the shard directory if needed, durably (there are at most 256).
+    fn ensure_shard(&self, shard: u8) -> io::Result<()> {
+        let dir = self.shard_dir(shard);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+            sync_dir(&self.root)?;
+        }
+        Ok(())
+    }
+
+    /// Copies, hashes and stores `src` (see [`BlobService::put_file`]); blocking.
+    fn put_file_blocking(&self, mut src: std::fs::File) -> Result<(B3Digest, u64), Error> {
+        let tmp_dir = self.tmp_dir();
+        let (mut tmp, temp_path) = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .map_err(|e| Error::io(format!("creating a file in {}", tmp_dir.display()), e))?
+            .into_parts();
+        let ctx = || format!("copying a file into {}", temp_path.display());
+        // A buffer fitting a small file, so a tree of small files allocates little.
+        let hint = src.metadata().map_or(0, |m| m.len());
+        let cap = usize::try_from(hint.saturating_add(1))
+            .unwrap_or(COPY_CHUNK)
+            .clamp(8 << 10, COPY_CHUNK);
+        let mut buf = vec![0u8; cap];
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut src, &mut buf).map_err(|e| Error::io(ctx(), e))?;
+            if n == 0 {
+                break;
+            }
+            // The bytes hashed are the bytes written: both come from this one buffer, so
+            // the digest is that of the stored contents even if `src` changes meanwhile.
+            let chunk = &buf[..n];
+            if n >= RAYON_MIN {
+                hasher.update_rayon(chunk);
+            } else {
+                hasher.update(chunk);
+            }
+            tmp.write_all(chunk).map_err(|e| Error::io(ctx(), e))?;
+            size += n as u64;
+        }
+        let digest = B3Digest::from(hasher.finalize());
+        if self.blob_path(&digest).is_file() {
+            // Present already (maybe renamed by a sync still running: the next sync covers
+            // its shard). The copy is dropped before its data ever needs to reach the disk.
+            self.pending.mark_shard(shard_of(&digest));
+        } else {
+            // The next sync fsyncs it, then gives it its name.
+            self.pending.queue(temp_path, digest)?;
+        }
+        Ok((digest, size))
+    }
+
+    /// How many blobs [`BlobService::put_file`] stored that wait for [`BlobService::sync`]
+    /// to become durable and visible.
+    pub fn unsynced(&self) -> usize {
+        self.pending.queued()
+    }
+}
+
+fn shard_of(digest: &B3Digest) -> u8 {
+    digest.as_bytes()[0]
+}
+
+/// Reads until `buf` is full or `src` ends; returns how many bytes were read.
+fn read_full(src: &mut std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn task_failed(e: tokio::task::JoinError) -> Error {
+    Error::io("blob store task failed", io::Error::other(e))
 }
 
 #[async_trait::async_trait]
@@ -49,7 +155,13 @@ impl BlobService for LocalBlobService {
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
         let path = self.blob_path(digest);
         match tokio::fs::metadata(&path).await {
-            Ok(m) => Ok(m.is_file()),
+            Ok(m) if m.is_file() => {
+                // The caller may refer to it next, so the next sync must cover its name
+                // (another writer's rename may not be durable yet).
+                self.pending.mark_shard(shard_of(digest));
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io(format!("checking blob {}", path.display()), e)),
         }
@@ -72,13 +184,24 @@ impl BlobService for LocalBlobService {
                 .map_err(|e| Error::io(format!("creating a file in {}", tmp_dir.display()), e))
         })
         .await
-        .map_err(|e| Error::io("blob store task failed", io::Error::other(e)))??;
+        .map_err(task_failed)??;
         Ok(Box::new(LocalBlobWriter {
             store: self.clone(),
             file: Some(tokio::fs::File::from_std(file)),
             temp_path: Some(temp_path),
             hasher: blake3::Hasher::new(),
         }))
+    }
+
+    async fn put_file(&self, src: std::fs::File) -> Result<(B3Digest, u64), Error> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.put_file_blocking(src))
+            .await
+            .map_err(task_failed)?
+    }
+
+    async fn sync(&self) -> Result<(), Error> {
+        self.pending.sync(self).await
     }
 }
 
@@ -140,29 +263,21 @@ impl BlobWriter for LocalBlobWriter {
         file.sync_all().await.map_err(|e| Error::io(ctx(), e))?;
         drop(file);
 
-        let final_path = self.store.blob_path(&digest);
-        let root = self.store.root.clone();
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            let final_path = store.blob_path(&digest);
             let ctx = || format!("storing blob {digest} at {}", final_path.display());
-            let Some(shard) = final_path.parent() else {
-                return Err(Error::io(
-                    ctx(),
-                    io::Error::other("blob path has no parent"),
-                ));
-            };
-            if !shard.exists() {
-                std::fs::create_dir_all(shard).map_err(|e| Error::io(ctx(), e))?;
-                sync_dir(&root).map_err(|e| Error::io(ctx(), e))?;
-            }
+            let shard = shard_of(&digest);
+            store.ensure_shard(shard).map_err(|e| Error::io(ctx(), e))?;
             // Renaming over an existing blob is harmless: same digest, same bytes.
             temp_path
                 .persist(&final_path)
                 .map_err(|e| Error::io(ctx(), e.error))?;
-            sync_dir(shard).map_err(|e| Error::io(ctx(), e))?;
+            sync_dir(&store.shard_dir(shard)).map_err(|e| Error::io(ctx(), e))?;
             Ok(())
         })
         .await
-        .map_err(|e| Error::io("blob store task failed", io::Error::other(e)))??;
+        .map_err(task_failed)??;
         Ok(digest)
     }
 }

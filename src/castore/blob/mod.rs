@@ -30,6 +30,49 @@ pub trait BlobService: Send + Sync + 'static {
     /// A writer for a new blob. Nothing becomes visible before [`BlobWriter::close`]
     /// returns, and then only under the digest of exactly the bytes written.
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>, Error>;
+
+    /// Stores the bytes of `src` from its current position to its end, each read exactly
+    /// once; returns the digest and size of what was stored (if `src` changes meanwhile, of
+    /// the bytes read, never of a mix the store did not see).
+    ///
+    /// Unlike [`BlobWriter::close`], this need not make the blob durable, nor even visible:
+    /// it is both once a later [`BlobService::sync`] returns. Whenever it is visible under its
+    /// digest, it is complete and correct. The default streams `src` into
+    /// [`BlobService::open_write`], so it is durable at once.
+    async fn put_file(&self, src: std::fs::File) -> Result<(B3Digest, u64), Error> {
+        copy_to_writer(self.open_write().await?, src).await
+    }
+
+    /// The durability barrier: when it returns `Ok`, every blob that [`BlobService::put_file`]
+    /// stored, or that [`BlobService::has`] reported present, before it was called is
+    /// durable. Call it before storing anything (a directory) that refers to such blobs.
+    ///
+    /// The default does nothing, which is right for every backend whose `put_file` and
+    /// `has` only ever deal in durable blobs: memory (nothing is durable, nothing to wait
+    /// for) and the gRPC client (the server's `Put` is durable before it answers).
+    async fn sync(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// How much of a file [`copy_to_writer`] reads at once.
+const FILE_READ_CHUNK: usize = 1 << 20;
+
+/// Streams `src` into `writer` in large reads and closes it.
+async fn copy_to_writer(
+    mut writer: Box<dyn BlobWriter>,
+    src: std::fs::File,
+) -> Result<(B3Digest, u64), Error> {
+    let src = tokio::fs::File::from_std(src);
+    let mut src = tokio::io::BufReader::with_capacity(FILE_READ_CHUNK, src);
+    let size = tokio::io::copy_buf(&mut src, &mut writer)
+        .await
+        .map_err(|e| Error::io("copying a file into a blob", e))?;
+    writer
+        .flush()
+        .await
+        .map_err(|e| Error::io("copying a file into a blob", e))?;
+    Ok((writer.close().await?, size))
 }
 
 /// Receives one blob's bytes; dropping it without `close` stores nothing.
