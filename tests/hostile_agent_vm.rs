@@ -414,16 +414,17 @@ fn success_without_the_requested_outputs_is_refused() {
 }
 
 #[test]
-fn a_guest_that_never_powers_off_is_killed_after_the_shutdown_deadline() {
+fn a_guest_that_never_powers_off_does_not_hold_the_build() {
     let o = hostile(&[], &["no-power-off"]);
     let build = o.run.build_json();
     assert_eq!(
         build["outputs"][0]["symlink"]["target"], "dGFyZ2V0",
         "base64 of \"target\": {build}"
     );
-    // Boot, the conversation, then at most the 10 s shutdown deadline.
+    // The host ends the VM as soon as the outputs are stored, whether or not the guest
+    // powers off: boot and the conversation only (a 10 s wait for power-off used to follow).
     o.cost
         .assert_within(Duration::from_secs(45), VIOLATION_RSS_MIB);
-    assert!(o.cost.wall >= Duration::from_secs(10), "{:?}", o.cost);
+    assert!(o.cost.wall < Duration::from_secs(8), "{:?}", o.cost);
     let _ = &o.env;
 }
