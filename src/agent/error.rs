@@ -334,7 +334,7 @@ pub enum InfraError {
     /// The harvest deadline fired while the host waited on the castore, not on the guest.
     #[error("castore: {what} did not finish before the harvest deadline of {after:?}: the castore stalls")]
     CastoreStalled { what: &'static str, after: Duration },
-    #[error("writing a blob ({at})")]
+    #[error("castore: writing a blob ({at})")]
     BlobWrite {
         at: Box<Location>,
         #[source]
