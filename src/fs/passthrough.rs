@@ -156,7 +156,18 @@ pub fn confine_and_open(dir: &Path, max_fds: u64) -> Result<PassthroughFsRo, Pas
     };
     sandbox::restrict(fds).map_err(PassthroughError::Restrict)?;
 
-    let cfg = pt::Config {
+    PassthroughFsRo::new(config(root_dir, proc_self_fd, guest_fds)).map_err(|source| {
+        PassthroughError::Create {
+            path: dir.to_owned(),
+            source,
+        }
+    })
+}
+
+/// The passthrough configuration: everything a guest could use beyond reading plain files
+/// and directories is off.
+fn config(root_dir: String, proc_self_fd: Option<std::fs::File>, guest_fds: u64) -> pt::Config {
+    pt::Config {
         root_dir,
         proc_sfd_rawfd: proc_self_fd,
         cache_policy: CachePolicy::Auto,
@@ -173,16 +184,18 @@ pub fn confine_and_open(dir: &Path, max_fds: u64) -> Result<PassthroughFsRo, Pas
         allow_mmap: false,
         guest_fd_limit: guest_fds,
         ..pt::Config::default()
-    };
-    PassthroughFsRo::new(cfg).map_err(|source| PassthroughError::Create {
-        path: dir.to_owned(),
-        source,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CString;
+    use virtiofsd::filesystem::{
+        Context, Extensions, FileSystem, FsOptions, SetattrValid, SetxattrFlags,
+    };
+    use virtiofsd::fuse;
+    use virtiofsd::soft_idmap::{GuestGid, GuestUid};
 
     #[test]
     fn only_clean_directories_outside_dev_and_proc_are_shareable() {
@@ -230,5 +243,143 @@ mod tests {
             check_shareable(&tmp.path().join("missing")),
             Err(PassthroughError::Stat { .. })
         ));
+    }
+
+    fn ctx() -> Context {
+        Context {
+            uid: GuestUid::from(0),
+            gid: GuestGid::from(0),
+            pid: 1,
+        }
+    }
+
+    fn erofs(r: std::io::Result<impl Sized>) -> bool {
+        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EROFS))
+    }
+
+    /// What a hostile guest kernel could send (no VM: the FUSE requests go straight to the
+    /// filesystem, as root in the guest's eyes): nothing is written, nothing outside the
+    /// directory is found.
+    #[test]
+    fn a_hostile_client_can_neither_write_nor_leave_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::write(shared.join("file"), b"host").unwrap();
+        std::fs::write(tmp.path().join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), shared.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside", shared.join("rel")).unwrap();
+        let fs = PassthroughFsRo::new(config(shared.display().to_string(), None, 64)).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let root = fuse::ROOT_ID;
+        let name = |s: &str| CString::new(s).unwrap();
+
+        let file = fs.lookup(ctx(), root, &name("file")).unwrap();
+        assert!(erofs(fs.open(
+            ctx(),
+            file.inode,
+            false,
+            libc::O_WRONLY as u32
+        )));
+        assert!(erofs(fs.open(
+            ctx(),
+            file.inode,
+            false,
+            libc::O_RDWR as u32
+        )));
+        assert!(fs
+            .open(
+                ctx(),
+                file.inode,
+                false,
+                (libc::O_RDONLY | libc::O_TRUNC) as u32
+            )
+            .is_err());
+        let ext = || Extensions::default();
+        assert!(erofs(fs.create(
+            ctx(),
+            root,
+            &name("new"),
+            0o644,
+            false,
+            (libc::O_CREAT | libc::O_WRONLY) as u32,
+            0,
+            ext()
+        )));
+        assert!(erofs(fs.mkdir(ctx(), root, &name("d"), 0o755, 0, ext())));
+        assert!(erofs(fs.mknod(
+            ctx(),
+            root,
+            &name("n"),
+            libc::S_IFIFO | 0o644,
+            0,
+            0,
+            ext()
+        )));
+        assert!(erofs(fs.symlink(
+            ctx(),
+            &name("/"),
+            root,
+            &name("l"),
+            ext()
+        )));
+        assert!(erofs(fs.link(ctx(), file.inode, root, &name("h"))));
+        assert!(erofs(fs.unlink(ctx(), root, &name("file"))));
+        assert!(erofs(fs.rename(
+            ctx(),
+            root,
+            &name("file"),
+            root,
+            &name("f2"),
+            0
+        )));
+        let attr = fuse::SetattrIn {
+            mode: 0o777,
+            ..Default::default()
+        };
+        assert!(erofs(fs.setattr(
+            ctx(),
+            file.inode,
+            attr,
+            None,
+            SetattrValid::MODE
+        )));
+        assert!(fs
+            .setxattr(
+                ctx(),
+                file.inode,
+                &name("user.x"),
+                b"1",
+                0,
+                SetxattrFlags::empty()
+            )
+            .is_err());
+
+        // Escapes: `..` and names with slashes stay at the root; symlinks are not followed.
+        for escape in ["..", "../outside", "rel/", "abs/", "../../../../etc/passwd"] {
+            if let Ok(e) = fs.lookup(ctx(), root, &name(escape)) {
+                assert_ne!(
+                    e.attr.size, 6,
+                    "{escape:?} found the file outside the directory"
+                );
+            }
+        }
+        let abs = fs.lookup(ctx(), root, &name("abs")).unwrap();
+        assert_eq!(abs.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert!(fs
+            .open(ctx(), abs.inode, false, libc::O_RDONLY as u32)
+            .is_err());
+        assert_eq!(
+            fs.readlink(ctx(), abs.inode).unwrap(),
+            tmp.path().join("outside").as_os_str().as_encoded_bytes()
+        );
+
+        assert_eq!(std::fs::read(shared.join("file")).unwrap(), b"host");
+        let mut names: Vec<_> = std::fs::read_dir(&shared)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["abs", "file", "rel"]);
     }
 }
