@@ -183,6 +183,8 @@ where
     if let Err(e) = place.unlink() {
         tracing::warn!(socket = %cfg.socket.display(), error = %e, "cannot remove the socket");
     }
+    // A descriptor of a directory outside a chroot is a way out of it: close it now.
+    drop(place);
     tracing::info!("VMM connected, serving");
 
     match daemon.wait() {
