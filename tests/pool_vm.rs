@@ -141,6 +141,57 @@ fn chrono_year() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_for_a_read_only_host_path_boots_its_own_vm_with_the_share() {
+    let env = Env::new();
+    let host = tempfile::Builder::new()
+        .prefix("tbv-ro-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::write(host.path().join("data"), "from the host\n").unwrap();
+    let dir = host.path().to_str().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Serve::start(
+        &env,
+        &[
+            "--pool-size",
+            "1",
+            "--allow-ro-path",
+            dir,
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
+    server.wait_for(|| std::net::TcpStream::connect(&metrics).is_ok(), "metrics");
+    let busybox = upload_busybox(server.channel()).await;
+    await_metric(&server, &metrics, "tvix_build_vm_pool_idle_vms", 1).await;
+
+    let script = format!("/nix/store/busybox cat {dir}/data > $out");
+    let mut req = seed_request(busybox.clone(), &script, &["out"]);
+    req.environment_vars.push(env_var("out", "/nix/store/out"));
+    req.constraints.as_mut().unwrap().available_ro_paths = vec![dir.to_owned()];
+    let build = BuildServiceClient::new(server.channel())
+        .do_build(req)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", server.log()))
+        .into_inner();
+    assert!(
+        boot_us(&build) > 0,
+        "a pooled VM (without the share) served it"
+    );
+    let digest = B3Digest::try_from(file_node(&build.outputs[0]).digest.as_ref()).unwrap();
+    let blobs = GrpcBlobService::new(server.channel());
+    let content = read_to_vec(&blobs, &digest).await.unwrap().unwrap();
+    assert_eq!(content, b"from the host\n");
+    // The pool was not asked: neither a hit nor a miss, and its VM still waits.
+    assert_eq!(metric(&metrics, "tvix_build_vm_pool_hits_total").await, 0);
+    assert_eq!(metric(&metrics, "tvix_build_vm_pool_misses_total").await, 0);
+    assert_eq!(metric(&metrics, "tvix_build_vm_pool_idle_vms").await, 1);
+
+    drop(server);
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_vm_that_died_idle_is_dropped_not_used() {
     let env = Env::new();
     let metrics = format!("127.0.0.1:{}", free_port());

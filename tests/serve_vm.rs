@@ -156,6 +156,13 @@ async fn refusals_have_their_codes_and_name_the_field() {
     r.constraints.as_mut().unwrap().available_ro_paths = vec!["/dev/kvm".into()];
     cases.push((r, Code::FailedPrecondition, "/dev/kvm"));
     let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().available_ro_paths = vec!["/srv/not-allowed".into()];
+    cases.push((
+        r,
+        Code::FailedPrecondition,
+        "\"/srv/not-allowed\" is not allowed",
+    ));
+    let mut r = ok.clone();
     r.constraints.as_mut().unwrap().min_memory = 1 << 50;
     cases.push((r, Code::FailedPrecondition, "constraints.min_memory"));
     let mut r = ok.clone();

@@ -1,13 +1,16 @@
 //! `tvix-build-vm fs-daemon`: serves one build's inputs, read-only, to one VM over a
-//! vhost-user virtio-fs socket, and exits when the VM disconnects. The runner starts it;
-//! it is hidden from `--help`.
+//! vhost-user virtio-fs socket, and exits when the VM disconnects. With `--ro-dir` it
+//! serves one host directory read-only instead (see [`crate::fs::passthrough`]). The runner
+//! starts it; it is hidden from `--help`.
 //!
-//! Exit codes: 0 after the VM disconnected; 2 for invalid arguments or an invalid root
-//! directory file; 1 for anything else (castore unreachable, socket, serving).
+//! Exit codes: 0 after the VM disconnected; 2 for invalid arguments, an invalid root
+//! directory file or a directory that cannot be shared; 1 for anything else (castore
+//! unreachable, socket, serving).
 
 use crate::castore::directory::{Directory, ValidationError};
 use crate::castore::{self, BlobService, DirectoryService};
 use crate::fs::daemon::{self, DaemonConfig, DaemonError};
+use crate::fs::passthrough::{self, PassthroughError};
 use crate::fs::sandbox::{self, SandboxError};
 use crate::fs::{CastoreFs, CastoreSource, FsError, FsLimits, Listing, RootAssigner};
 use crate::proto::castore as pb;
@@ -31,7 +34,7 @@ pub struct FsDaemonArgs {
     pub socket: PathBuf,
     /// A file holding an encoded `tvix.castore.v1.Directory` whose entries are the share's
     /// root entries (the build's inputs).
-    #[arg(long, required_unless_present = "root_from_stdin")]
+    #[arg(long, required_unless_present_any = ["root_from_stdin", "ro_dir"])]
     pub root_directory: Option<PathBuf>,
     /// Read the root directory (as for `--root-directory`) from stdin, to its end, while
     /// already serving: a pooled VM boots before its build's inputs are known. Requests that
@@ -39,12 +42,17 @@ pub struct FsDaemonArgs {
     /// a valid Directory.
     #[arg(long, conflicts_with = "root_directory")]
     pub root_from_stdin: bool,
+    /// Serve this host directory, read-only, instead of castore content (an operator's
+    /// `--allow-ro-path`). `--max-handles` then bounds the host descriptors the guest may
+    /// hold, looked-up entries and open files together.
+    #[arg(long, conflicts_with_all = ["root_directory", "root_from_stdin", "blob_service_addr", "directory_service_addr"])]
+    pub ro_dir: Option<PathBuf>,
     /// Blob service address (e.g. `objectstore+file:///var/lib/tvix-build-vm/blobs`).
-    #[arg(long)]
-    pub blob_service_addr: String,
+    #[arg(long, required_unless_present = "ro_dir")]
+    pub blob_service_addr: Option<String>,
     /// Directory service address (e.g. `redb:///var/lib/tvix-build-vm/directories.redb`).
-    #[arg(long)]
-    pub directory_service_addr: String,
+    #[arg(long, required_unless_present = "ro_dir")]
+    pub directory_service_addr: Option<String>,
     /// virtio-fs tag announced to the guest (at most 36 bytes); default: whatever the VMM's
     /// device sets.
     #[arg(long)]
@@ -96,6 +104,10 @@ enum FsDaemonError {
         #[source]
         source: Box<castore::addr::AddrError>,
     },
+    #[error("a required argument is missing: {0}")]
+    MissingArg(&'static str),
+    #[error("cannot share the directory")]
+    RoDir(#[source] PassthroughError),
     #[error(transparent)]
     Daemon(DaemonError),
 }
@@ -108,6 +120,13 @@ impl FsDaemonError {
             | FsDaemonError::DecodeRoot { .. }
             | FsDaemonError::InvalidRoot { .. }
             | FsDaemonError::RootListing(_)
+            | FsDaemonError::MissingArg(_)
+            | FsDaemonError::RoDir(
+                PassthroughError::NotAbsolute { .. }
+                | PassthroughError::Stat { .. }
+                | PassthroughError::NotADirectory { .. }
+                | PassthroughError::Reserved { .. },
+            )
             | FsDaemonError::Daemon(DaemonError::InvalidTag(_)) => 2,
             _ => 1,
         }
@@ -136,6 +155,17 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
         threads: args.threads as usize,
     };
     cfg.validate().map_err(FsDaemonError::Daemon)?;
+    if let Some(dir) = &args.ro_dir {
+        return serve_ro_dir(dir, args.max_handles, &cfg);
+    }
+    let blob_addr = args
+        .blob_service_addr
+        .as_deref()
+        .ok_or(FsDaemonError::MissingArg("--blob-service-addr"))?;
+    let dir_addr = args
+        .directory_service_addr
+        .as_deref()
+        .ok_or(FsDaemonError::MissingArg("--directory-service-addr"))?;
     let root = match &args.root_directory {
         Some(path) => Some(read_listing(std::fs::File::open(path), path)?),
         None => None,
@@ -153,7 +183,7 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
         .map_err(FsDaemonError::Runtime)?;
     let (blobs, directories, local) = {
         let _in_runtime = rt.enter();
-        open_services(&args.blob_service_addr, &args.directory_service_addr)?
+        open_services(blob_addr, dir_addr)?
     };
     let mut source = CastoreSource::new(blobs, directories, rt.handle().clone());
     if let Some(local) = local {
@@ -177,6 +207,16 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
     // The services' background tasks have nothing left to do.
     rt.shutdown_background();
     served
+}
+
+/// Serves `dir` read-only. The socket is bound first: the confinement may chroot into `dir`,
+/// after which the socket's path is out of reach.
+fn serve_ro_dir(dir: &Path, max_fds: u64, cfg: &DaemonConfig) -> Result<(), FsDaemonError> {
+    // Refuse a bad directory before anything appears at the socket path.
+    passthrough::check_shareable(dir).map_err(FsDaemonError::RoDir)?;
+    let socket = daemon::bind(&cfg.socket).map_err(FsDaemonError::Daemon)?;
+    let fs = passthrough::confine_and_open(dir, max_fds).map_err(FsDaemonError::RoDir)?;
+    daemon::serve(fs, socket, cfg).map_err(FsDaemonError::Daemon)
 }
 
 /// Where stdin's root comes from, for error messages.

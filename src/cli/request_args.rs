@@ -45,6 +45,11 @@ pub struct RequestArgs {
     /// constraints.min_memory, e.g. 512M or 2G.
     #[arg(long, value_parser = parse_size)]
     pub memory: Option<u64>,
+    /// Add a host path to constraints.available_ro_paths (repeatable): the build gets it
+    /// read-only at the same path if the host allows it (`--allow-ro-path`), and is refused
+    /// otherwise.
+    #[arg(long = "ro-path", value_name = "PATH")]
+    pub ro_paths: Vec<String>,
     /// The command and its arguments (replaces the request's).
     #[arg(last = true, value_name = "ARGV")]
     pub argv: Vec<String>,
@@ -151,6 +156,13 @@ impl RequestArgs {
         if let Some(m) = self.memory {
             constraints.min_memory = m;
         }
+        if !self.ro_paths.is_empty() {
+            constraints
+                .available_ro_paths
+                .extend(self.ro_paths.iter().cloned());
+            constraints.available_ro_paths.sort();
+            constraints.available_ro_paths.dedup();
+        }
         Ok(req)
     }
 }
@@ -193,6 +205,10 @@ mod tests {
             "PATH=/bin",
             "--output",
             "o",
+            "--ro-path",
+            "/srv/b",
+            "--ro-path",
+            "/srv/a",
             "--",
             "/bin/sh",
             "-c",
@@ -216,7 +232,9 @@ mod tests {
             .unwrap();
         assert_eq!(&path.value[..], b"/bin");
         assert_eq!(req.environment_vars.len(), NIX_DEFAULT_ENV.len() + 1);
-        assert_eq!(req.constraints.unwrap().system, "x86_64-linux");
+        let constraints = req.constraints.unwrap();
+        assert_eq!(constraints.system, "x86_64-linux");
+        assert_eq!(constraints.available_ro_paths, ["/srv/a", "/srv/b"]);
     }
 
     #[test]

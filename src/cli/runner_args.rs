@@ -67,8 +67,9 @@ pub struct RunnerArgs {
     /// Let requests ask for /dev/kvm (nested virtualization).
     #[arg(long)]
     pub allow_kvm: bool,
-    /// A host path requests may ask for in constraints.available_ro_paths (repeatable; deny by
-    /// default).
+    /// A host directory requests may ask for in constraints.available_ro_paths (repeatable;
+    /// deny by default). A build that asks gets it read-only at the same path. Must be a
+    /// directory (not a file or symlink), outside /dev and /proc.
     #[arg(long = "allow-ro-path", value_name = "PATH")]
     pub allowed_ro_paths: Vec<String>,
     /// Where per-build runtime directories live (default: $XDG_RUNTIME_DIR/tvix-build-vm, or
@@ -181,6 +182,10 @@ impl RunnerArgs {
             .runtime_dir
             .clone()
             .unwrap_or_else(default_runtime_root);
+        for path in &self.allowed_ro_paths {
+            crate::fs::passthrough::check_shareable(std::path::Path::new(path))
+                .with_context(|| format!("--allow-ro-path {path}"))?;
+        }
         runtime_dir::sweep(&runtime_root)
             .with_context(|| format!("sweeping {}", runtime_root.display()))?;
 

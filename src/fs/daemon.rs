@@ -1,7 +1,10 @@
 //! Serving one VM: a vhost-user socket, virtiofsd's vhost-user-fs backend over a
 //! [`FileSystem`], exactly one frontend connection, and an end when it hangs up.
 
+use nix::fcntl::OFlag;
+use std::ffi::OsString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -75,14 +78,54 @@ impl DaemonConfig {
     }
 }
 
+/// A listening socket and where it sits, so that it can be removed once the VMM connected
+/// even after the daemon changed its root directory.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: UnixListener,
+    place: SocketPlace,
+}
+
+/// The socket's directory (an `O_PATH` descriptor) and its name there.
+#[derive(Debug)]
+struct SocketPlace {
+    dir: OwnedFd,
+    name: OsString,
+}
+
+impl SocketPlace {
+    /// Removes the socket's name (the listener itself stays open until dropped).
+    fn unlink(&self) -> nix::Result<()> {
+        nix::unistd::unlinkat(
+            &self.dir,
+            self.name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+    }
+}
+
 /// Binds the socket so that it appears at `path` only once it accepts connections: bound
 /// and listening under a temporary name, owner-only, then renamed into place. A VMM that
 /// sees the path can connect.
-pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+pub fn bind(path: &Path) -> Result<BoundSocket, DaemonError> {
     let err = |source| DaemonError::Listen {
         path: path.to_owned(),
         source,
     };
+    let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else {
+        return Err(err(io::Error::from(io::ErrorKind::InvalidInput)));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let dir = nix::fcntl::open(
+        parent,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| err(io::Error::from(e)))?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -98,13 +141,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e));
     }
-    Ok(listener)
+    Ok(BoundSocket {
+        listener,
+        place: SocketPlace {
+            dir,
+            name: name.to_owned(),
+        },
+    })
 }
 
-/// Serves `fs` to the one VMM that connects on `listener` (bound at `cfg.socket`), until it
+/// Serves `fs` to the one VMM that connects on `socket` (bound at `cfg.socket`), until it
 /// disconnects. The socket path is removed once the VMM is connected, so no one else can
 /// connect.
-pub fn serve<F>(fs: F, listener: UnixListener, cfg: &DaemonConfig) -> Result<(), DaemonError>
+pub fn serve<F>(fs: F, socket: BoundSocket, cfg: &DaemonConfig) -> Result<(), DaemonError>
 where
     F: FileSystem + SerializableFileSystem + Send + Sync + 'static,
 {
@@ -121,6 +170,7 @@ where
     )
     .map_err(|e| DaemonError::Daemon(e.into()))?;
 
+    let BoundSocket { listener, place } = socket;
     let mut listener = Listener::from(listener);
     tracing::info!(socket = %cfg.socket.display(), "waiting for the VMM");
     daemon
@@ -130,9 +180,11 @@ where
             source: source.into(),
         })?;
     drop(listener);
-    if let Err(e) = std::fs::remove_file(&cfg.socket) {
+    if let Err(e) = place.unlink() {
         tracing::warn!(socket = %cfg.socket.display(), error = %e, "cannot remove the socket");
     }
+    // A descriptor of a directory outside a chroot is a way out of it: close it now.
+    drop(place);
     tracing::info!("VMM connected, serving");
 
     match daemon.wait() {

@@ -6,6 +6,7 @@
 //! - [`source`]: the [`ContentSource`] interface to the castore.
 //! - [`root`]: the root's entries, possibly assigned after boot (pooled VMs).
 //! - [`daemon`]: serving one VM over a vhost-user socket.
+//! - [`passthrough`]: the other kind of share, one host directory read-only.
 
 pub mod attr;
 pub mod blob;
@@ -16,6 +17,7 @@ pub mod handles;
 pub mod inode;
 pub mod listing;
 mod log_limit;
+pub mod passthrough;
 pub mod root;
 pub mod sandbox;
 pub mod source;

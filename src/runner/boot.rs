@@ -8,7 +8,7 @@
 //! Otherwise cold and pooled VMs are booted the same way.
 
 use super::error::{RunError, SessionFailure};
-use super::job::INPUTS_TAG;
+use super::job::{ro_share_tag, INPUTS_TAG};
 use super::runtime_dir::RuntimeDir;
 use super::RunnerConfig;
 use crate::agent::{self, accept_hello, AgentHello, Greeted};
@@ -31,15 +31,21 @@ use tvix_build_vm_agent::DEFAULT_AGENT_PORT;
 
 /// The guest's vsock context id; every VM has its own vsock device, so one value serves all.
 const GUEST_CID: u32 = 3;
+/// Host descriptors the guest may hold in one read-only host directory share (looked-up
+/// entries and open files together): enough for a tree of thousands of files.
+const RO_SHARE_MAX_FDS: u64 = 8192;
 /// How much of the serial console goes into an error message.
 pub(super) const SERIAL_TAIL_BYTES: u64 = 4096;
 
 /// What a VM is booted with. A pooled VM serves only requests that need exactly this.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootShape {
     pub memory_mib: u32,
     pub nested_virtualization: bool,
     pub network: bool,
+    /// Host directories shared read-only, each at its own path, in this order (their tags
+    /// are [`ro_share_tag`]s of their positions).
+    pub ro_paths: Vec<String>,
 }
 
 /// Boots VMs for a runner; cheap to clone into the pool's filler task.
@@ -137,7 +143,37 @@ impl Booter {
             }
             None => Some(root_pipe),
         };
-        wait_for_socket(&fs_socket, &mut group, fs_id, config.deadlines.helper_start).await?;
+        // The read-only host directories' daemons start while the inputs' one gets ready.
+        let mut shares = vec![FsShare {
+            tag: INPUTS_TAG.into(),
+            socket: fs_socket,
+        }];
+        let mut waiting = vec![fs_id];
+        for (i, path) in shape.ro_paths.iter().enumerate() {
+            let tag = ro_share_tag(i);
+            let socket = rt.join(&format!("{tag}.sock"));
+            let mut cmd = tokio::process::Command::new(&fsd.program);
+            cmd.arg("fs-daemon")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--ro-dir")
+                .arg(path)
+                .arg("--tag")
+                .arg(&tag)
+                .arg("--max-handles")
+                .arg(RO_SHARE_MAX_FDS.to_string());
+            let id = group
+                .spawn(&format!("fs-{tag}"), cmd, Stdout::Log)
+                .map_err(|e| RunError::FsDaemon {
+                    reason: format!("for {path}: {e}"),
+                    log_tail: String::new(),
+                })?;
+            waiting.push(id);
+            shares.push(FsShare { tag, socket });
+        }
+        for (share, id) in shares.iter().zip(waiting) {
+            wait_for_socket(&share.socket, &mut group, id, config.deadlines.helper_start).await?;
+        }
 
         let vsock_uds = rt.join("vsock.sock");
         let listener = HostListener::bind(&vsock_uds, DEFAULT_AGENT_PORT)
@@ -148,10 +184,7 @@ impl Booter {
             cmdline: vec![cmdline::agent_port(DEFAULT_AGENT_PORT)],
             memory_mib: shape.memory_mib,
             vcpus: config.vcpus,
-            shares: vec![FsShare {
-                tag: INPUTS_TAG.into(),
-                socket: fs_socket,
-            }],
+            shares,
             vsock: Some(HybridVsock {
                 guest_cid: GUEST_CID,
                 uds_path: vsock_uds,
@@ -217,8 +250,8 @@ impl BootedVm {
         self.boot
     }
 
-    pub fn shape(&self) -> BootShape {
-        self.shape
+    pub fn shape(&self) -> &BootShape {
+        &self.shape
     }
 
     pub fn hello(&self) -> &AgentHello {

@@ -71,8 +71,9 @@ impl Runner {
             nested_virtualization: shape.nested_virtualization,
             // Admission refused network access unless the operator allows it.
             network: req.constraints.network_access,
+            ro_paths: shape.ro_paths.clone(),
         };
-        let pooled = self.pool.as_ref().and_then(|pool| pool.take(boot_shape));
+        let pooled = self.pool.as_ref().and_then(|pool| pool.take(&boot_shape));
         let limit = config.deadlines.helper_start;
         let (booted, boot) = match pooled {
             Some(mut vm) => {
@@ -91,7 +92,7 @@ impl Runner {
 
         let exec_started = Instant::now();
         let mut running = greeted
-            .send_job(job_for(req, shape.memory_mib))
+            .send_job(job_for(req, shape.memory_mib, &shape.ro_paths))
             .await
             .map_err(|e| session_error(&vm, e, String::new()))?;
         let exit = tokio::select! {

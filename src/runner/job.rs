@@ -2,7 +2,7 @@
 
 use crate::request::BuildRequest;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits};
+use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits, Mount};
 
 /// The build user, as in Nix's sandbox.
 pub const BUILD_UID: u32 = 1000;
@@ -20,7 +20,15 @@ const AGENT_RESERVE_MIB: u32 = 48;
 /// Processes in one build's cgroup: generous for parallel builds, fatal to a fork bomb.
 const MAX_PROCESSES: u64 = 4096;
 
-pub fn job_for(req: &BuildRequest, memory_mib: u32) -> Job {
+/// The virtio-fs tag of the `index`th read-only host path of a VM (`ro0`, `ro1`, ...): short
+/// (a tag has at most 36 bytes) and never the inputs' tag.
+pub fn ro_share_tag(index: usize) -> String {
+    format!("ro{index}")
+}
+
+/// The Job for `req` in a VM of `memory_mib`, whose read-only host paths `ro_paths` are
+/// shared under [`ro_share_tag`]s in this order, each mounted at its own path.
+pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job {
     let clock_unix_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -68,7 +76,14 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32) -> Job {
             max_processes: MAX_PROCESSES,
             tmpfs_bytes: 0,
         }),
-        extra_mounts: Vec::new(),
+        extra_mounts: ro_paths
+            .iter()
+            .enumerate()
+            .map(|(i, path)| Mount {
+                tag: ro_share_tag(i),
+                path: path.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -91,7 +106,7 @@ mod tests {
         }
         .validate(Layout::Seed)
         .unwrap();
-        let job = job_for(&req, 512);
+        let job = job_for(&req, 512, &[]);
         assert_eq!(
             job.argv,
             [b"/bin/sh".to_vec(), b"-c".to_vec(), b"x".to_vec()]
@@ -106,6 +121,29 @@ mod tests {
         assert!(job.clock_unix_ns > 1_700_000_000_000_000_000);
         assert_eq!(job.bin_sh, "");
         assert!(!job.network);
+        assert!(job.extra_mounts.is_empty());
+    }
+
+    #[test]
+    fn ro_paths_are_mounted_at_their_own_paths_under_distinct_tags() {
+        let req = RawRequest {
+            command_args: vec!["/bin/sh".into()],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into()],
+            inputs_dir: "nix/store".into(),
+            ..Default::default()
+        }
+        .validate(Layout::Tvix2024)
+        .unwrap();
+        let paths = ["/etc/ssl/certs".to_owned(), "/opt/data".to_owned()];
+        let job = job_for(&req, 512, &paths);
+        let mounts: Vec<_> = job
+            .extra_mounts
+            .iter()
+            .map(|m| (m.tag.as_str(), m.path.as_str()))
+            .collect();
+        assert_eq!(mounts, [("ro0", "/etc/ssl/certs"), ("ro1", "/opt/data")]);
+        assert!(mounts.iter().all(|(t, _)| *t != INPUTS_TAG));
     }
 
     #[test]
@@ -119,7 +157,7 @@ mod tests {
         };
         raw.constraints.provide_bin_sh = true;
         raw.constraints.network_access = true;
-        let job = job_for(&raw.validate(Layout::Tvix2024).unwrap(), 512);
+        let job = job_for(&raw.validate(Layout::Tvix2024).unwrap(), 512, &[]);
         assert_eq!(job.bin_sh, BIN_SH_INITRD_PATH);
         assert!(job.network);
     }

@@ -112,7 +112,7 @@ impl Runner {
     }
 
     /// Keeps `size` VMs of the default shape (the offer's default memory, no nested
-    /// virtualization, no network) booted ahead of requests; see [`pool`]. Requests of
+    /// virtualization, no network, no read-only host paths) booted ahead of requests; see [`pool`]. Requests of
     /// another shape, or finding none waiting, boot their own. Must be called within a tokio
     /// runtime, which runs the pool's filler.
     pub fn with_pool(mut self, size: usize) -> Self {
@@ -121,6 +121,7 @@ impl Runner {
                 memory_mib: self.config().offer.default_memory_mib,
                 nested_virtualization: false,
                 network: false,
+                ro_paths: Vec::new(),
             };
             Pool::start(self.booter.clone(), shape, size)
         });

@@ -89,24 +89,21 @@ impl Pool {
             taken: Notify::new(),
         });
         let background = background();
-        let filler = tokio::spawn(
-            fill(booter, shared.clone(), background).instrument(info_span!(
-                "vm_pool",
-                size,
-                ?shape
-            )),
-        );
+        let span = info_span!("vm_pool", size, shape = ?shared.shape);
+        let filler = tokio::spawn(fill(booter, shared.clone(), background).instrument(span));
         Self { shared, filler }
     }
 
     /// The shape of the pool's VMs.
-    pub fn shape(&self) -> BootShape {
-        self.shared.shape
+    pub fn shape(&self) -> &BootShape {
+        &self.shared.shape
     }
 
-    /// A booted VM for a request needing `shape`, if one of that shape is waiting.
-    pub fn take(&self, shape: BootShape) -> Option<BootedVm> {
-        if shape != self.shared.shape {
+    /// A booted VM for a request needing `shape`, if one of that shape is waiting. Only an
+    /// equal shape will do: a VM has exactly the memory, devices and shares it booted with
+    /// (a request for a read-only host path cannot take a VM booted without its share).
+    pub fn take(&self, shape: &BootShape) -> Option<BootedVm> {
+        if *shape != self.shared.shape {
             return None;
         }
         let mut state = self.shared.lock();
@@ -209,7 +206,10 @@ async fn fill(booter: Booter, shared: Arc<Shared>, background: Option<Background
             shared.taken.notified().await;
             continue;
         }
-        match booter.boot(&name, shared.shape, None, background).await {
+        match booter
+            .boot(&name, shared.shape.clone(), None, background)
+            .await
+        {
             Ok(vm) => {
                 info!(vm = %name, boot_ms = vm.boot_time().as_millis() as u64, "pre-booted a VM");
                 let mut state = shared.lock();
@@ -234,6 +234,39 @@ async fn fill(booter: Booter, shared: Arc<Shared>, background: Option<Background
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool of `shape` whose filler never boots anything.
+    fn pool_without_filler(shape: BootShape) -> Pool {
+        Pool {
+            shared: Arc::new(Shared {
+                shape,
+                size: 1,
+                state: Mutex::new(State::default()),
+                taken: Notify::new(),
+            }),
+            filler: tokio::spawn(std::future::pending()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_read_only_host_path_never_takes_a_pre_booted_vm() {
+        let plain = BootShape {
+            memory_mib: 512,
+            nested_virtualization: false,
+            network: false,
+            ro_paths: Vec::new(),
+        };
+        let pool = pool_without_filler(plain.clone());
+        let with_ro = BootShape {
+            ro_paths: vec!["/srv/data".into()],
+            ..plain.clone()
+        };
+        assert!(pool.take(&with_ro).is_none());
+        // Refused for its shape, before looking for an idle VM (that would count a miss).
+        assert_eq!(pool.stats().misses, 0);
+        assert!(pool.take(&plain).is_none());
+        assert_eq!(pool.stats().misses, 1);
+    }
 
     #[test]
     fn reads_its_own_nice_value() {
