@@ -98,11 +98,14 @@ pub struct SweepReport {
     pub removed_dirs: usize,
     pub killed_pids: usize,
     pub busy_dirs: usize,
+    /// Directories without our lock file, left alone.
+    pub foreign_dirs: usize,
 }
 
 /// Removes the runtime directories under `root` whose owner is gone, after killing every
 /// process they recorded that is still the same process. Directories a live process owns
-/// are left alone, so this is safe to run while other builds are running.
+/// are left alone, so this is safe to run while other builds are running; directories that
+/// are not runtime directories (no lock file) are never touched.
 pub fn sweep(root: &Path) -> io::Result<SweepReport> {
     let mut report = SweepReport::default();
     let entries = match fs::read_dir(root) {
@@ -117,14 +120,19 @@ pub fn sweep(root: &Path) -> io::Result<SweepReport> {
         }
         let lock = match File::open(dir.join(LOCK_FILE)) {
             Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => Some(lock),
+                Ok(lock) => lock,
                 Err(_) => {
                     report.busy_dirs += 1;
                     continue;
                 }
             },
-            // Crashed between mkdir and creating the lock: nothing can have been recorded.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Not a runtime directory of ours (the root may be shared with anything, e.g.
+            // `--runtime-dir /tmp`): never touch it. A build that crashed between its mkdir
+            // and its lock file leaves an empty directory behind, which is harmless.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                report.foreign_dirs += 1;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         report.killed_pids += kill_recorded(&dir.join(PIDS_FILE)).unwrap_or(0);
@@ -196,16 +204,23 @@ mod tests {
         )
         .unwrap();
 
+        // Something else that happens to live under the same root.
+        let foreign = root.path().join("someone-elses");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("data"), b"keep me").unwrap();
+
         let report = sweep(root.path()).unwrap();
         assert_eq!(
             report,
             SweepReport {
                 removed_dirs: 1,
                 killed_pids: 1,
-                busy_dirs: 1
+                busy_dirs: 1,
+                foreign_dirs: 1,
             }
         );
         assert!(!stale.exists());
+        assert_eq!(fs::read(foreign.join("data")).unwrap(), b"keep me");
         assert!(live.path().is_dir());
         let status = orphan.wait().unwrap();
         assert_eq!(
