@@ -3,7 +3,7 @@
 //! The variants run interleaved, one of each per repetition.
 
 use crate::report::{Row, Target};
-use crate::service::{chain, NullSink, Service};
+use crate::service::{failed, NullSink, Service};
 use crate::setup::{secs, Env, TRIVIAL_MEMORY_MIB};
 use crate::stats::ratios;
 use anyhow::{bail, Context};
@@ -145,7 +145,7 @@ async fn trivial_once(svc: &Service, runner: &Runner, phases: &mut Phases) -> an
     let outcome = runner
         .build(&new_build_id(), &req, &mut NullSink)
         .await
-        .map_err(|e| anyhow::anyhow!("trivial build: {}", chain(&e)))?;
+        .map_err(|e| failed("trivial build", &e))?;
     let elapsed = start.elapsed();
     if outcome.outputs.len() != 1 {
         bail!("trivial build gave {} outputs", outcome.outputs.len());

@@ -4,7 +4,7 @@
 
 use crate::boot::TRIVIAL_SCRIPT;
 use crate::report::{Row, Target};
-use crate::service::{chain, Service};
+use crate::service::{failed, Service};
 use crate::setup::secs;
 use crate::stats::ratios;
 use std::time::Instant;
@@ -17,7 +17,7 @@ async fn batch(svc: &Service, n: usize) -> anyhow::Result<f64> {
     let results = futures::future::join_all((0..n).map(|_| svc.build(&req))).await;
     let elapsed = start.elapsed();
     for r in results {
-        r.map_err(|e| anyhow::anyhow!("concurrent build: {}", chain(&e)))?;
+        r.map_err(|e| failed("concurrent build", &e))?;
     }
     Ok(n as f64 * 60.0 / secs(elapsed))
 }

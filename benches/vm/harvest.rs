@@ -6,7 +6,7 @@
 //! repetition.
 
 use crate::report::{Row, Target};
-use crate::service::{chain, Service};
+use crate::service::{failed, Service};
 use crate::setup::{secs, Env};
 use crate::stats::ratios;
 use anyhow::{bail, Context};
@@ -26,7 +26,7 @@ async fn harvest_once(svc: &Service, mib: usize) -> anyhow::Result<f64> {
     let outcome = svc
         .build(&req)
         .await
-        .map_err(|e| anyhow::anyhow!("harvest build: {}", chain(&e)))?;
+        .map_err(|e| failed("harvest build", &e))?;
     Ok(mib as f64 / secs(outcome.timings.harvest))
 }
 

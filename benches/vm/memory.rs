@@ -21,7 +21,7 @@
 
 use crate::boot::TRIVIAL_SCRIPT;
 use crate::report::{Row, Target};
-use crate::service::{chain, Service};
+use crate::service::{failed, Service};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -165,7 +165,7 @@ async fn pss_peak(svc: &Service, n: usize) -> anyhow::Result<u64> {
     let results = futures::future::join_all((0..n).map(|_| svc.build(&req))).await;
     let peak = sampler.finish();
     for r in results {
-        r.map_err(|e| anyhow::anyhow!("marginal-memory build: {}", chain(&e)))?;
+        r.map_err(|e| failed("marginal-memory build", &e))?;
     }
     peak
 }
@@ -222,7 +222,7 @@ pub async fn run(svc: &Service, reps: usize) -> anyhow::Result<Vec<Row>> {
         let sampler = Sampler::start();
         let outcome = svc.build(&req).await;
         let peaks = sampler.finish();
-        outcome.map_err(|e| anyhow::anyhow!("memory build: {}", chain(&e)))?;
+        outcome.map_err(|e| failed("memory build", &e))?;
         let growth = status_fields(std::process::id()).map_or(0, |s| s.1.saturating_sub(before));
         let procs: Vec<&Peak> = peaks.values().filter(|p| p.hwm_kib > 0).collect();
         if procs.len() < 3 {

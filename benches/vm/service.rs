@@ -165,14 +165,18 @@ impl Service {
     }
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
+/// A failed build as the bench reports it: the error's chain, then the ends of the guest's
+/// serial console and of the build log when the error has them (a boot that never reached
+/// the agent is only explained by the console).
+pub fn failed(what: &str, e: &RunError) -> anyhow::Error {
+    let mut msg = format!("{what}: {}", tvix_build_vm::castore::error::error_chain(e));
+    for (name, tail) in [
+        ("serial console", e.serial_tail()),
+        ("build log", e.log_tail()),
+    ] {
+        if let Some(tail) = tail.filter(|t| !t.is_empty()) {
+            msg.push_str(&format!("\n--- {name} (tail) ---\n{tail}"));
+        }
     }
-    out
+    anyhow::anyhow!(msg)
 }
