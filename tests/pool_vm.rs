@@ -13,6 +13,16 @@ use tvix_build_vm::castore::B3Digest;
 use tvix_build_vm::proto::build as pb;
 use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
 
+/// `serve` with `args` and a metrics endpoint, once that answers; the endpoint's address.
+fn serve_with_metrics(env: &Env, args: &[&str]) -> (Serve, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut all = args.to_vec();
+    all.extend(["--metrics-listen", metrics.as_str()]);
+    let server = Serve::start(env, &all);
+    server.wait_for(|| std::net::TcpStream::connect(&metrics).is_ok(), "metrics");
+    (server, metrics)
+}
+
 /// A value of the metrics endpoint (without labels).
 async fn metric(addr: &str, name: &str) -> u64 {
     let text = reqwest_free_get(addr).await;
@@ -71,19 +81,7 @@ const BOOT_ID: &str = "/nix/store/busybox cat /proc/sys/kernel/random/boot_id > 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_pooled_vm_serves_one_build_and_is_replaced() {
     let env = Env::new();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Serve::start(
-        &env,
-        &[
-            "--pool-size",
-            "1",
-            "--max-vms",
-            "2",
-            "--metrics-listen",
-            &metrics,
-        ],
-    );
-    server.wait_for(|| std::net::TcpStream::connect(&metrics).is_ok(), "metrics");
+    let (server, metrics) = serve_with_metrics(&env, &["--pool-size", "1", "--max-vms", "2"]);
     let busybox = upload_busybox(server.channel()).await;
 
     await_metric(&server, &metrics, "tvix_build_vm_pool_idle_vms", 1).await;
@@ -149,19 +147,7 @@ async fn a_request_for_a_read_only_host_path_boots_its_own_vm_with_the_share() {
         .unwrap();
     std::fs::write(host.path().join("data"), "from the host\n").unwrap();
     let dir = host.path().to_str().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Serve::start(
-        &env,
-        &[
-            "--pool-size",
-            "1",
-            "--allow-ro-path",
-            dir,
-            "--metrics-listen",
-            &metrics,
-        ],
-    );
-    server.wait_for(|| std::net::TcpStream::connect(&metrics).is_ok(), "metrics");
+    let (server, metrics) = serve_with_metrics(&env, &["--pool-size", "1", "--allow-ro-path", dir]);
     let busybox = upload_busybox(server.channel()).await;
     await_metric(&server, &metrics, "tvix_build_vm_pool_idle_vms", 1).await;
 
@@ -194,9 +180,7 @@ async fn a_request_for_a_read_only_host_path_boots_its_own_vm_with_the_share() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_vm_that_died_idle_is_dropped_not_used() {
     let env = Env::new();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Serve::start(&env, &["--pool-size", "1", "--metrics-listen", &metrics]);
-    server.wait_for(|| std::net::TcpStream::connect(&metrics).is_ok(), "metrics");
+    let (server, metrics) = serve_with_metrics(&env, &["--pool-size", "1"]);
     let busybox = upload_busybox(server.channel()).await;
     await_metric(&server, &metrics, "tvix_build_vm_pool_idle_vms", 1).await;
 
