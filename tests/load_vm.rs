@@ -10,11 +10,11 @@ mod cli_support;
 mod hostile_support;
 
 use bytes::Bytes;
+use cli_support::serve::Serve;
 use cli_support::{Env, BUSYBOX};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
 use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
@@ -28,84 +28,6 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
 fn long_runs() -> bool {
     std::env::var_os("TVIX_BUILD_VM_HOSTILE_LONG").is_some_and(|v| v == "1")
-}
-
-/// A running `serve`; killed on drop.
-struct Serve {
-    child: Child,
-    sock: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Serve {
-    fn start(env: &Env, args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("tbv-load-")
-            .tempdir_in("/tmp")
-            .expect("serve dir");
-        let sock = dir.path().join("s.sock");
-        let log = std::fs::File::create(dir.path().join("serve.log")).expect("serve log");
-        let mut c = env.command();
-        c.arg("serve")
-            .arg("--store")
-            .arg(env.store.path())
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log);
-        hostile_support::die_with_parent(&mut c);
-        let child = c.spawn().expect("starting serve");
-        let started = Instant::now();
-        while !sock.exists() {
-            assert!(started.elapsed() < Duration::from_secs(30), "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, sock, dir }
-    }
-
-    fn channel(&self) -> Channel {
-        Endpoint::from_shared(format!("unix://{}", self.sock.display()))
-            .expect("endpoint")
-            .connect_lazy()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    /// (VmRSS KiB, open fds) of the server process.
-    fn usage(&self) -> (u64, u64) {
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.count() as u64)
-            .unwrap_or(0);
-        (rss, fds)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {

@@ -97,11 +97,38 @@ impl Serve {
     }
 }
 
+impl Serve {
+    /// (VmRSS KiB, open fds) of the server process.
+    pub fn usage(&self) -> (u64, u64) {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        (rss, fds)
+    }
+}
+
 impl Drop for Serve {
+    /// SIGTERM, up to 20 s to exit, then SIGKILL: a drop must not panic (a test that
+    /// already failed would abort instead of reporting).
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.signal(nix::sys::signal::Signal::SIGTERM);
-            let _ = self.wait(Duration::from_secs(20));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
