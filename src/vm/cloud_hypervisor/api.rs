@@ -1,28 +1,26 @@
 //! A client for cloud-hypervisor's REST API on its unix socket.
 //!
-//! HTTP library: hyper's HTTP/1 client connection over a tokio `UnixStream`, not reqwest.
-//! reqwest 0.13 can reach a unix socket (`ClientBuilder::unix_socket`), but it brings a
-//! connection pool (cloud-hypervisor answers one request at a time and drops the reply to
-//! `vmm.shutdown` when it exits, which a pool would retry or mistake for a stale connection)
-//! and a TLS stack nobody needs here, and it decides framing headers itself. With hyper
-//! directly, each call is one connection carrying one request, `Content-Length` is set
-//! explicitly on every PUT (0 when there is no body), GETs carry no body, bodies are never
-//! chunked, and "the connection closed before a reply" is visible as such. hyper is already
-//! in the dependency tree through tonic.
+//! HTTP library: reqwest, without default features (no TLS stack, no proxies to honour)
+//! and set up for what cloud-hypervisor expects of a client:
+//! - no connection pool (`pool_max_idle_per_host(0)`): each call is one connection carrying
+//!   one request. cloud-hypervisor answers one request at a time and drops the reply to
+//!   `vmm.shutdown` when it exits; a pooled connection would be retried or mistaken for a
+//!   stale one;
+//! - `Content-Length` set explicitly on every PUT (0 when there is no body), no body and no
+//!   `Content-Length` on GETs, and bodies always of a known length, so never chunked;
+//! - "the connection closed before a reply" is recognised from the error's source chain
+//!   ([`ApiError::is_disconnect`]).
 //!
 //! Replies are bounded ([`MAX_RESPONSE_BYTES`]) and so is every call (a timeout per call).
 //! Error bodies come in two forms: a JSON array of strings (the error chain, v47+) or plain
 //! text (older); both become [`ApiError::Status`] with the HTTP status and the chain.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::net::UnixStream;
 
 use super::config::VmConfig;
 
@@ -38,6 +36,15 @@ const BASE: &str = "/api/v1/";
 /// Errors talking to the API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The HTTP client could not be set up.
+    #[error("setting up an HTTP client for the cloud-hypervisor API at {path}")]
+    Client {
+        /// The socket.
+        path: PathBuf,
+        /// Why (shared: the client is built once and every call reports it).
+        #[source]
+        source: std::sync::Arc<reqwest::Error>,
+    },
     /// The socket could not be reached.
     #[error("connecting to the cloud-hypervisor API at {path}")]
     Connect {
@@ -45,7 +52,7 @@ pub enum ApiError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: reqwest::Error,
     },
     /// The HTTP exchange failed (including the connection closing before a reply).
     #[error("{endpoint}: HTTP exchange failed")]
@@ -54,7 +61,7 @@ pub enum ApiError {
         endpoint: &'static str,
         /// Why.
         #[source]
-        source: hyper::Error,
+        source: reqwest::Error,
     },
     /// No complete reply in time.
     #[error("{endpoint}: no reply within {after:?}")]
@@ -74,14 +81,20 @@ pub enum ApiError {
         /// Its error chain, outermost first (possibly empty).
         chain: Vec<String>,
     },
-    /// The reply exceeded [`MAX_RESPONSE_BYTES`] or broke off.
+    /// The reply broke off.
     #[error("{endpoint}: reading the reply")]
     Body {
         /// The endpoint.
         endpoint: &'static str,
         /// Why.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: reqwest::Error,
+    },
+    /// The reply is longer than [`MAX_RESPONSE_BYTES`].
+    #[error("{endpoint}: the reply exceeds {MAX_RESPONSE_BYTES} bytes")]
+    ReplyTooLarge {
+        /// The endpoint.
+        endpoint: &'static str,
     },
     /// A reply body that should be JSON of a known shape is not.
     #[error("{endpoint}: unexpected reply body")]
@@ -119,35 +132,37 @@ fn chain_text(chain: &[String]) -> String {
     }
 }
 
+/// What hyper (under reqwest) says when the peer closed the connection before a complete
+/// reply: it carries no `io::Error`, so its text is how the chain shows it. The test that a
+/// reply lost to `vmm.shutdown` counts as success guards this against a change of wording.
+const CLOSED_BEFORE_REPLY: &str = "connection closed before message completed";
+
 impl ApiError {
     /// The peer went away: refused or reset connection, or a reply cut off. After
     /// `vmm.shutdown` this is success (cloud-hypervisor exits and may drop the reply).
     pub fn is_disconnect(&self) -> bool {
         use std::io::ErrorKind::*;
-        let io_gone = |e: &std::io::Error| {
-            matches!(
-                e.kind(),
-                NotFound | ConnectionRefused | ConnectionReset | BrokenPipe | UnexpectedEof
-            )
+        let source: &(dyn std::error::Error + 'static) = match self {
+            ApiError::Connect { source, .. } | ApiError::Http { source, .. } => source,
+            ApiError::Body { source, .. } => source,
+            _ => return false,
         };
-        match self {
-            ApiError::Connect { source, .. } => io_gone(source),
-            ApiError::Http { source, .. } => {
-                if source.is_incomplete_message() || source.is_canceled() || source.is_closed() {
+        let mut cause = Some(source);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    NotFound | ConnectionRefused | ConnectionReset | BrokenPipe | UnexpectedEof
+                ) {
                     return true;
                 }
-                let mut cause: Option<&(dyn std::error::Error + 'static)> =
-                    std::error::Error::source(source);
-                while let Some(e) = cause {
-                    if e.downcast_ref::<std::io::Error>().is_some_and(io_gone) {
-                        return true;
-                    }
-                    cause = e.source();
-                }
-                false
             }
-            _ => false,
+            if e.to_string() == CLOSED_BEFORE_REPLY {
+                return true;
+            }
+            cause = e.source();
         }
+        false
     }
 }
 
@@ -298,14 +313,25 @@ impl Endpoint {
 pub struct ApiClient {
     socket: PathBuf,
     timeouts: Timeouts,
+    http: Result<reqwest::Client, std::sync::Arc<reqwest::Error>>,
 }
 
 impl ApiClient {
-    /// A client for the API at `socket`.
+    /// A client for the API at `socket`. A client that cannot be set up (reqwest found no
+    /// usable resolver or similar) reports that on its first call.
     pub fn new(socket: &Path, timeouts: Timeouts) -> Self {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.to_owned())
+            // One connection per call: nothing idle is kept.
+            .pool_max_idle_per_host(0)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(std::sync::Arc::new);
         ApiClient {
             socket: socket.to_owned(),
             timeouts,
+            http,
         }
     }
 
@@ -415,59 +441,51 @@ impl ApiClient {
                 });
             }
         }
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ApiError::Connect {
+        let http = self.http.as_ref().map_err(|e| ApiError::Client {
+            path: self.socket.clone(),
+            source: std::sync::Arc::clone(e),
+        })?;
+        // The host part only fills the Host header; the socket is the destination.
+        let mut request = http.request(method.clone(), format!("http://localhost{BASE}{name}"));
+        request = match body {
+            Some(body) => request
+                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_LENGTH, body.len())
+                .body(body),
+            None if method == Method::PUT => request.header(CONTENT_LENGTH, 0).body(Vec::new()),
+            None => request,
+        };
+        let mut response = request.send().await.map_err(|source| {
+            if source.is_connect() {
+                ApiError::Connect {
                     path: self.socket.clone(),
                     source,
-                })?;
-        let http = |source| ApiError::Http {
+                }
+            } else {
+                ApiError::Http {
+                    endpoint: name,
+                    source,
+                }
+            }
+        })?;
+        let status = response.status();
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(ApiError::ReplyTooLarge { endpoint: name });
+        }
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(|source| ApiError::Body {
             endpoint: name,
             source,
-        };
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(http)?;
-        // The connection task ends with the exchange; aborting it on every way out (errors,
-        // a timeout dropping this future) closes the socket.
-        let driver = AbortOnDrop(tokio::spawn(connection));
-
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(format!("{BASE}{name}"))
-            .header(HOST, "localhost");
-        let payload = match body {
-            Some(body) => {
-                request = request
-                    .header(CONTENT_TYPE, "application/json")
-                    .header(CONTENT_LENGTH, body.len());
-                Bytes::from(body)
+        })? {
+            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(ApiError::ReplyTooLarge { endpoint: name });
             }
-            None if method == Method::PUT => {
-                request = request.header(CONTENT_LENGTH, 0);
-                Bytes::new()
-            }
-            None => Bytes::new(),
-        };
-        let request = request
-            .body(Full::new(payload))
-            .map_err(|e| ApiError::Body {
-                endpoint: name,
-                source: Box::new(e),
-            })?;
-        let response = sender.send_request(request).await.map_err(http)?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|source| ApiError::Body {
-                endpoint: name,
-                source,
-            })?
-            .to_bytes();
-        drop(driver);
+            bytes.extend_from_slice(&chunk);
+        }
+        let bytes = bytes.freeze();
         if status.is_success() {
             let expected_body = matches!(endpoint, Endpoint::VmmPing | Endpoint::VmInfo);
             if expected_body && status != StatusCode::OK {
@@ -493,14 +511,6 @@ fn decode<T: serde::de::DeserializeOwned>(endpoint: Endpoint, body: &[u8]) -> Re
         endpoint: endpoint.name(),
         source,
     })
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]
@@ -555,6 +565,83 @@ mod tests {
             serde_json::from_str::<VmmPing>(r#"{"pid":1}"#).is_err(),
             "version is required"
         );
+    }
+
+    /// A server that answers every request on a connection with `reply` and keeps the
+    /// connection open; returns the number of connections it accepted.
+    fn keep_alive_server(
+        socket: &Path,
+        reply: &'static [u8],
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match stream.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => {
+                                if stream.get_mut().write_all(reply).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                });
+            }
+        });
+        accepted
+    }
+
+    #[tokio::test]
+    async fn every_call_opens_its_own_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("api.sock");
+        let accepted = keep_alive_server(
+            &socket,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{\"version\":\"v1\"}",
+        );
+        let client = ApiClient::new(&socket, Timeouts::default());
+        for _ in 0..3 {
+            assert_eq!(client.ping().await.expect("ping").version, "v1");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn replies_over_the_limit_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("api.sock");
+        // Announced as too long: refused before reading it.
+        keep_alive_server(
+            &socket,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1048577\r\n\r\n",
+        );
+        let err = ApiClient::new(&socket, Timeouts::default())
+            .ping()
+            .await
+            .expect_err("too long");
+        assert!(matches!(err, ApiError::ReplyTooLarge { .. }), "{err}");
+
+        // Chunked without an announced length: refused once the limit is passed.
+        let socket = dir.path().join("chunked.sock");
+        let chunk = format!("{:x}\r\n{}\r\n", 600_000, "x".repeat(600_000));
+        let reply =
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n");
+        keep_alive_server(&socket, Box::leak(reply.into_bytes().into_boxed_slice()));
+        let err = ApiClient::new(&socket, Timeouts::default())
+            .ping()
+            .await
+            .expect_err("too long");
+        assert!(matches!(err, ApiError::ReplyTooLarge { .. }), "{err}");
     }
 
     #[tokio::test]
