@@ -3,9 +3,11 @@
 //! - Against a strict fake of its API (`support/ch_fake.rs`): the API client in-process, and
 //!   the backend's whole lifecycle through a fake `cloud-hypervisor` executable (this test
 //!   binary re-run as [`fake_cloud_hypervisor_process`]). These always run.
-//! - Against the real cloud-hypervisor (`real_ch_*_if_available`): the same VM lifecycle
-//!   tests the QEMU backend passes, run when a `cloud-hypervisor` binary is on PATH and KVM is
-//!   usable (vmx/svm and `/dev/kvm`); otherwise they print why they were skipped.
+//! - Against the real cloud-hypervisor (`real_ch_*`): the same VM lifecycle tests the QEMU
+//!   backend passes. They need a `cloud-hypervisor` binary on PATH and usable KVM (vmx/svm
+//!   and `/dev/kvm`), so they are ignored by default and run on such a host with
+//!   `cargo nextest run --test vm_cloud_hypervisor --run-ignored only`; there they fail,
+//!   naming what is missing, rather than pass without running.
 
 #[path = "support/ch_fake.rs"]
 mod ch_fake;
@@ -762,22 +764,22 @@ async fn the_version_is_available_for_logs() {
 
 // ---- the real cloud-hypervisor, when this host can run it ----
 
-/// The backend, if a real cloud-hypervisor can run here; otherwise prints why not.
-fn real_ch(test: &str) -> Option<CloudHypervisorBackend> {
-    let skip = |why: String| {
-        eprintln!("SKIPPED {test}: {why}");
-        None
-    };
+/// Why the `real_ch_*` tests do not run by default.
+const NEEDS_REAL_CH: &str = "needs cloud-hypervisor and hardware KVM";
+
+/// The backend of a real cloud-hypervisor; a test run on a host that cannot run one fails
+/// and says why.
+fn real_ch(test: &str) -> CloudHypervisorBackend {
     let backend = match CloudHypervisorBackend::new(&CloudHypervisorConfig::default()) {
         Ok(b) => b,
-        Err(e) => return skip(error_chain(&e)),
+        Err(e) => panic!("{test} {NEEDS_REAL_CH}: {}", error_chain(&e)),
     };
     match tvix_build_vm::vm::accel::resolve(tvix_build_vm::vm::AccelChoice::Auto) {
-        Ok(Accel::Kvm) => Some(backend),
-        Ok(other) => skip(format!(
-            "KVM is not usable here (no vmx/svm flag in /proc/cpuinfo, or /dev/kvm does not open); would use {other}"
-        )),
-        Err(e) => skip(error_chain(&e)),
+        Ok(Accel::Kvm) => backend,
+        Ok(other) => panic!(
+            "{test} {NEEDS_REAL_CH}: KVM is not usable here (no vmx/svm flag in /proc/cpuinfo, or /dev/kvm does not open); would use {other}"
+        ),
+        Err(e) => panic!("{test} {NEEDS_REAL_CH}: {}", error_chain(&e)),
     }
 }
 
@@ -791,10 +793,9 @@ fn real_vm(script: &str) -> support::TestVm {
 }
 
 #[tokio::test]
-async fn real_ch_boots_busybox_and_powers_off_if_available() {
-    let Some(backend) = real_ch("real_ch_boots_busybox_and_powers_off_if_available") else {
-        return;
-    };
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_boots_busybox_and_powers_off() {
+    let backend = real_ch("real_ch_boots_busybox_and_powers_off");
     let _slot = support::vm_slot();
     let vm = real_vm(&format!("/bin/busybox echo MARKER-$((6*7))\n{POWEROFF}"));
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
@@ -817,10 +818,9 @@ async fn real_ch_boots_busybox_and_powers_off_if_available() {
 }
 
 #[tokio::test]
-async fn real_ch_deadline_stops_a_running_guest_if_available() {
-    let Some(backend) = real_ch("real_ch_deadline_stops_a_running_guest_if_available") else {
-        return;
-    };
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_deadline_stops_a_running_guest() {
+    let backend = real_ch("real_ch_deadline_stops_a_running_guest");
     let _slot = support::vm_slot();
     let mut vm = real_vm("/bin/busybox echo STARTED\nwhile :; do /bin/busybox sleep 1000; done");
     vm.config.vsock = Some(HybridVsock {
@@ -851,11 +851,10 @@ async fn real_ch_deadline_stops_a_running_guest_if_available() {
 }
 
 #[tokio::test]
-async fn real_ch_guest_talks_to_the_host_over_vsock_if_available() {
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_guest_talks_to_the_host_over_vsock() {
     const PORT: u32 = 1024;
-    let Some(backend) = real_ch("real_ch_guest_talks_to_the_host_over_vsock_if_available") else {
-        return;
-    };
+    let backend = real_ch("real_ch_guest_talks_to_the_host_over_vsock");
     let _slot = support::vm_slot();
     let client = support::vsock_client();
     let initrd = support::busybox_initrd_with(
@@ -905,10 +904,9 @@ async fn real_ch_guest_talks_to_the_host_over_vsock_if_available() {
 }
 
 #[tokio::test]
-async fn real_ch_reboot_ends_the_vm_if_available() {
-    let Some(backend) = real_ch("real_ch_reboot_ends_the_vm_if_available") else {
-        return;
-    };
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_reboot_ends_the_vm() {
+    let backend = real_ch("real_ch_reboot_ends_the_vm");
     let _slot = support::vm_slot();
     let vm = real_vm("/bin/busybox echo REBOOTING\n/bin/busybox reboot -f");
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
@@ -929,10 +927,9 @@ async fn real_ch_reboot_ends_the_vm_if_available() {
 }
 
 #[tokio::test]
-async fn real_ch_a_vmm_that_cannot_boot_reports_why_if_available() {
-    let Some(backend) = real_ch("real_ch_a_vmm_that_cannot_boot_reports_why_if_available") else {
-        return;
-    };
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_a_vmm_that_cannot_boot_reports_why() {
+    let backend = real_ch("real_ch_a_vmm_that_cannot_boot_reports_why");
     let _slot = support::vm_slot();
     let mut vm = real_vm(POWEROFF);
     vm.config.shares = vec![FsShare {
@@ -956,10 +953,9 @@ async fn real_ch_a_vmm_that_cannot_boot_reports_why_if_available() {
 }
 
 #[tokio::test]
-async fn real_ch_twenty_boots_in_a_row_if_available() {
-    let Some(backend) = real_ch("real_ch_twenty_boots_in_a_row_if_available") else {
-        return;
-    };
+#[ignore = "needs cloud-hypervisor and hardware KVM"]
+async fn real_ch_twenty_boots_in_a_row() {
+    let backend = real_ch("real_ch_twenty_boots_in_a_row");
     let mut times = Vec::new();
     for i in 0..20 {
         let _slot = support::vm_slot();
