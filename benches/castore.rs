@@ -1,4 +1,4 @@
-//! Micro benchmarks (issue 7, item 7): castore import and hashing against plain BLAKE3 of
+//! Micro benchmarks (docs/benchmarks.md, row 7): castore import and hashing against plain BLAKE3 of
 //! the same bytes, and the agent protocol's framing (encode/decode of frames).
 //!
 //! `cargo bench --bench castore` (add `-- --quick` for a short run). The VM harness

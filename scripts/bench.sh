@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmark harness (issue 7) and prints its table; the JSON goes to
+# Runs the benchmark harness (docs/benchmarks.md) and prints its table; the JSON goes to
 # target/bench/latest.json (or --json PATH).
 #   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,micro] [--reps N]
 # Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside

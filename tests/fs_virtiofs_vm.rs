@@ -77,7 +77,7 @@ fn which(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// `tsc_early_khz` avoids a TSC calibration hang under TCG (DESIGN.md).
+/// `tsc_early_khz` avoids a TSC calibration hang under TCG (docs/architecture.md).
 fn tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info

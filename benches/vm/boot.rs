@@ -69,7 +69,7 @@ pub async fn floor_once(env: &Env, initrd: &Path, memory_mib: u32) -> anyhow::Re
     Ok(secs(elapsed))
 }
 
-/// DESIGN.md's floor as written: plain `qemu-system-x86_64 -accel tcg -M microvm -m 256`
+/// The floor as docs/architecture.md defines it: plain `qemu-system-x86_64 -accel tcg -M microvm -m 256`
 /// with no sandbox, memfd or devices.
 async fn bare_floor_once(env: &Env, initrd: &Path) -> anyhow::Result<f64> {
     let cpu = CpuInfo::read().context("reading /proc/cpuinfo")?;

@@ -1,4 +1,4 @@
-//! The VM benchmark harness (issue 7): our builds against their floors and peers, side by
+//! The VM benchmark harness (docs/benchmarks.md): our builds against their floors and peers, side by
 //! side in one run, variants interleaved, each as a ratio with medians and spreads.
 //!
 //! Run it through `scripts/bench.sh [--quick]` (which installs the peers and builds what is

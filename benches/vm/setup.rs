@@ -10,7 +10,7 @@ use tvix_build_vm::vm::initrd::Initrd;
 use tvix_build_vm::vm::qemu::{QemuBackend, QemuConfig};
 use tvix_build_vm::vm::{accel, artifacts, Accel, AccelChoice};
 
-/// Guest RAM of the trivial-build VMs and of the floor (DESIGN.md's floor uses 256 MiB).
+/// Guest RAM of the trivial-build VMs and of the floor (the floor in docs/architecture.md uses 256 MiB).
 pub const TRIVIAL_MEMORY_MIB: u32 = 256;
 
 /// The bench's fixed environment.

@@ -1,6 +1,6 @@
 //! One BuildRequest -> one microVM -> one Build.
 //!
-//! [`Runner::build`] takes a validated request through DESIGN.md's steps 2 and 4-11:
+//! [`Runner::build`] takes a validated request through steps 2 and 4-11 of docs/architecture.md:
 //! constraints, inputs, runtime directory, the virtio-fs daemon, the VM, the conversation
 //! with the agent, the harvest, and clean-up on every way out (the runtime directory and the
 //! process group are guards, so an error, a deadline or a dropped future all end the same

@@ -1,5 +1,5 @@
 //! A fake cloud-hypervisor: its REST API on a unix socket, its event monitor and its serial
-//! output, strict wherever the real one is strict (see `shared/facts/cloud-hypervisor-api.md`).
+//! output, strict wherever the real one is strict (see docs/architecture.md on cloud-hypervisor's API).
 //! Include with `#[path = "support/ch_fake.rs"] mod ch_fake;`.
 //!
 //! It parses `vm.create` bodies with its own structs, written from the contract and not shared

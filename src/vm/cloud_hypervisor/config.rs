@@ -1,5 +1,5 @@
 //! The `VmConfig` body of `PUT /api/v1/vm.create`, as typed structs with cloud-hypervisor's
-//! exact field names and case-sensitive enum values (see `shared/facts/cloud-hypervisor-api.md`).
+//! exact field names and case-sensitive enum values (see docs/architecture.md on cloud-hypervisor's API).
 //!
 //! Only the fields a direct-kernel, single-use guest needs are modelled; everything else keeps
 //! cloud-hypervisor's default. `deny_unknown_fields` makes a round trip through these types
