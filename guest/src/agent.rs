@@ -22,7 +22,8 @@ use crate::conn::{failure_msg, Conn, Sink};
 use crate::error::{Failure, InPhase};
 use crate::exec::{self, Reaper};
 use crate::job::JobSpec;
-use crate::stage::{self, Staged};
+use crate::stage;
+use crate::staged::Staged;
 use crate::{logs, net, outputs, sandbox, sys, trace};
 
 /// How long the agent waits, after its last message, for the host to close the connection.

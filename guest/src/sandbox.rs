@@ -36,24 +36,19 @@ use nix::sys::stat::{fchmodat, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
 use nix::unistd::{fchownat, Gid, Uid};
 
 use crate::job::{GuestPath, JobSpec};
-use crate::stage::{Staged, STAGE_DEV, STAGE_OVERLAY, STAGE_PROC};
+use crate::paths::{
+    INPUTS_LOWER, OVERLAY_UPPER, OVERLAY_WORK, ROOT, SCRATCH, STAGE_DEV, STAGE_OVERLAY, STAGE_PROC,
+};
+use crate::staged::Staged;
 use crate::sys::{self, SysError};
 use crate::{trace, users};
 
-/// Where the scratch filesystem is mounted in the agent's root.
-pub const SCRATCH: &str = "/scratch";
-/// The build's root directory, as the agent sees it.
-pub const ROOT: &str = "/scratch/root";
-pub const OVERLAY_UPPER: &str = "/scratch/overlay/upper";
-pub const OVERLAY_WORK: &str = "/scratch/overlay/work";
 /// The scratch filesystem's flags; a tmpfs also gets `mode=0755` and the Job's size.
 const SCRATCH_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 /// The flags of a read-only virtio-fs share.
 pub const SHARE_FLAGS: MsFlags = MsFlags::MS_RDONLY
     .union(MsFlags::MS_NOSUID)
     .union(MsFlags::MS_NODEV);
-/// Where the inputs share is mounted when it is the lower layer of an overlay.
-pub const INPUTS_LOWER: &str = "/mnt/inputs";
 
 /// Character devices of the sandbox's /dev: name, major, minor.
 const DEVICES: [(&str, u64, u64); 6] = [

@@ -26,33 +26,13 @@ use std::path::Path;
 
 use tvix_build_vm_agent::INPUTS_TAG;
 
-use crate::sandbox::{
-    self, SandboxError, INPUTS_LOWER, OVERLAY_UPPER, OVERLAY_WORK, SCRATCH, SHARE_FLAGS,
+use crate::paths::{
+    INPUTS_LOWER, OVERLAY_UPPER, OVERLAY_WORK, SCRATCH, STAGE_DEV, STAGE_OVERLAY, STAGE_PROC,
 };
-use crate::sys::{self, SysError};
+use crate::sandbox::{self, SandboxError, SHARE_FLAGS};
+use crate::staged::Staged;
+use crate::sys;
 use crate::trace;
-
-/// Where the overlay of the inputs waits for the Job's `inputs_dir`.
-pub const STAGE_OVERLAY: &str = "/mnt/overlay";
-/// Where the build's /dev waits.
-pub const STAGE_DEV: &str = "/mnt/dev";
-/// Where the build's /proc waits.
-pub const STAGE_PROC: &str = "/mnt/proc";
-
-/// What was staged. `sandbox::build` clears each part it moves into place or discards.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Staged {
-    /// The scratch tmpfs at [`SCRATCH`] with the overlay's upper and work directories.
-    pub scratch: bool,
-    /// The [`INPUTS_TAG`] share at [`INPUTS_LOWER`].
-    pub inputs: bool,
-    /// The overlay at [`STAGE_OVERLAY`], over the staged share and on the staged scratch.
-    pub overlay: bool,
-    /// The build's /dev at [`STAGE_DEV`].
-    pub dev: bool,
-    /// The build's /proc at [`STAGE_PROC`].
-    pub proc: bool,
-}
 
 /// Stages every part it can.
 pub fn stage() -> Staged {
@@ -112,33 +92,5 @@ fn attempt(what: &'static str, at: &Path, make: impl FnOnce() -> Result<(), Sand
             ));
             false
         }
-    }
-}
-
-impl Staged {
-    /// Detaches the staged scratch filesystem, and the overlay that has its upper layer there.
-    pub fn discard_scratch(&mut self) -> Result<(), SysError> {
-        self.discard_overlay()?;
-        if std::mem::take(&mut self.scratch) {
-            sys::detach(Path::new(SCRATCH))?;
-        }
-        Ok(())
-    }
-
-    /// Detaches the staged share, and the overlay over it.
-    pub fn discard_inputs(&mut self) -> Result<(), SysError> {
-        self.discard_overlay()?;
-        if std::mem::take(&mut self.inputs) {
-            sys::detach(Path::new(INPUTS_LOWER))?;
-        }
-        Ok(())
-    }
-
-    /// Detaches the staged overlay.
-    pub fn discard_overlay(&mut self) -> Result<(), SysError> {
-        if std::mem::take(&mut self.overlay) {
-            sys::detach(Path::new(STAGE_OVERLAY))?;
-        }
-        Ok(())
     }
 }

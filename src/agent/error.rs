@@ -193,6 +193,19 @@ pub struct AgentFailure {
     pub message: String,
 }
 
+impl AgentFailure {
+    /// The agent's own failure report, its texts cut to the configured lengths.
+    pub(crate) fn from_report(
+        report: tvix_build_vm_agent::proto::AgentFailure,
+        limits: &super::limits::SessionLimits,
+    ) -> Self {
+        AgentFailure {
+            phase: cut(&report.phase, limits.max_failure_phase_bytes).to_owned(),
+            message: cut(&report.message, limits.max_failure_message_bytes).to_owned(),
+        }
+    }
+}
+
 /// A place inside the outputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {

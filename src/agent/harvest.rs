@@ -17,11 +17,10 @@
 
 use super::connection::{kind_of, Connection, ConnectionError};
 use super::error::{
-    from_connection, show_bytes, DeadlineKind, Error, InfraError, Limit, LimitExceeded, Location,
-    Phase, ProtocolError, Timeout, TreeViolation,
+    from_connection, show_bytes, AgentFailure, DeadlineKind, Error, InfraError, Limit,
+    LimitExceeded, Location, Phase, ProtocolError, Timeout, TreeViolation,
 };
 use super::limits::{HarvestLimits, SessionLimits};
-use super::session::agent_failure;
 use crate::castore::directory::{Directory, Node, PathComponent, SymlinkTarget};
 use crate::castore::{B3Digest, BlobService, DirectoryPutter, DirectoryService};
 use bytes::Bytes;
@@ -331,7 +330,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
             };
             let chunk = match self.conn.recv().await {
                 Ok(Msg::FileChunk(chunk)) => chunk,
-                Ok(Msg::Failure(f)) => return Err(agent_failure(f, self.session_limits).into()),
+                Ok(Msg::Failure(f)) => {
+                    return Err(AgentFailure::from_report(f, self.session_limits).into())
+                }
                 Ok(other) => return Err(self.violation(place, short(kind_of(&other)))),
                 Err(ConnectionError::Closed { .. }) => {
                     return Err(self.violation(place, short("the end of the stream")))
@@ -502,7 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
     /// The next message; an AgentFailure becomes its error.
     async fn recv(&mut self) -> Result<Msg, Error> {
         match self.conn.recv().await {
-            Ok(Msg::Failure(f)) => Err(agent_failure(f, self.session_limits).into()),
+            Ok(Msg::Failure(f)) => Err(AgentFailure::from_report(f, self.session_limits).into()),
             Ok(msg) => Ok(msg),
             Err(e) => Err(self.conn_error(e)),
         }

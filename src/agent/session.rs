@@ -4,7 +4,7 @@
 
 use super::connection::{kind_of, Connection};
 use super::error::{
-    cut, from_connection, AgentFailure, DeadlineKind, Error, ExitKind, Limit, LimitExceeded, Phase,
+    from_connection, AgentFailure, DeadlineKind, Error, ExitKind, Limit, LimitExceeded, Phase,
     ProtocolError, Timeout,
 };
 use super::harvest;
@@ -17,8 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tvix_build_vm_agent::proto::{
-    exited, guest_message::Msg, host_message, AgentFailure as ProtoFailure, BootTimings, Exited,
-    HostMessage, Job, Log, Stream,
+    exited, guest_message::Msg, host_message, BootTimings, Exited, HostMessage, Job, Log, Stream,
 };
 use tvix_build_vm_agent::PROTOCOL_VERSION;
 
@@ -49,7 +48,7 @@ pub async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|e| from_connection(Phase::Hello, e, timeout))?;
     let hello = match msg {
         Msg::Hello(hello) => hello,
-        Msg::Failure(f) => return Err(agent_failure(f, &limits).into()),
+        Msg::Failure(f) => return Err(AgentFailure::from_report(f, &limits).into()),
         other => {
             return Err(ProtocolError::Unexpected {
                 phase: Phase::Hello,
@@ -231,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                 Ok(None)
             }
             Msg::Exited(exited) => Ok(Some(exit_status(exited)?)),
-            Msg::Failure(f) => Err(agent_failure(f, &self.limits).into()),
+            Msg::Failure(f) => Err(AgentFailure::from_report(f, &self.limits).into()),
             other => Err(ProtocolError::Unexpected {
                 phase: Phase::Run,
                 expected: "Log or Exited",
@@ -325,14 +324,6 @@ fn exit_status(exited: Exited) -> Result<ExitStatus, ProtocolError> {
         oom_killed: exited.oom_killed,
         duration: Duration::from_micros(exited.duration_us),
     })
-}
-
-/// The agent's own failure report, its texts cut to the configured lengths.
-pub(crate) fn agent_failure(f: ProtoFailure, limits: &SessionLimits) -> AgentFailure {
-    AgentFailure {
-        phase: cut(&f.phase, limits.max_failure_phase_bytes).to_owned(),
-        message: cut(&f.message, limits.max_failure_message_bytes).to_owned(),
-    }
 }
 
 #[cfg(test)]
