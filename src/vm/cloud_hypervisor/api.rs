@@ -644,6 +644,47 @@ mod tests {
         assert!(matches!(err, ApiError::ReplyTooLarge { .. }), "{err}");
     }
 
+    /// A server that reads one request's head, writes `reply` and closes the connection.
+    fn reply_then_close(socket: &Path, reply: &'static [u8]) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut stream = BufReader::new(stream);
+            let mut line = String::new();
+            while stream.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                if line.ends_with("\r\n\r\n") || line == "\r\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let _ = stream.get_mut().write_all(reply).await;
+        });
+    }
+
+    #[tokio::test]
+    async fn only_a_closed_connection_ends_vmm_shutdown_well() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let closed = dir.path().join("closed.sock");
+        let garbled = dir.path().join("garbled.sock");
+        reply_then_close(&closed, b"");
+        reply_then_close(&garbled, b"HTTP/1.1 2xx nonsense\r\n\r\n");
+        ApiClient::new(&closed, Timeouts::default())
+            .shutdown_vmm()
+            .await
+            .expect("closed without a reply: the VMM is exiting");
+        let err = ApiClient::new(&garbled, Timeouts::default())
+            .shutdown_vmm()
+            .await
+            .expect_err("a garbled reply is no success");
+        assert!(
+            matches!(err, ApiError::Http { .. }) && !err.is_disconnect(),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_missing_socket_is_a_disconnect() {
         let client = ApiClient::new(Path::new("/nonexistent/ch.sock"), Timeouts::default());
