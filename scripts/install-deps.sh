@@ -43,10 +43,12 @@ command -v cargo-nextest >/dev/null || cargo install --locked --quiet cargo-next
 kernel_dir=$(kernel-config/build.sh)
 agent=$(scripts/build-agent.sh)
 hostile_agent=$(scripts/build-hostile-agent.sh)
+nix_chroot=$(scripts/nix-chroot.sh)  # Debian sid's Nix 2.34 for tests/nix_*.rs (cached)
 
 if [ "${1:-}" = "--print-env" ]; then
   echo "export TVIX_BUILD_VM_KERNEL=$kernel_dir/vmlinux"
   echo "export TVIX_BUILD_VM_AGENT=$agent"
   echo "export TVIX_BUILD_VM_HOSTILE_AGENT=$hostile_agent"
+  echo "export TVIX_BUILD_VM_NIX_CHROOT=$nix_chroot"
   echo "export PATH=$HOME/.cargo/bin:\$PATH"
 fi

@@ -10,6 +10,7 @@
 //! - [`fs`]: the castore-backed virtio-fs daemon that serves a build's inputs.
 //! - [`agent`]: the host side of the conversation with the guest agent, and output harvest.
 //! - [`runner`]: one request -> one VM -> one Build, with every deadline and clean-up.
+//! - [`nix`]: Nix's external-builders dialect (build.json, input cache, output placement).
 //! - [`cli`]: the command line.
 
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod castore;
 pub mod cli;
 pub mod fs;
 pub mod metrics;
+pub mod nix;
 pub mod proto;
 pub mod request;
 pub mod runner;
