@@ -98,11 +98,23 @@ pub enum ValidationError {
     NoNodeType { name: Escaped },
 }
 
-/// One path component: not empty, not `.` or `..`, at most 255 bytes, no NUL, no `/`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PathComponent(Bytes);
+/// The rules one kind of validated bytes must satisfy (see [`ValidBytes`]).
+pub trait BytesRule {
+    type Error;
+    fn check(b: &[u8]) -> Result<(), Self::Error>;
+}
 
-impl PathComponent {
+/// Bytes that satisfied the rule `R` when they were made, so holding one proves it: the
+/// constructors are the only way in and all of them check.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ValidBytes<R>(Bytes, std::marker::PhantomData<R>);
+
+/// The rule of a path component: not empty, not `.` or `..`, at most 255 bytes, no NUL, no `/`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct NameRule;
+
+impl BytesRule for NameRule {
+    type Error = NameError;
     fn check(b: &[u8]) -> Result<(), NameError> {
         if b.is_empty() {
             Err(NameError::Empty)
@@ -118,84 +130,14 @@ impl PathComponent {
             Ok(())
         }
     }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    pub fn into_bytes(self) -> Bytes {
-        self.0
-    }
 }
 
-impl TryFrom<Bytes> for PathComponent {
-    type Error = NameError;
-    fn try_from(b: Bytes) -> Result<Self, NameError> {
-        Self::check(&b)?;
-        Ok(Self(b))
-    }
-}
+/// The rule of a symlink target: not empty, at most 4095 bytes, no NUL.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct TargetRule;
 
-impl TryFrom<&[u8]> for PathComponent {
-    type Error = NameError;
-    fn try_from(b: &[u8]) -> Result<Self, NameError> {
-        Self::check(b)?;
-        Ok(Self(Bytes::copy_from_slice(b)))
-    }
-}
-
-impl TryFrom<&str> for PathComponent {
-    type Error = NameError;
-    fn try_from(s: &str) -> Result<Self, NameError> {
-        Self::try_from(s.as_bytes())
-    }
-}
-
-impl TryFrom<Vec<u8>> for PathComponent {
-    type Error = NameError;
-    fn try_from(b: Vec<u8>) -> Result<Self, NameError> {
-        Self::check(&b)?;
-        Ok(Self(Bytes::from(b)))
-    }
-}
-
-impl From<PathComponent> for Bytes {
-    fn from(p: PathComponent) -> Bytes {
-        p.0
-    }
-}
-
-impl AsRef<[u8]> for PathComponent {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-// Ord of `Bytes` is the byte-wise order of the slice, so borrowing as `[u8]` keeps the map's
-// order consistent.
-impl Borrow<[u8]> for PathComponent {
-    fn borrow(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Display for PathComponent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.escape_ascii())
-    }
-}
-
-impl fmt::Debug for PathComponent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_ascii())
-    }
-}
-
-/// A symlink target: not empty, at most 4095 bytes, no NUL.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SymlinkTarget(Bytes);
-
-impl SymlinkTarget {
+impl BytesRule for TargetRule {
+    type Error = SymlinkTargetError;
     fn check(b: &[u8]) -> Result<(), SymlinkTargetError> {
         if b.is_empty() {
             Err(SymlinkTargetError::Empty)
@@ -207,7 +149,14 @@ impl SymlinkTarget {
             Ok(())
         }
     }
+}
 
+/// One path component (the name of a directory entry).
+pub type PathComponent = ValidBytes<NameRule>;
+/// The target of a symlink.
+pub type SymlinkTarget = ValidBytes<TargetRule>;
+
+impl<R: BytesRule> ValidBytes<R> {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -217,52 +166,66 @@ impl SymlinkTarget {
     }
 }
 
-impl TryFrom<Bytes> for SymlinkTarget {
-    type Error = SymlinkTargetError;
-    fn try_from(b: Bytes) -> Result<Self, SymlinkTargetError> {
-        Self::check(&b)?;
-        Ok(Self(b))
+impl<R: BytesRule> TryFrom<Bytes> for ValidBytes<R> {
+    type Error = R::Error;
+    fn try_from(b: Bytes) -> Result<Self, R::Error> {
+        R::check(&b)?;
+        Ok(Self(b, std::marker::PhantomData))
     }
 }
 
-impl TryFrom<&[u8]> for SymlinkTarget {
-    type Error = SymlinkTargetError;
-    fn try_from(b: &[u8]) -> Result<Self, SymlinkTargetError> {
-        Self::check(b)?;
-        Ok(Self(Bytes::copy_from_slice(b)))
+impl<R: BytesRule> TryFrom<&[u8]> for ValidBytes<R> {
+    type Error = R::Error;
+    fn try_from(b: &[u8]) -> Result<Self, R::Error> {
+        R::check(b)?;
+        Ok(Self(Bytes::copy_from_slice(b), std::marker::PhantomData))
     }
 }
 
-impl TryFrom<&str> for SymlinkTarget {
-    type Error = SymlinkTargetError;
-    fn try_from(s: &str) -> Result<Self, SymlinkTargetError> {
+impl<R: BytesRule> TryFrom<&str> for ValidBytes<R> {
+    type Error = R::Error;
+    fn try_from(s: &str) -> Result<Self, R::Error> {
         Self::try_from(s.as_bytes())
     }
 }
 
-impl TryFrom<Vec<u8>> for SymlinkTarget {
-    type Error = SymlinkTargetError;
-    fn try_from(b: Vec<u8>) -> Result<Self, SymlinkTargetError> {
-        Self::check(&b)?;
-        Ok(Self(Bytes::from(b)))
+impl<R: BytesRule> TryFrom<Vec<u8>> for ValidBytes<R> {
+    type Error = R::Error;
+    fn try_from(b: Vec<u8>) -> Result<Self, R::Error> {
+        R::check(&b)?;
+        Ok(Self(Bytes::from(b), std::marker::PhantomData))
     }
 }
 
-impl AsRef<[u8]> for SymlinkTarget {
+impl<R> From<ValidBytes<R>> for Bytes {
+    fn from(p: ValidBytes<R>) -> Bytes {
+        p.0
+    }
+}
+
+impl<R> AsRef<[u8]> for ValidBytes<R> {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }
 
-impl fmt::Debug for SymlinkTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_ascii())
+// Ord of `Bytes` is the byte-wise order of the slice, so borrowing as `[u8]` keeps a map's
+// order consistent.
+impl<R: Ord> Borrow<[u8]> for ValidBytes<R> {
+    fn borrow(&self) -> &[u8] {
+        &self.0
     }
 }
 
-impl fmt::Display for SymlinkTarget {
+impl<R> fmt::Display for ValidBytes<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0.escape_ascii())
+    }
+}
+
+impl<R> fmt::Debug for ValidBytes<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.0.escape_ascii())
     }
 }
 
