@@ -14,6 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 use tvix_build_vm::castore::import::import_path;
 use tvix_build_vm::castore::{Directory, PathComponent};
+use tvix_build_vm::fs::spec::{DEFAULT_MAX_INODES, DEFAULT_THREADS};
+use tvix_build_vm::fs::{DaemonSpec, RootSource, ShareSource};
 use tvix_build_vm::vm::process::{ProcessGroup, Stdout};
 use tvix_build_vm::vm::{FsShare, LaunchConfig, LaunchSpec, VmmBackend};
 
@@ -99,19 +101,21 @@ pub async fn run(env: &Env, svc: &Service, sizes: &FsSizes) -> anyhow::Result<Ve
     let ours_sock = rt.join("castore.sock");
     let daemon = &svc.runner.config().fs_daemon;
     let mut cmd = tokio::process::Command::new(&daemon.program);
-    cmd.arg("fs-daemon")
-        .arg("--socket")
-        .arg(&ours_sock)
-        .arg("--root-directory")
-        .arg(&root_file)
-        .args(["--blob-service-addr", &daemon.blob_service_addr])
-        .args(["--directory-service-addr", &daemon.directory_service_addr])
-        .args([
-            "--tag",
-            "castore",
-            "--max-handles",
-            &daemon.max_handles.to_string(),
-        ]);
+    cmd.args(
+        DaemonSpec {
+            socket: ours_sock.clone(),
+            source: ShareSource::Castore {
+                root: RootSource::File(root_file.clone()),
+                blob_service_addr: daemon.blob_service_addr.clone(),
+                directory_service_addr: daemon.directory_service_addr.clone(),
+            },
+            tag: Some("castore".into()),
+            max_handles: daemon.max_handles,
+            max_inodes: DEFAULT_MAX_INODES,
+            threads: DEFAULT_THREADS,
+        }
+        .to_args(),
+    );
     let ours_id = group.spawn("fs-daemon", cmd, Stdout::Log)?;
     let peer_sock = rt.join("passthru.sock");
     let mut cmd = tokio::process::Command::new(virtiofsd);

@@ -12,7 +12,11 @@ use crate::castore::{self, BlobService, DirectoryService};
 use crate::fs::daemon::{self, DaemonConfig, DaemonError};
 use crate::fs::passthrough::{self, PassthroughError};
 use crate::fs::sandbox::{self, SandboxError};
-use crate::fs::{CastoreFs, CastoreSource, FsError, FsLimits, Listing, RootAssigner};
+use crate::fs::spec::{DEFAULT_MAX_INODES, DEFAULT_THREADS};
+use crate::fs::{
+    CastoreFs, CastoreSource, DaemonSpec, FsError, FsLimits, Listing, RootAssigner, RootSource,
+    ShareSource,
+};
 use crate::proto::castore as pb;
 use prost::Message;
 use std::path::{Path, PathBuf};
@@ -62,15 +66,15 @@ pub struct FsDaemonArgs {
     pub max_handles: u64,
     /// Inodes the daemon tracks at once; beyond (all still in use by the guest), lookups fail
     /// with ENOMEM.
-    #[arg(long, default_value_t = 1 << 18, value_parser = clap::value_parser!(u64).range(16..=1 << 26))]
+    #[arg(long, default_value_t = DEFAULT_MAX_INODES, value_parser = clap::value_parser!(u64).range(16..=1 << 26))]
     pub max_inodes: u64,
     /// virtiofsd worker threads; 0 serves requests on the queue thread.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+    #[arg(long, default_value_t = DEFAULT_THREADS, value_parser = clap::value_parser!(u64).range(0..=64))]
     pub threads: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum FsDaemonError {
+pub enum FsDaemonError {
     #[error("cannot read the root directory file {path}")]
     ReadRoot {
         path: PathBuf,
@@ -133,9 +137,41 @@ impl FsDaemonError {
     }
 }
 
+impl TryFrom<FsDaemonArgs> for DaemonSpec {
+    type Error = FsDaemonError;
+
+    /// clap has checked which arguments go together; this names what is still missing.
+    fn try_from(args: FsDaemonArgs) -> Result<Self, FsDaemonError> {
+        let source = match args.ro_dir {
+            Some(dir) => ShareSource::HostDir(dir),
+            None => ShareSource::Castore {
+                root: match args.root_directory {
+                    Some(path) => RootSource::File(path),
+                    None if args.root_from_stdin => RootSource::Stdin,
+                    None => return Err(FsDaemonError::MissingArg("--root-directory")),
+                },
+                blob_service_addr: args
+                    .blob_service_addr
+                    .ok_or(FsDaemonError::MissingArg("--blob-service-addr"))?,
+                directory_service_addr: args
+                    .directory_service_addr
+                    .ok_or(FsDaemonError::MissingArg("--directory-service-addr"))?,
+            },
+        };
+        Ok(DaemonSpec {
+            socket: args.socket,
+            source,
+            tag: args.tag,
+            max_handles: args.max_handles,
+            max_inodes: args.max_inodes,
+            threads: args.threads,
+        })
+    }
+}
+
 /// Runs the daemon; never returns before the VM disconnected or an error.
 pub fn run(args: FsDaemonArgs) -> ExitCode {
-    match serve(args) {
+    match DaemonSpec::try_from(args).and_then(serve) {
         Ok(()) => {
             tracing::info!("VM disconnected, exiting");
             ExitCode::SUCCESS
@@ -147,32 +183,29 @@ pub fn run(args: FsDaemonArgs) -> ExitCode {
     }
 }
 
-fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
+fn serve(spec: DaemonSpec) -> Result<(), FsDaemonError> {
     let cfg = DaemonConfig {
-        socket: args.socket.clone(),
-        tag: args.tag.clone(),
+        socket: spec.socket.clone(),
+        tag: spec.tag.clone(),
         // Bounded by clap to 64.
-        threads: args.threads as usize,
+        threads: spec.threads as usize,
     };
     cfg.validate().map_err(FsDaemonError::Daemon)?;
-    if let Some(dir) = &args.ro_dir {
-        return serve_ro_dir(dir, args.max_handles, &cfg);
-    }
-    let blob_addr = args
-        .blob_service_addr
-        .as_deref()
-        .ok_or(FsDaemonError::MissingArg("--blob-service-addr"))?;
-    let dir_addr = args
-        .directory_service_addr
-        .as_deref()
-        .ok_or(FsDaemonError::MissingArg("--directory-service-addr"))?;
-    let root = match &args.root_directory {
-        Some(path) => Some(read_listing(std::fs::File::open(path), path)?),
-        None => None,
+    let (root, blob_addr, dir_addr) = match &spec.source {
+        ShareSource::HostDir(dir) => return serve_ro_dir(dir, spec.max_handles, &cfg),
+        ShareSource::Castore {
+            root,
+            blob_service_addr,
+            directory_service_addr,
+        } => (root, blob_service_addr, directory_service_addr),
+    };
+    let root = match root {
+        RootSource::File(path) => Some(read_listing(std::fs::File::open(path), path)?),
+        RootSource::Stdin => None,
     };
 
     // While still single-threaded: capabilities are per thread.
-    let fds = args.max_handles + FD_RESERVE + 2 * args.threads;
+    let fds = spec.max_handles + FD_RESERVE + 2 * spec.threads;
     sandbox::restrict(fds).map_err(FsDaemonError::Sandbox)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,8 +224,8 @@ fn serve(args: FsDaemonArgs) -> Result<(), FsDaemonError> {
     }
     let limits = FsLimits {
         // Bounded by clap.
-        max_handles: args.max_handles as usize,
-        max_inodes: args.max_inodes as usize,
+        max_handles: spec.max_handles as usize,
+        max_inodes: spec.max_inodes as usize,
     };
     let fs = match root {
         Some(root) => CastoreFs::new(root, Arc::new(source), limits),
@@ -330,4 +363,46 @@ fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonEr
         None => None,
     };
     Ok((blobs, directories, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn round_trip(spec: DaemonSpec) {
+        let mut argv: Vec<std::ffi::OsString> = vec!["tvix-build-vm".into()];
+        argv.extend(spec.to_args());
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("the daemon's arguments parse");
+        let crate::cli::Command::FsDaemon(args) = cli.command else {
+            panic!("not the fs-daemon subcommand");
+        };
+        assert_eq!(DaemonSpec::try_from(args).expect("complete"), spec);
+    }
+
+    #[test]
+    fn every_spec_survives_the_command_line() {
+        for root in [RootSource::Stdin, RootSource::File("/rt/root.dir".into())] {
+            round_trip(DaemonSpec {
+                socket: "/rt/fs.sock".into(),
+                source: ShareSource::Castore {
+                    root,
+                    blob_service_addr: "objectstore+file:///s/blobs".into(),
+                    directory_service_addr: "grpc+unix:///rt/castore.sock".into(),
+                },
+                tag: Some("inputs".into()),
+                max_handles: 77,
+                max_inodes: 4096,
+                threads: 2,
+            });
+        }
+        round_trip(DaemonSpec {
+            socket: "/rt/ro0.sock".into(),
+            source: ShareSource::HostDir("/srv/data".into()),
+            tag: None,
+            max_handles: 1024,
+            max_inodes: DEFAULT_MAX_INODES,
+            threads: DEFAULT_THREADS,
+        });
+    }
 }

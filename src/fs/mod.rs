@@ -7,6 +7,7 @@
 //! - [`root`]: the root's entries, possibly assigned after boot (pooled VMs).
 //! - [`daemon`]: serving one VM over a vhost-user socket.
 //! - [`passthrough`]: the other kind of share, one host directory read-only.
+//! - [`spec`]: one daemon's configuration, as the runner passes it and the daemon parses it.
 
 pub mod attr;
 pub mod blob;
@@ -21,6 +22,7 @@ pub mod passthrough;
 pub mod root;
 pub mod sandbox;
 pub mod source;
+pub mod spec;
 mod staging;
 
 pub use error::FsError;
@@ -28,3 +30,4 @@ pub use filesystem::{CastoreFs, FsLimits};
 pub use listing::{FsNode, Listing};
 pub use root::RootAssigner;
 pub use source::{CastoreSource, ContentSource};
+pub use spec::{DaemonSpec, RootSource, ShareSource};

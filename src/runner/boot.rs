@@ -13,6 +13,8 @@ use super::runtime_dir::RuntimeDir;
 use super::RunnerConfig;
 use crate::agent::{self, accept_hello, AgentHello, Greeted};
 use crate::castore::directory::Directory;
+use crate::fs::spec::{DEFAULT_MAX_INODES, DEFAULT_THREADS};
+use crate::fs::{DaemonSpec, RootSource, ShareSource};
 use crate::vm::process::{ProcessGroup, Stdout};
 use crate::vm::vsock::HostListener;
 use crate::vm::{
@@ -117,18 +119,21 @@ impl Booter {
         let fs_socket = rt.join("fs.sock");
         let fsd = &config.fs_daemon;
         let mut cmd = tokio::process::Command::new(&fsd.program);
-        cmd.arg("fs-daemon")
-            .arg("--socket")
-            .arg(&fs_socket)
-            .arg("--root-from-stdin")
-            .arg("--blob-service-addr")
-            .arg(&fsd.blob_service_addr)
-            .arg("--directory-service-addr")
-            .arg(&fsd.directory_service_addr)
-            .arg("--tag")
-            .arg(INPUTS_TAG)
-            .arg("--max-handles")
-            .arg(fsd.max_handles.to_string());
+        cmd.args(
+            DaemonSpec {
+                socket: fs_socket.clone(),
+                source: ShareSource::Castore {
+                    root: RootSource::Stdin,
+                    blob_service_addr: fsd.blob_service_addr.clone(),
+                    directory_service_addr: fsd.directory_service_addr.clone(),
+                },
+                tag: Some(INPUTS_TAG.into()),
+                max_handles: fsd.max_handles,
+                max_inodes: DEFAULT_MAX_INODES,
+                threads: DEFAULT_THREADS,
+            }
+            .to_args(),
+        );
         let (fs_id, mut root_pipe) = group
             .spawn_with_stdin("fs-daemon", cmd, Stdout::Log)
             .map_err(|e| RunError::FsDaemon {
@@ -153,15 +158,17 @@ impl Booter {
             let tag = ro_share_tag(i);
             let socket = rt.join(&format!("{tag}.sock"));
             let mut cmd = tokio::process::Command::new(&fsd.program);
-            cmd.arg("fs-daemon")
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--ro-dir")
-                .arg(path)
-                .arg("--tag")
-                .arg(&tag)
-                .arg("--max-handles")
-                .arg(RO_SHARE_MAX_FDS.to_string());
+            cmd.args(
+                DaemonSpec {
+                    socket: socket.clone(),
+                    source: ShareSource::HostDir(path.into()),
+                    tag: Some(tag.clone()),
+                    max_handles: RO_SHARE_MAX_FDS,
+                    max_inodes: DEFAULT_MAX_INODES,
+                    threads: DEFAULT_THREADS,
+                }
+                .to_args(),
+            );
             let id = group
                 .spawn(&format!("fs-{tag}"), cmd, Stdout::Log)
                 .map_err(|e| RunError::FsDaemon {
