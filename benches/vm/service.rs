@@ -144,7 +144,7 @@ impl Service {
                 available_ro_paths: vec![],
             }),
         };
-        BuildRequest::try_from(wire).context("the bench's request is invalid")
+        tvix_build_vm::wire::seed::decode(wire).context("the bench's request is invalid")
     }
 
     /// Runs one build to its end.

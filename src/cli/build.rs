@@ -10,11 +10,9 @@ use super::request_args::RequestArgs;
 use super::runner_args::RunnerArgs;
 use super::store_args::StoreArgs;
 use crate::agent::{LogChunk, LogSink};
-use crate::castore::directory::proto_node_name;
 use crate::castore::import::import_path;
-use crate::proto::{build as pb, castore as castore_pb};
-use crate::request::BuildRequest;
-use crate::runner::{new_build_id, BuildOutcome, Fault};
+use crate::runner::{new_build_id, Fault};
+use crate::wire::{seed, Finished};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
@@ -43,22 +41,6 @@ impl LogSink for StderrLog {
     }
 }
 
-/// The `Build` answer of the seed layout: outputs named by their basename, sorted by name.
-pub fn seed_build(request: pb::BuildRequest, outcome: &BuildOutcome) -> pb::Build {
-    let mut outputs: Vec<castore_pb::Node> = outcome
-        .outputs
-        .iter()
-        .map(|(path, node)| node.to_proto(Bytes::copy_from_slice(path.file_name().as_bytes())))
-        .collect();
-    outputs.sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
-    pb::Build {
-        build_request: Some(request),
-        outputs,
-        // The extensions (exit status, timings, log) are filled in by whoever knows them.
-        ..Default::default()
-    }
-}
-
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let (blobs, dirs) = args.store.open()?;
 
@@ -73,7 +55,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         imported.push(node.to_proto(Bytes::copy_from_slice(name.as_encoded_bytes())));
     }
     let wire = args.request.assemble(imported)?;
-    let req = match BuildRequest::try_from(wire.clone()) {
+    let req = match seed::decode(wire.clone()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: invalid request: {e}");
@@ -89,7 +71,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let mut log = StderrLog(tokio::io::stderr());
     match handle.runner.build(&id, &req, &mut log).await {
         Ok(outcome) => {
-            let build = seed_build(wire, &outcome);
+            let build = seed::encode(wire, &Finished::direct(id, outcome));
             println!("{}", serde_json::to_string(&build)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -7,6 +7,7 @@ use super::job::job_for;
 use super::Runner;
 use crate::agent::{self, AgentHello, ExitStatus, LogSink};
 use crate::castore::directory::Node;
+use crate::refscan::Scanner;
 use crate::request::{BuildRequest, RelativePath};
 use crate::vm::{RunningVm, VmStatus};
 use std::time::Duration;
@@ -27,11 +28,23 @@ pub struct Timings {
     pub total: Duration,
 }
 
+/// One output of a successful build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// The path the request named.
+    pub path: RelativePath,
+    /// Its root node, stored in the castore.
+    pub node: Node,
+    /// The indices (ascending) of the request's `refscan_needles` its file contents and
+    /// symlink targets hold.
+    pub needles: Vec<u64>,
+}
+
 /// A successful build.
 #[derive(Debug)]
 pub struct BuildOutcome {
-    /// Each requested output path with its node, in request order.
-    pub outputs: Vec<(RelativePath, Node)>,
+    /// Each requested output, in request order.
+    pub outputs: Vec<Output>,
     pub exit: ExitStatus,
     pub hello: AgentHello,
     pub timings: Timings,
@@ -65,6 +78,7 @@ impl Runner {
             after,
         })??;
         let root = inputs::root_directory(&req.inputs)?;
+        let needles = Scanner::new(&req.refscan_needles)?;
 
         let boot_shape = BootShape {
             memory_mib: shape.memory_mib,
@@ -114,7 +128,7 @@ impl Runner {
 
         let harvest_started = Instant::now();
         let harvested = tokio::select! {
-            r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits) => r,
+            r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits, &needles) => r,
             exit = vm.wait() => return Err(vm_died(&vm, exit, "the outputs were sent")),
         };
         let harvested = match harvested {
@@ -128,9 +142,13 @@ impl Runner {
         vm.kill().await;
 
         let mut outputs = Vec::with_capacity(req.outputs.len());
-        for (path, node) in req.outputs.iter().zip(harvested) {
-            match node {
-                Some(node) => outputs.push((path.clone(), node)),
+        for (path, harvested) in req.outputs.iter().zip(harvested) {
+            match harvested {
+                Some(h) => outputs.push(Output {
+                    path: path.clone(),
+                    node: h.node,
+                    needles: h.needles,
+                }),
                 None => {
                     return Err(RunError::OutputMissing {
                         output: path.to_string(),

@@ -105,7 +105,7 @@ impl HostOffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{Layout, RawRequest};
+    use crate::request::RawRequest;
 
     fn req(system: &str, min_memory: u64, ro: &[&str]) -> BuildRequest {
         let mut raw = RawRequest {
@@ -118,7 +118,7 @@ mod tests {
         raw.constraints.system = system.into();
         raw.constraints.min_memory = min_memory;
         raw.constraints.available_ro_paths = ro.iter().map(|s| s.to_string()).collect();
-        raw.validate(Layout::Seed).unwrap()
+        raw.validate().unwrap()
     }
 
     #[test]

@@ -5,6 +5,7 @@ use super::constraints::Unsatisfiable;
 use super::runtime_dir::RuntimeDirError;
 use crate::agent;
 use crate::castore::{self, B3Digest};
+use crate::refscan::RefscanError;
 use crate::vm::{LaunchError, SpecError, VmStatus};
 use std::time::Duration;
 
@@ -73,6 +74,8 @@ pub enum RunError {
     OutputMissing { output: String, log_tail: String },
     #[error("storing the build's result")]
     Store(#[source] castore::Error),
+    #[error(transparent)]
+    Refscan(#[from] RefscanError),
 }
 
 impl RunError {
@@ -95,7 +98,8 @@ impl RunError {
             | RunError::VmDied { .. }
             | RunError::HelperDied { .. }
             | RunError::BootTimeout { .. }
-            | RunError::Store(_) => Fault::Infrastructure,
+            | RunError::Store(_)
+            | RunError::Refscan(_) => Fault::Infrastructure,
         }
     }
 

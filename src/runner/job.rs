@@ -90,8 +90,15 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{Layout, RawRequest};
+    use crate::request::{Constraints, RawRequest};
     use bytes::Bytes;
+
+    fn x86_64() -> Constraints {
+        Constraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn paths_become_absolute_and_env_is_exact() {
@@ -102,9 +109,10 @@ mod tests {
             inputs_dir: "nix/store".into(),
             outputs: vec!["nix/store/abc-out".into()],
             environment_vars: vec![("A".into(), Bytes::from_static(b"1"))],
+            constraints: x86_64(),
             ..Default::default()
         }
-        .validate(Layout::Seed)
+        .validate()
         .unwrap();
         let job = job_for(&req, 512, &[]);
         assert_eq!(
@@ -131,9 +139,10 @@ mod tests {
             working_dir: "build".into(),
             scratch_paths: vec!["build".into()],
             inputs_dir: "nix/store".into(),
+            constraints: x86_64(),
             ..Default::default()
         }
-        .validate(Layout::Tvix2024)
+        .validate()
         .unwrap();
         let paths = ["/etc/ssl/certs".to_owned(), "/opt/data".to_owned()];
         let job = job_for(&req, 512, &paths);
@@ -153,11 +162,12 @@ mod tests {
             working_dir: "build".into(),
             scratch_paths: vec!["build".into()],
             inputs_dir: "nix/store".into(),
+            constraints: x86_64(),
             ..Default::default()
         };
         raw.constraints.provide_bin_sh = true;
         raw.constraints.network_access = true;
-        let job = job_for(&raw.validate(Layout::Tvix2024).unwrap(), 512, &[]);
+        let job = job_for(&raw.validate().unwrap(), 512, &[]);
         assert_eq!(job.bin_sh, BIN_SH_INITRD_PATH);
         assert!(job.network);
     }

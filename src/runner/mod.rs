@@ -17,7 +17,7 @@ pub mod pool;
 pub mod runtime_dir;
 
 pub use boot::{BootShape, BootedVm};
-pub use build::{BuildOutcome, Timings};
+pub use build::{BuildOutcome, Output, Timings};
 pub use error::{Fault, RunError, SessionFailure};
 
 use crate::agent::{HarvestLimits, SessionLimits};

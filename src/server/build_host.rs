@@ -8,14 +8,15 @@
 //! the host first refuses new builds ([`BuildHost::drain`]) and, once the grace period is
 //! over, cancels the running ones ([`BuildHost::cancel_all`]).
 
-use super::log_store::{LogRef, LogTee};
+use super::log_store::LogTee;
 use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogChunk;
 use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::request::BuildRequest;
 use crate::runner::admission::Admission;
-use crate::runner::{new_build_id, BuildOutcome, RunError, Runner};
+use crate::runner::{new_build_id, RunError, Runner};
+use crate::wire::Finished;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -47,18 +48,6 @@ impl From<LogChunk> for Event {
     fn from(c: LogChunk) -> Self {
         Event::Log(c)
     }
-}
-
-/// A successful build and what the service measured around it.
-#[derive(Debug)]
-pub struct Finished {
-    pub id: String,
-    pub outcome: BuildOutcome,
-    /// Waiting for a VM slot.
-    pub queued: Duration,
-    /// From accepting the request to the end of the build.
-    pub total: Duration,
-    pub log: Option<LogRef>,
 }
 
 pub struct BuildHost {

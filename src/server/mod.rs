@@ -10,12 +10,9 @@ pub mod build_host;
 pub mod build_service;
 pub mod config;
 pub mod directory;
-pub mod layout_2024;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;
-pub mod refscan;
-pub mod reply;
 pub mod status;
 pub mod tls;
 

@@ -15,7 +15,7 @@
 //! its blob (`b3:...`), also in the `x-tvix-build-vm-build-id` and
 //! `x-tvix-build-vm-log-digest` metadata. Build failures carry the end of the log.
 
-use super::log_store::LogRef;
+use crate::agent::LogRef;
 use crate::metrics::BuildResult;
 use crate::request::ValidationError;
 use crate::runner::admission::QueueFull;
@@ -52,12 +52,6 @@ pub enum BuildError {
         error: RunError,
         log: Option<LogRef>,
     },
-    #[error("build {id}: scanning the outputs for references")]
-    Refscan {
-        id: String,
-        #[source]
-        error: super::refscan::RefscanError,
-    },
     #[error("build {id}: the service stopped before the build finished")]
     Cancelled { id: String },
     #[error("build {id}: the build task failed: {reason}")]
@@ -72,7 +66,7 @@ impl BuildError {
             BuildError::NetworkNotOffered | BuildError::BinShNotOffered => Code::FailedPrecondition,
             BuildError::QueueFull(_) => Code::ResourceExhausted,
             BuildError::ShuttingDown | BuildError::Cancelled { .. } => Code::Unavailable,
-            BuildError::Refscan { .. } | BuildError::Task { .. } => Code::Internal,
+            BuildError::Task { .. } => Code::Internal,
             BuildError::Run { error, .. } => run_error_code(error),
         }
     }
@@ -86,7 +80,7 @@ impl BuildError {
             | BuildError::QueueFull(_)
             | BuildError::ShuttingDown => BuildResult::Refused,
             BuildError::Cancelled { .. } => BuildResult::Cancelled,
-            BuildError::Refscan { .. } | BuildError::Task { .. } => BuildResult::InternalError,
+            BuildError::Task { .. } => BuildResult::InternalError,
             BuildError::Run { error, .. } => match error.fault() {
                 Fault::Precondition => BuildResult::Refused,
                 Fault::Build if error.is_timeout() => BuildResult::Timeout,
@@ -100,7 +94,6 @@ impl BuildError {
     fn build_id(&self) -> Option<&str> {
         match self {
             BuildError::Run { id, .. }
-            | BuildError::Refscan { id, .. }
             | BuildError::Cancelled { id }
             | BuildError::Task { id, .. } => Some(id),
             _ => None,
