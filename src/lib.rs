@@ -13,6 +13,7 @@
 //! - [`cli`]: the command line.
 
 pub mod agent;
+pub mod assembly;
 pub mod castore;
 pub mod cli;
 pub mod fs;
@@ -22,5 +23,6 @@ pub mod refscan;
 pub mod request;
 pub mod runner;
 pub mod server;
+pub mod units;
 pub mod vm;
 pub mod wire;

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fmt;
 
-
 /// Longest argument or environment value we pass to the guest; the kernel's own limit on
 /// one execve string is 128 KiB (MAX_ARG_STRLEN).
 const MAX_ARG_BYTES: usize = 128 * 1024;

@@ -842,7 +842,12 @@ async fn needles_are_found_in_contents_and_targets_as_they_arrive_not_in_names()
     msgs.extend(file(b"", b"eeee", false));
     msgs.push(missing(3));
     msgs.push(done());
-    let outputs = ["/nix/store/a", "/nix/store/b", "/nix/store/c", "/nix/store/d"];
+    let outputs = [
+        "/nix/store/a",
+        "/nix/store/b",
+        "/nix/store/c",
+        "/nix/store/d",
+    ];
     let h = harvest_scanning(&outputs, &msgs, HarvestLimits::default(), false, &scanner).await;
     h.result.unwrap();
     assert_eq!(

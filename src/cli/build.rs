@@ -10,6 +10,7 @@ use super::request_args::RequestArgs;
 use super::runner_args::RunnerArgs;
 use super::store_args::StoreArgs;
 use crate::agent::{LogChunk, LogSink};
+use crate::assembly::assemble;
 use crate::castore::import::import_path;
 use crate::runner::{new_build_id, Fault};
 use crate::wire::{seed, Finished};
@@ -41,35 +42,45 @@ impl LogSink for StderrLog {
     }
 }
 
+/// Exit code 2: the request is invalid.
+const INVALID: u8 = 2;
+
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let (blobs, dirs) = args.store.open()?;
+    // Everything that needs nothing started or imported comes first: the VM configuration
+    // and the request file.
+    let settings = args.runner.settings(None, 0)?;
+    let wire = match args.request.load() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: invalid request: {:#}", anyhow::Error::from(e));
+            return Ok(ExitCode::from(INVALID));
+        }
+    };
+    let castore = args.store.castore()?;
 
     let mut imported = Vec::with_capacity(args.request.inputs.len());
     for path in &args.request.inputs {
         let name = path
             .file_name()
             .with_context(|| format!("--input {} has no basename", path.display()))?;
-        let node = import_path(blobs.clone(), dirs.clone(), path)
+        let node = import_path(castore.blobs.clone(), castore.dirs.clone(), path)
             .await
             .with_context(|| format!("importing --input {}", path.display()))?;
         imported.push(node.to_proto(Bytes::copy_from_slice(name.as_encoded_bytes())));
     }
-    let wire = args.request.assemble(imported)?;
+    let wire = args.request.apply(wire, imported);
     let req = match seed::decode(wire.clone()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: invalid request: {e}");
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(INVALID));
         }
     };
 
-    let handle = args
-        .runner
-        .runner(&args.store, blobs, dirs, None, 0)
-        .await?;
+    let assembled = assemble(settings, castore).await?;
     let id = new_build_id();
     let mut log = StderrLog(tokio::io::stderr());
-    match handle.runner.build(&id, &req, &mut log).await {
+    match assembled.runner.build(&id, &req, &mut log).await {
         Ok(outcome) => {
             let build = seed::encode(wire, &Finished::direct(id, outcome));
             println!("{}", serde_json::to_string(&build)?);

@@ -195,37 +195,24 @@ fn the_2024_model_checks_paths_and_scratch_membership() {
 
     let mut r = base.clone();
     r.outputs = vec!["etc/x".into()];
-    assert_eq!(
-        r.validate().unwrap_err().field,
-        "outputs[0]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "outputs[0]");
 
     for bad in ["/build", "build/", "a//b", "./a", "a/.."] {
         let mut r = base.clone();
         r.working_dir = bad.into();
-        assert_eq!(
-            r.validate().unwrap_err().field,
-            "working_dir",
-            "{bad:?}"
-        );
+        assert_eq!(r.validate().unwrap_err().field, "working_dir", "{bad:?}");
     }
 
     let mut r = base.clone();
     r.additional_files = vec![("b".into(), Bytes::new()), ("a".into(), Bytes::new())];
-    assert_eq!(
-        r.validate().unwrap_err().field,
-        "additional_files[1]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "additional_files[1]");
 
     let mut r = base;
     r.additional_files = vec![(
         "build/big".into(),
         Bytes::from(vec![0u8; MAX_ADDITIONAL_FILES_BYTES + 1]),
     )];
-    assert_eq!(
-        r.validate().unwrap_err().field,
-        "additional_files[0]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "additional_files[0]");
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub mod directory;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;
+pub mod run;
 pub mod status;
 pub mod tls;
 

@@ -19,7 +19,10 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
     let (exit_status, timings, log) = extensions_in!(f, crate::proto::build_2024::build);
     pb::Build {
         build_request: Some(request),
-        outputs: outputs.iter().map(|o| o.node.to_proto(Bytes::new())).collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| o.node.to_proto(Bytes::new()))
+            .collect(),
         outputs_needles: outputs
             .iter()
             .map(|o| pb::build::OutputNeedles {
@@ -92,7 +95,11 @@ mod tests {
             assert_eq!(*node, want.node);
         }
         assert_eq!(nodes.len(), 3);
-        let needles: Vec<_> = build.outputs_needles.iter().map(|n| n.needles.clone()).collect();
+        let needles: Vec<_> = build
+            .outputs_needles
+            .iter()
+            .map(|n| n.needles.clone())
+            .collect();
         assert_eq!(needles, [vec![1], vec![], vec![0, 1]]);
         assert_eq!(build.timings.unwrap().total_us, 11_000);
         assert!(build.log.is_some() && build.exit_status.is_some());
