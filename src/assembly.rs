@@ -11,8 +11,8 @@
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};
 use crate::fs::passthrough::{check_shareable, PassthroughError};
-use crate::runner::constraints::HostOffer;
 use crate::runner::job::BIN_SH_INITRD_PATH;
+use crate::runner::policy::HostPolicy;
 use crate::runner::runtime_dir::{self, RuntimeDir, RuntimeDirError};
 use crate::runner::{Deadlines, FsDaemonConfig, Runner, RunnerConfig};
 use crate::server::{self, ServerError};
@@ -94,7 +94,9 @@ pub struct RunnerSettings {
     pub bin_sh: Option<PathBuf>,
     pub accel: AccelChoice,
     pub vcpus: u32,
-    pub offer: HostOffer,
+    /// What requests may have on this host. Its `bin_sh` is set from [`Self::bin_sh`]:
+    /// the shell is offered exactly when it is in the initrd.
+    pub policy: HostPolicy,
     /// Where per-build runtime directories live.
     pub runtime_root: PathBuf,
     pub deadlines: Deadlines,
@@ -138,7 +140,7 @@ impl RunnerSettings {
                 return Err(AssemblyError::BinSh { path: sh.clone() });
             }
         }
-        for path in &self.offer.allowed_ro_paths {
+        for path in &self.policy.allowed_ro_paths {
             check_shareable(Path::new(path)).map_err(|source| AssemblyError::RoPath {
                 path: path.clone(),
                 source,
@@ -274,7 +276,10 @@ pub async fn assemble(
         accel,
         vcpus: settings.vcpus,
         runtime_root: settings.runtime_root,
-        offer: settings.offer,
+        policy: HostPolicy {
+            bin_sh: settings.bin_sh.is_some(),
+            ..settings.policy
+        },
         deadlines: settings.deadlines,
         session_limits: settings.session_limits,
         harvest_limits: settings.harvest_limits,

@@ -143,7 +143,7 @@ async fn trivial_once(svc: &Service, runner: &Runner, phases: &mut Phases) -> an
     let req = svc.request(TRIVIAL_SCRIPT, "hello", 0)?;
     let start = Instant::now();
     let outcome = runner
-        .build(&new_build_id(), &req, &mut NullSink)
+        .build(&new_build_id(), &req.req, &req.decision, &mut NullSink)
         .await
         .map_err(|e| failed("trivial build", &e))?;
     let elapsed = start.elapsed();

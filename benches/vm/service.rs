@@ -15,8 +15,8 @@ use tvix_build_vm::castore::import::import_path;
 use tvix_build_vm::castore::{BlobService, DirectoryService};
 use tvix_build_vm::proto::{build as pb, castore as castore_pb};
 use tvix_build_vm::request::BuildRequest;
-use tvix_build_vm::runner::constraints::HostOffer;
 use tvix_build_vm::runner::{new_build_id, BuildOutcome, Deadlines, RunError, Runner};
+use tvix_build_vm::runner::{Decision, HostPolicy};
 use tvix_build_vm::vm::qemu::QemuConfig;
 use tvix_build_vm::vm::AccelChoice;
 
@@ -26,6 +26,12 @@ pub struct NullSink;
 #[async_trait::async_trait]
 impl LogSink for NullSink {
     async fn send(&mut self, _chunk: LogChunk) {}
+}
+
+/// A validated request and what the host policy decided for it.
+pub struct Planned {
+    pub req: BuildRequest,
+    pub decision: Decision,
 }
 
 pub struct Service {
@@ -59,12 +65,10 @@ impl Service {
             bin_sh: None,
             accel: AccelChoice::Auto,
             vcpus: env.vcpus,
-            offer: HostOffer {
-                systems: vec!["x86_64-linux".into()],
+            policy: HostPolicy {
                 default_memory_mib,
                 max_memory_mib: 4096,
-                nested_virtualization: false,
-                allowed_ro_paths: vec![],
+                ..HostPolicy::default()
             },
             runtime_root: env.scratch("rt")?,
             // Generous: other VMs may share this 2-core machine.
@@ -98,12 +102,7 @@ impl Service {
 
     /// A seed-layout request like the CLI's: busybox as the only input, one output `out`
     /// (the basename), Nix's default environment plus `out`.
-    pub fn request(
-        &self,
-        script: &str,
-        out: &str,
-        min_memory_mib: u64,
-    ) -> anyhow::Result<BuildRequest> {
+    pub fn request(&self, script: &str, out: &str, min_memory_mib: u64) -> anyhow::Result<Planned> {
         let env_var = |k: &str, v: &str| pb::build_request::EnvVar {
             key: k.to_owned(),
             value: Bytes::copy_from_slice(v.as_bytes()),
@@ -138,12 +137,21 @@ impl Service {
                 available_ro_paths: vec![],
             }),
         };
-        tvix_build_vm::wire::seed::decode(wire).context("the bench's request is invalid")
+        let req =
+            tvix_build_vm::wire::seed::decode(wire).context("the bench's request is invalid")?;
+        let decision = self
+            .runner
+            .policy()
+            .decide(&req)
+            .context("the bench's request cannot run on this host")?;
+        Ok(Planned { req, decision })
     }
 
     /// Runs one build to its end.
-    pub async fn build(&self, req: &BuildRequest) -> Result<BuildOutcome, RunError> {
-        self.runner.build(&new_build_id(), req, &mut NullSink).await
+    pub async fn build(&self, p: &Planned) -> Result<BuildOutcome, RunError> {
+        self.runner
+            .build(&new_build_id(), &p.req, &p.decision, &mut NullSink)
+            .await
     }
 
     /// A second runner over the same store and configuration that keeps `size` VMs booted

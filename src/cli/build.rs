@@ -44,11 +44,14 @@ impl LogSink for StderrLog {
 
 /// Exit code 2: the request is invalid.
 const INVALID: u8 = 2;
+/// Exit code 3: the request cannot run here.
+const PRECONDITION: u8 = 3;
 
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     // Everything that needs nothing started or imported comes first: the VM configuration
     // and the request file.
-    let settings = args.runner.settings(None, 0)?;
+    // `build` offers neither network access nor a shell (the seed layout cannot ask).
+    let settings = args.runner.settings(None, false, 0)?;
     let wire = match args.request.load() {
         Ok(w) => w,
         Err(e) => {
@@ -77,10 +80,18 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    let decision = match settings.policy.decide(&req) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: the request cannot run on this host: {e}");
+            return Ok(ExitCode::from(PRECONDITION));
+        }
+    };
+
     let assembled = assemble(settings, castore).await?;
     let id = new_build_id();
     let mut log = StderrLog(tokio::io::stderr());
-    match assembled.runner.build(&id, &req, &mut log).await {
+    match assembled.runner.build(&id, &req, &decision, &mut log).await {
         Ok(outcome) => {
             let build = seed::encode(wire, &Finished::direct(id, outcome));
             println!("{}", serde_json::to_string(&build)?);
@@ -89,7 +100,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             let code = match e.fault() {
                 Fault::Build => 1,
-                Fault::Precondition => 3,
+                Fault::Precondition => PRECONDITION,
                 Fault::Infrastructure => 4,
                 Fault::Guest => 5,
             };

@@ -3,7 +3,7 @@
 
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::assembly::{default_runtime_root, AssemblyError, RunnerSettings, VmmSettings};
-use crate::runner::constraints::HostOffer;
+use crate::runner::policy::HostPolicy;
 use crate::runner::Deadlines;
 use crate::units::{parse_duration, parse_size};
 use crate::vm::cloud_hypervisor::CloudHypervisorConfig;
@@ -118,12 +118,14 @@ impl RunnerArgs {
         self.kernel.is_some() && self.agent.is_some()
     }
 
-    /// The settings these flags give, with the shell offered as /bin/sh (if any) and
-    /// `pool_size` VMs booted ahead of requests; checked (see [`RunnerSettings::check`])
-    /// before anything is imported, accepted or started.
+    /// The settings these flags give, with the shell offered as /bin/sh (if any), network
+    /// access granted on request or not, and `pool_size` VMs booted ahead of requests;
+    /// checked (see [`RunnerSettings::check`]) before anything is imported, accepted or
+    /// started.
     pub fn settings(
         &self,
         bin_sh: Option<&Path>,
+        allow_network: bool,
         pool_size: usize,
     ) -> anyhow::Result<RunnerSettings> {
         let kernel = self
@@ -150,12 +152,14 @@ impl RunnerArgs {
             bin_sh: bin_sh.map(Path::to_owned),
             accel: self.accel,
             vcpus: self.vcpus,
-            offer: HostOffer {
+            policy: HostPolicy {
                 systems: self.host_systems.clone(),
                 default_memory_mib: mib(self.vm_memory, "--vm-memory")?,
                 max_memory_mib: mib(self.max_vm_memory, "--max-vm-memory")?,
                 nested_virtualization: self.allow_kvm,
                 allowed_ro_paths: self.allowed_ro_paths.clone(),
+                network: allow_network,
+                bin_sh: bin_sh.is_some(),
             },
             runtime_root: self
                 .runtime_dir

@@ -8,8 +8,8 @@ use super::runner_args::RunnerArgs;
 use super::store_args::StoreArgs;
 use crate::assembly::assemble;
 use crate::metrics::Metrics;
-use crate::runner::admission::Admission;
-use crate::server::build_host::{BuildHost, HostOptions};
+use crate::server::admission::Admission;
+use crate::server::build_host::BuildHost;
 use crate::server::config::{ServeConfig, ServeOptions};
 use crate::server::run::{shutdown_signal, Serving};
 use crate::server::{self, Listener, RouterOptions};
@@ -77,10 +77,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Checked before anything is opened or started.
     let settings = match args.runner.can_build() {
-        true => Some(
-            args.runner
-                .settings(config.bin_sh.as_deref(), config.pool_size)?,
-        ),
+        true => Some(args.runner.settings(
+            config.bin_sh.as_deref(),
+            config.allow_network,
+            config.pool_size,
+        )?),
         false => None,
     };
     let castore = args.store.castore().context("opening the store")?;
@@ -95,10 +96,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Arc::clone(&assembled.runner),
                 Admission::new(config.max_vms, config.max_queue),
                 Arc::clone(&metrics),
-                HostOptions {
-                    allow_network: config.allow_network,
-                    bin_sh: config.bin_sh.is_some(),
-                },
             ));
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");

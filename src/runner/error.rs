@@ -1,7 +1,6 @@
 //! How a build can end other than with a Build, sorted by whose fault it is, so that the
 //! CLI's exit code, the gRPC status and the metrics all tell the same story.
 
-use super::constraints::Unsatisfiable;
 use super::runtime_dir::RuntimeDirError;
 use crate::agent;
 use crate::castore::{self, B3Digest};
@@ -12,7 +11,8 @@ use std::time::Duration;
 /// Whose fault a [`RunError`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The request cannot run here (constraints, missing inputs).
+    /// The request cannot run here (missing inputs; its constraints are the host
+    /// policy's, decided before a build starts).
     Precondition,
     /// The build ran and failed: exit code, signal, OOM, missing output, wall or silence
     /// deadline.
@@ -25,8 +25,6 @@ pub enum Fault {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error(transparent)]
-    Unsatisfiable(#[from] Unsatisfiable),
     #[error("the castore did not answer within {after:?} while {what}: it stalls")]
     CastoreStalled { what: &'static str, after: Duration },
     #[error("input {name} ({digest}) is not in the castore")]
@@ -81,7 +79,7 @@ pub enum RunError {
 impl RunError {
     pub fn fault(&self) -> Fault {
         match self {
-            RunError::Unsatisfiable(_) | RunError::MissingInput { .. } => Fault::Precondition,
+            RunError::MissingInput { .. } => Fault::Precondition,
             RunError::OutputMissing { .. } => Fault::Build,
             RunError::Session(f) => match f.error.class() {
                 agent::ErrorClass::BuildFailed => Fault::Build,

@@ -5,6 +5,7 @@
 //! (see [`build_service`]), TLS and message size limits. [`serve`] runs a router on a
 //! [`Listener`] until a shutdown future completes.
 
+pub mod admission;
 pub mod blob;
 pub mod build_host;
 pub mod build_service;
