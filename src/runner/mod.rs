@@ -15,10 +15,10 @@ pub mod policy;
 pub mod pool;
 pub mod runtime_dir;
 
-pub use boot::{BootShape, BootedVm};
+pub use boot::BootedVm;
 pub use build::{BuildOutcome, Output, Timings};
 pub use error::{Fault, RunError, SessionFailure};
-pub use policy::{Decision, HostPolicy, Unsatisfiable};
+pub use policy::{BootShape, Decision, HostPolicy, Unsatisfiable};
 
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};

@@ -3,7 +3,6 @@
 //! a VM slot. The runner is handed the [`Decision`] and boots the VM it describes; an
 //! unsatisfiable constraint is the client's `FAILED_PRECONDITION`.
 
-use super::boot::BootShape;
 use crate::request::BuildRequest;
 
 /// The path that asks for nested virtualization.
@@ -43,6 +42,17 @@ impl Default for HostPolicy {
             bin_sh: false,
         }
     }
+}
+
+/// What a VM is booted with. A pooled VM serves only requests that need exactly this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootShape {
+    pub memory_mib: u32,
+    pub nested_virtualization: bool,
+    pub network: bool,
+    /// Host directories shared read-only, each at its own path, in this order (their tags
+    /// are `ro_share_tag`s of their positions).
+    pub ro_paths: Vec<String>,
 }
 
 /// What one request gets on this host. Only [`HostPolicy::decide`] makes one.
