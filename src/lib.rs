@@ -14,13 +14,17 @@
 //! - [`cli`]: the command line.
 
 pub mod agent;
+pub mod assembly;
 pub mod castore;
 pub mod cli;
 pub mod fs;
 pub mod metrics;
 pub mod nix;
 pub mod proto;
+pub mod refscan;
 pub mod request;
 pub mod runner;
 pub mod server;
+pub mod units;
 pub mod vm;
+pub mod wire;

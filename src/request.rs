@@ -1,21 +1,15 @@
 //! The validated internal model of a BuildRequest.
 //!
-//! Both wire generations (the seed layout this service speaks by default, and the 2024
-//! tvix layout) are first mapped onto [`RawRequest`], a plain mirror of the richer 2024
-//! shape, and then validated once by [`RawRequest::validate`] into a [`BuildRequest`],
-//! which cannot hold an invalid value. Errors name the field and index, as they reach the
-//! client as `INVALID_ARGUMENT`.
+//! Every wire dialect (see [`crate::wire`]) maps its request onto [`RawRequest`], a plain
+//! mirror of the richest shape, which is then validated once by [`RawRequest::validate`]
+//! into a [`BuildRequest`], which cannot hold an invalid value. Errors name the field and
+//! index, as they reach the client as `INVALID_ARGUMENT`.
 
 use crate::castore::directory::{Node, PathComponent};
-use crate::proto::{build as pb, castore as castore_pb};
+use crate::proto::castore as castore_pb;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fmt;
-
-/// `inputs_dir` of the seed layout (and of every Nix build).
-pub const NIX_STORE_DIR: &str = "nix/store";
-/// `working_dir` of the seed layout.
-pub const BUILD_DIR: &str = "build";
 
 /// Longest argument or environment value we pass to the guest; the kernel's own limit on
 /// one execve string is 128 KiB (MAX_ARG_STRLEN).
@@ -24,6 +18,10 @@ const MAX_ARG_BYTES: usize = 128 * 1024;
 const MAX_LIST_LEN: usize = 65_536;
 /// Upper bound on all additional files together.
 const MAX_ADDITIONAL_FILES_BYTES: usize = 16 * 1024 * 1024;
+/// Upper bound on one refscan needle. Needles are store path hashes (32 bytes in Nix); the
+/// harvest keeps the longest one's length of every file in memory to find a needle split
+/// across two reads, and builds one matcher of all of them.
+const MAX_NEEDLE_BYTES: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {reason}")]
@@ -103,15 +101,6 @@ pub struct Constraints {
     pub provide_bin_sh: bool,
 }
 
-/// Which wire layout a request arrived in; decides the shape of the answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// The original layout: outputs are basenames, answered as named, sorted nodes.
-    Seed,
-    /// The 2024 tvix layout: outputs are paths, answered as anonymous nodes in request order.
-    Tvix2024,
-}
-
 /// The fields of a build request as they arrive, before validation. Every wire layout maps
 /// onto this.
 #[derive(Clone, Debug, Default)]
@@ -131,7 +120,6 @@ pub struct RawRequest {
 /// A validated build request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildRequest {
-    pub layout: Layout,
     /// The input root nodes, by name (unique, sorted by construction).
     pub inputs: BTreeMap<PathComponent, Node>,
     /// argv; never empty.
@@ -188,7 +176,7 @@ fn parse_path(field: String, s: &str) -> Result<RelativePath, ValidationError> {
 }
 
 impl RawRequest {
-    pub fn validate(self, layout: Layout) -> Result<BuildRequest, ValidationError> {
+    pub fn validate(self) -> Result<BuildRequest, ValidationError> {
         check_len("inputs", &self.inputs)?;
         let mut inputs = BTreeMap::new();
         let mut prev_name: Option<PathComponent> = None;
@@ -268,6 +256,12 @@ impl RawRequest {
         }
 
         let mut constraints = self.constraints;
+        if constraints.system.is_empty() {
+            return Err(invalid(
+                "constraints.system",
+                "empty: a request must name the system it is built for, e.g. x86_64-linux",
+            ));
+        }
         check_len(
             "constraints.available_ro_paths",
             &constraints.available_ro_paths,
@@ -306,13 +300,19 @@ impl RawRequest {
 
         check_len("refscan_needles", &self.refscan_needles)?;
         for (i, n) in self.refscan_needles.iter().enumerate() {
+            let field = || format!("refscan_needles[{i}]");
             if n.is_empty() {
-                return Err(invalid(format!("refscan_needles[{i}]"), "empty needle"));
+                return Err(invalid(field(), "empty needle"));
+            }
+            if n.len() > MAX_NEEDLE_BYTES {
+                return Err(invalid(
+                    field(),
+                    format!("{} bytes, at most {MAX_NEEDLE_BYTES} allowed", n.len()),
+                ));
             }
         }
 
         Ok(BuildRequest {
-            layout,
             inputs,
             command_args: self.command_args,
             working_dir,
@@ -339,45 +339,6 @@ fn check_exec_string(field: &str, s: &[u8]) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
-}
-
-impl TryFrom<pb::BuildRequest> for BuildRequest {
-    type Error = ValidationError;
-
-    /// The seed layout: outputs are basenames in /nix/store, the build runs in /build,
-    /// and both are scratch space.
-    fn try_from(req: pb::BuildRequest) -> Result<Self, ValidationError> {
-        let c = req.constraints.unwrap_or_default();
-        let mut outputs = Vec::with_capacity(req.outputs.len());
-        for (i, o) in req.outputs.iter().enumerate() {
-            PathComponent::try_from(o.as_bytes())
-                .map_err(|e| invalid(format!("outputs[{i}]"), format!("{o:?}: {e}")))?;
-            outputs.push(format!("{NIX_STORE_DIR}/{o}"));
-        }
-        RawRequest {
-            inputs: req.inputs,
-            command_args: req.command_args,
-            working_dir: BUILD_DIR.into(),
-            scratch_paths: vec![BUILD_DIR.into(), NIX_STORE_DIR.into()],
-            inputs_dir: NIX_STORE_DIR.into(),
-            outputs,
-            environment_vars: req
-                .environment_vars
-                .into_iter()
-                .map(|e| (e.key, e.value))
-                .collect(),
-            constraints: Constraints {
-                system: c.system,
-                min_memory: c.min_memory,
-                available_ro_paths: c.available_ro_paths,
-                network_access: false,
-                provide_bin_sh: false,
-            },
-            additional_files: Vec::new(),
-            refscan_needles: Vec::new(),
-        }
-        .validate(Layout::Seed)
-    }
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ async fn trivial_once(svc: &Service, runner: &Runner, phases: &mut Phases) -> an
     let req = svc.request(TRIVIAL_SCRIPT, "hello", 0)?;
     let start = Instant::now();
     let outcome = runner
-        .build(&new_build_id(), &req, &mut NullSink)
+        .build(&new_build_id(), &req.req, &req.decision, &mut NullSink)
         .await
         .map_err(|e| failed("trivial build", &e))?;
     let elapsed = start.elapsed();
@@ -274,7 +274,7 @@ pub async fn run(
     let mut pooled_times = vec![];
     let mut phases = Phases::default();
     let mut pooled_phases = Phases::default();
-    let pooled = svc.pooled_runner(env, 1);
+    let pooled = svc.pooled_runner(1);
     // One warm-up of each path (page cache, initrd cache, the CLI's store) is not measured.
     floor_once(env, &floor_initrd, TRIVIAL_MEMORY_MIB).await?;
     runner_once(svc, &mut Phases::default()).await?;

@@ -1,7 +1,6 @@
-//! The service side of the trivial build: an embedded store (local blobs + redb), the
-//! castore served to the virtio-fs daemons over a private gRPC socket, and a [`Runner`],
-//! assembled as `tvix-build-vm serve` assembles them, except that the daemon program is the
-//! `tvix-build-vm` binary (this bench is not it).
+//! The service side of the trivial build: an embedded store (local blobs + redb) and a
+//! [`Runner`] assembled by the library's composition root, as `tvix-build-vm serve` does,
+//! except that the daemon program is the `tvix-build-vm` binary (this bench is not it).
 
 use crate::setup::Env;
 use anyhow::Context;
@@ -9,17 +8,17 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use tvix_build_vm::agent::{HarvestLimits, LogChunk, LogSink, SessionLimits};
+use tvix_build_vm::assembly::{assemble, Assembled, Castore, RunnerSettings, VmmSettings};
 use tvix_build_vm::castore::blob::LocalBlobService;
 use tvix_build_vm::castore::directory_service::RedbDirectoryService;
 use tvix_build_vm::castore::import::import_path;
 use tvix_build_vm::castore::{BlobService, DirectoryService};
 use tvix_build_vm::proto::{build as pb, castore as castore_pb};
 use tvix_build_vm::request::BuildRequest;
-use tvix_build_vm::runner::constraints::HostOffer;
-use tvix_build_vm::runner::{
-    new_build_id, BuildOutcome, Deadlines, FsDaemonConfig, RunError, Runner, RunnerConfig,
-};
-use tvix_build_vm::server;
+use tvix_build_vm::runner::{new_build_id, BuildOutcome, Deadlines, RunError, Runner};
+use tvix_build_vm::runner::{Decision, HostPolicy};
+use tvix_build_vm::vm::qemu::QemuConfig;
+use tvix_build_vm::vm::AccelChoice;
 
 /// Discards the build log (the runner keeps its tail for errors).
 pub struct NullSink;
@@ -29,50 +28,49 @@ impl LogSink for NullSink {
     async fn send(&mut self, _chunk: LogChunk) {}
 }
 
+/// A validated request and what the host policy decided for it.
+pub struct Planned {
+    pub req: BuildRequest,
+    pub decision: Decision,
+}
+
 pub struct Service {
     pub runner: Arc<Runner>,
     pub blobs: Arc<dyn BlobService>,
     pub dirs: Arc<dyn DirectoryService>,
     busybox: castore_pb::Node,
-    _server: tokio::task::JoinHandle<()>,
+    assembled: Assembled,
 }
 
 impl Service {
-    /// Opens a fresh store under the scratch space, imports busybox and starts the runner.
+    /// Opens a fresh store under the scratch space, imports busybox and assembles the runner.
     pub async fn start(env: &Env, default_memory_mib: u32) -> anyhow::Result<Service> {
         let store = env.scratch("store")?;
         let blob_dir = store.join("blobs");
+        let redb = store.join("directories.redb");
         let blobs: Arc<dyn BlobService> =
             Arc::new(LocalBlobService::open(&blob_dir).context("opening the bench's blob store")?);
         let dirs: Arc<dyn DirectoryService> = Arc::new(
-            RedbDirectoryService::open(&store.join("directories.redb"))
-                .context("opening the bench's directory store")?,
+            RedbDirectoryService::open(&redb).context("opening the bench's directory store")?,
         );
         let node = import_path(blobs.clone(), dirs.clone(), &env.busybox)
             .await
             .context("importing busybox")?;
         let busybox = node.to_proto(Bytes::from_static(b"busybox"));
 
-        let runtime_root = env.scratch("rt")?;
-        let socket = runtime_root.join("castore.sock");
-        let router = server::router(blobs.clone(), dirs.clone()).await?;
-        let listener = server::Listener::bind(&server::ListenAddr::Unix(socket.clone())).await?;
-        let server = tokio::spawn(async move {
-            let _ = server::serve(router, listener, std::future::pending()).await;
-        });
-        let config = RunnerConfig {
+        let settings = RunnerSettings {
+            vmm: VmmSettings::Qemu(QemuConfig::default()),
             kernel: env.kernel.clone(),
-            initrd: env.agent_initrd.clone(),
-            accel: env.accel,
+            agent: env.agent.clone(),
+            bin_sh: None,
+            accel: AccelChoice::Auto,
             vcpus: env.vcpus,
-            runtime_root,
-            offer: HostOffer {
-                systems: vec!["x86_64-linux".into()],
+            policy: HostPolicy {
                 default_memory_mib,
                 max_memory_mib: 4096,
-                nested_virtualization: false,
-                allowed_ro_paths: vec![],
+                ..HostPolicy::default()
             },
+            runtime_root: env.scratch("rt")?,
             // Generous: other VMs may share this 2-core machine.
             deadlines: Deadlines {
                 boot: Duration::from_secs(120),
@@ -80,36 +78,31 @@ impl Service {
             },
             session_limits: SessionLimits::default(),
             harvest_limits: HarvestLimits::default(),
-            fs_daemon: FsDaemonConfig {
-                program: env.cli.clone(),
-                blob_service_addr: format!("objectstore+file://{}", blob_dir.display()),
-                directory_service_addr: format!("grpc+unix://{}", socket.display()),
-                max_handles: 1024,
-            },
+            // The bench is not the `tvix-build-vm` binary: the daemons are that one.
+            fs_daemon_program: env.cli.clone(),
+            pool_size: 0,
         };
+        let castore = Castore {
+            blobs: blobs.clone(),
+            dirs: dirs.clone(),
+            blob_addr: format!("objectstore+file://{}", blob_dir.display()),
+            dir_addr: format!("redb://{}", redb.display()),
+        };
+        let assembled = assemble(settings, castore)
+            .await
+            .context("assembling the runner")?;
         Ok(Service {
-            runner: Arc::new(Runner::new(
-                config,
-                env.qemu.clone(),
-                blobs.clone(),
-                dirs.clone(),
-            )),
-
+            runner: Arc::clone(&assembled.runner),
             blobs,
             dirs,
             busybox,
-            _server: server,
+            assembled,
         })
     }
 
     /// A seed-layout request like the CLI's: busybox as the only input, one output `out`
     /// (the basename), Nix's default environment plus `out`.
-    pub fn request(
-        &self,
-        script: &str,
-        out: &str,
-        min_memory_mib: u64,
-    ) -> anyhow::Result<BuildRequest> {
+    pub fn request(&self, script: &str, out: &str, min_memory_mib: u64) -> anyhow::Result<Planned> {
         let env_var = |k: &str, v: &str| pb::build_request::EnvVar {
             key: k.to_owned(),
             value: Bytes::copy_from_slice(v.as_bytes()),
@@ -144,24 +137,27 @@ impl Service {
                 available_ro_paths: vec![],
             }),
         };
-        BuildRequest::try_from(wire).context("the bench's request is invalid")
+        let req =
+            tvix_build_vm::wire::seed::decode(wire).context("the bench's request is invalid")?;
+        let decision = self
+            .runner
+            .policy()
+            .decide(&req)
+            .context("the bench's request cannot run on this host")?;
+        Ok(Planned { req, decision })
     }
 
     /// Runs one build to its end.
-    pub async fn build(&self, req: &BuildRequest) -> Result<BuildOutcome, RunError> {
-        self.runner.build(&new_build_id(), req, &mut NullSink).await
+    pub async fn build(&self, p: &Planned) -> Result<BuildOutcome, RunError> {
+        self.runner
+            .build(&new_build_id(), &p.req, &p.decision, &mut NullSink)
+            .await
     }
 
     /// A second runner over the same store and configuration that keeps `size` VMs booted
     /// ahead of requests.
-    pub fn pooled_runner(&self, env: &Env, size: usize) -> Runner {
-        Runner::new(
-            self.runner.config().clone(),
-            env.qemu.clone(),
-            self.blobs.clone(),
-            self.dirs.clone(),
-        )
-        .with_pool(size)
+    pub fn pooled_runner(&self, size: usize) -> Runner {
+        self.assembled.another_runner(size)
     }
 }
 

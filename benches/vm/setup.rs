@@ -17,8 +17,6 @@ pub const TRIVIAL_MEMORY_MIB: u32 = 256;
 pub struct Env {
     pub kernel: PathBuf,
     pub agent: PathBuf,
-    /// The production initrd (the agent as /init).
-    pub agent_initrd: PathBuf,
     pub busybox: PathBuf,
     /// The `tvix-build-vm` binary built alongside this bench (fs-daemon, the CLI).
     pub cli: PathBuf,
@@ -44,8 +42,6 @@ impl Env {
             .context("the guest agent (set TVIX_BUILD_VM_AGENT, see scripts/build-agent.sh)")?;
         let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench");
         std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-        let agent_initrd = tvix_build_vm::vm::initrd::initrd_for(&agent, &cache)
-            .with_context(|| format!("packing {} into an initrd", agent.display()))?;
         let busybox = std::env::var_os("BUSYBOX")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
@@ -66,7 +62,6 @@ impl Env {
         Ok(Env {
             kernel,
             agent,
-            agent_initrd,
             busybox,
             cli: PathBuf::from(env!("CARGO_BIN_EXE_tvix-build-vm")),
             qemu: Arc::new(qemu),

@@ -23,6 +23,7 @@ use super::error::{
 use super::limits::{HarvestLimits, SessionLimits};
 use crate::castore::directory::{Directory, Node, PathComponent, SymlinkTarget};
 use crate::castore::{B3Digest, BlobService, DirectoryPutter, DirectoryService};
+use crate::refscan::{Found, Scanner};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -50,8 +51,19 @@ const CLOSE_DIRECTORIES: usize = 4;
 /// Nothing of the castore's is pending.
 const NO_OP: usize = usize::MAX;
 
-/// Receives every output of the job (in order, then OutputsDone) and stores it. Returns one
-/// entry per output: its root node, or `None` if the guest reported it missing.
+/// One output as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HarvestedOutput {
+    /// The output's root node.
+    pub node: Node,
+    /// The indices (ascending) of the request's refscan needles that the output's file
+    /// contents and symlink targets hold, found while they were received.
+    pub needles: Vec<u64>,
+}
+
+/// Receives every output of the job (in order, then OutputsDone) and stores it, scanning
+/// it for `needles` on the way. Returns one entry per output, or `None` if the guest
+/// reported it missing.
 pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     outputs: &[String],
@@ -59,7 +71,8 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
     blobs: &dyn BlobService,
     dirs: &dyn DirectoryService,
     limits: &HarvestLimits,
-) -> Result<Vec<Option<Node>>, Error> {
+    needles: &Scanner,
+) -> Result<Vec<Option<HarvestedOutput>>, Error> {
     let timeout = Timeout {
         which: DeadlineKind::Harvest,
         after: limits.deadline,
@@ -78,6 +91,8 @@ pub(crate) async fn harvest<S: AsyncRead + AsyncWrite + Unpin>(
         last_file: None,
         pending: &pending,
         empty_blob: None,
+        scanner: needles,
+        found: needles.found(),
     };
     let result = tokio::time::timeout(limits.deadline, harvester.all()).await;
     result.map_err(
@@ -145,6 +160,9 @@ struct Harvester<'a, S> {
     /// The empty blob, once stored by this harvest: later empty files reuse it instead of
     /// costing the castore a write each (a guest can send a million of them).
     empty_blob: Option<B3Digest>,
+    scanner: &'a Scanner,
+    /// The needles the output being received holds so far.
+    found: Found,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
@@ -156,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         out
     }
 
-    async fn all(&mut self) -> Result<Vec<Option<Node>>, Error> {
+    async fn all(&mut self) -> Result<Vec<Option<HarvestedOutput>>, Error> {
         let mut nodes = Vec::with_capacity(self.outputs.len());
         let mut pending = Vec::new();
         for i in 0..self.outputs.len() {
@@ -172,8 +190,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 }
                 Msg::OutputStart(start) if start.missing => nodes.push(None),
                 Msg::OutputStart(_) => {
+                    self.found = self.scanner.found();
                     let (node, root) = self.tree(index).await?;
-                    nodes.push(Some(node));
+                    let needles = self.found.indices();
+                    nodes.push(Some(HarvestedOutput { node, needles }));
                     pending.extend(root);
                 }
                 other => return Err(self.unexpected("OutputStart", &other, &[])),
@@ -322,6 +342,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 source: Box::new(source),
             })?;
         let mut received = 0u64;
+        let scanner = self.scanner;
+        let mut scan = scanner.stream();
         while received < size {
             let short = |got| TreeViolation::FileTooShort {
                 announced: size,
@@ -353,6 +375,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 let at = self.location(place);
                 return Err(InfraError::BlobWrite { at, source }.into());
             }
+            scan.feed(&chunk.data, &mut self.found);
             received += len;
         }
         let digest = self
@@ -374,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
         })
     }
 
-    fn symlink(&self, place: Place<'_>, entry: &Entry) -> Result<Node, Error> {
+    fn symlink(&mut self, place: Place<'_>, entry: &Entry) -> Result<Node, Error> {
         let target =
             SymlinkTarget::try_from(Bytes::copy_from_slice(&entry.target)).map_err(|source| {
                 let target = show_bytes(&entry.target, SHOWN_NAME_BYTES);
@@ -383,6 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                     TreeViolation::InvalidSymlinkTarget { target, source },
                 )
             })?;
+        self.scanner.scan(target.as_bytes(), &mut self.found);
         Ok(Node::Symlink { target })
     }
 

@@ -14,6 +14,8 @@ use tvix_build_vm_agent::proto::{AgentFailure as ProtoFailure, Job};
 
 struct Harvested {
     result: Result<Vec<Option<Node>>, Error>,
+    /// Each harvested output's needles.
+    needles: Vec<Option<Vec<u64>>>,
     blobs: MemoryBlobService,
     dirs: RecordingDirs,
 }
@@ -23,6 +25,16 @@ async fn harvest_msgs(
     msgs: &[Msg],
     limits: HarvestLimits,
     hold_open: bool,
+) -> Harvested {
+    harvest_scanning(outputs, msgs, limits, hold_open, &Scanner::none()).await
+}
+
+async fn harvest_scanning(
+    outputs: &[&str],
+    msgs: &[Msg],
+    limits: HarvestLimits,
+    hold_open: bool,
+    needles: &Scanner,
 ) -> Harvested {
     let mut all = vec![hello(), exited_code(0)];
     all.extend_from_slice(msgs);
@@ -37,9 +49,19 @@ async fn harvest_msgs(
     let mut running = greeted.send_job(job).await.unwrap();
     let status = running.run(&mut DiscardLog).await.unwrap();
     let (blobs, dirs) = (MemoryBlobService::new(), RecordingDirs::default());
-    let result = running.harvest(&status, &blobs, &dirs, &limits).await;
+    let result = running
+        .harvest(&status, &blobs, &dirs, &limits, needles)
+        .await;
+    let needles = match &result {
+        Ok(outputs) => outputs
+            .iter()
+            .map(|o| o.as_ref().map(|o| o.needles.clone()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     Harvested {
-        result,
+        result: result.map(|outputs| outputs.into_iter().map(|o| o.map(|o| o.node)).collect()),
+        needles,
         blobs,
         dirs,
     }
@@ -666,7 +688,7 @@ async fn a_stalled_castore_is_blamed_when_the_harvest_deadline_fires() {
     };
     let dirs = RecordingDirs::default();
     let err = running
-        .harvest(&status, &StallingBlobs, &dirs, &limits)
+        .harvest(&status, &StallingBlobs, &dirs, &limits, &Scanner::none())
         .await
         .unwrap_err();
     assert!(
@@ -704,7 +726,7 @@ async fn a_silent_guest_is_blamed_when_the_harvest_deadline_fires() {
     };
     let (blobs, dirs) = (MemoryBlobService::new(), RecordingDirs::default());
     let err = running
-        .harvest(&status, &blobs, &dirs, &limits)
+        .harvest(&status, &blobs, &dirs, &limits, &Scanner::none())
         .await
         .unwrap_err();
     assert!(
@@ -771,7 +793,13 @@ async fn empty_files_cost_the_castore_one_write_per_harvest() {
     let blobs = CountingBlobs::default();
     let dirs = RecordingDirs::default();
     let nodes = running
-        .harvest(&status, &blobs, &dirs, &HarvestLimits::default())
+        .harvest(
+            &status,
+            &blobs,
+            &dirs,
+            &HarvestLimits::default(),
+            &Scanner::none(),
+        )
         .await
         .unwrap();
     assert_eq!(blobs.writes.load(std::sync::atomic::Ordering::Relaxed), 2);
@@ -786,7 +814,44 @@ async fn empty_files_cost_the_castore_one_write_per_harvest() {
     want.try_insert(self::name("d"), file_node(b"data", false))
         .unwrap();
     assert!(
-        matches!(&nodes[0], Some(Node::Directory { digest, .. }) if *digest == want.digest()),
+        matches!(&nodes[0], Some(HarvestedOutput { node: Node::Directory { digest, .. }, .. }) if *digest == want.digest()),
         "{nodes:?}"
+    );
+}
+
+#[tokio::test]
+async fn needles_are_found_in_contents_and_targets_as_they_arrive_not_in_names() {
+    let needles = ["aaaa", "bbbb", "cccc", "dddd", "eeee"].map(String::from);
+    let scanner = Scanner::new(&needles).unwrap();
+    // Output 0: "bbbb" straddles two chunks of one file, "aaaa" is whole in another file,
+    // "cccc" is in a symlink target, "dddd" only in a name. Output 1: a file whose halves of
+    // "aaaa" are in two different files (no match), and "eeee" at a file's root.
+    let mut out0 = vec![start(0), dir(b"")];
+    out0.push(file_entry(b"big", 8, false));
+    out0.extend([chunk(b"..bb"), chunk(b"bb..")]);
+    out0.extend(file(b"dddd-named", b"..aaaa..", false));
+    out0.push(symlink(b"link", b"/nix/store/cccc-x"));
+    out0.push(end());
+    let mut msgs = out0;
+    msgs.push(start(1));
+    msgs.push(dir(b""));
+    msgs.extend(file(b"x", b"..aa", false));
+    msgs.extend(file(b"y", b"aa..", false));
+    msgs.push(end());
+    msgs.push(start(2));
+    msgs.extend(file(b"", b"eeee", false));
+    msgs.push(missing(3));
+    msgs.push(done());
+    let outputs = [
+        "/nix/store/a",
+        "/nix/store/b",
+        "/nix/store/c",
+        "/nix/store/d",
+    ];
+    let h = harvest_scanning(&outputs, &msgs, HarvestLimits::default(), false, &scanner).await;
+    h.result.unwrap();
+    assert_eq!(
+        h.needles,
+        [Some(vec![0, 1, 2]), Some(vec![]), Some(vec![4]), None]
     );
 }

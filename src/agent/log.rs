@@ -1,6 +1,7 @@
-//! Build log plumbing: where the live log goes ([`LogSink`]) and the bounded tail the host
-//! keeps for error messages ([`LogTail`]).
+//! Build log plumbing: where the live log goes ([`LogSink`]), the bounded tail the host
+//! keeps for error messages ([`LogTail`]), and where a whole log was stored ([`LogRef`]).
 
+use crate::castore::B3Digest;
 use bytes::Bytes;
 use std::collections::VecDeque;
 
@@ -16,6 +17,15 @@ pub enum LogStream {
 pub struct LogChunk {
     pub stream: LogStream,
     pub data: Bytes,
+}
+
+/// Where a build's full log was stored: a castore blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRef {
+    pub digest: B3Digest,
+    pub size: u64,
+    /// The log went beyond the bound; the blob holds its first `size` bytes.
+    pub truncated: bool,
 }
 
 /// Receives the live build log.

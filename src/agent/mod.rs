@@ -23,6 +23,7 @@ pub mod session;
 mod testing;
 
 pub use error::{Error, ErrorClass};
+pub use harvest::HarvestedOutput;
 pub use limits::{HarvestLimits, SessionLimits};
-pub use log::{DiscardLog, LogChunk, LogSink, LogStream, LogTail};
+pub use log::{DiscardLog, LogChunk, LogRef, LogSink, LogStream, LogTail};
 pub use session::{accept_hello, AgentHello, ExitStatus, Greeted, Running};

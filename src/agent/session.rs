@@ -7,11 +7,11 @@ use super::error::{
     from_connection, AgentFailure, DeadlineKind, Error, ExitKind, Limit, LimitExceeded, Phase,
     ProtocolError, Timeout,
 };
-use super::harvest;
+use super::harvest::{self, HarvestedOutput};
 use super::limits::{HarvestLimits, SessionLimits};
 use super::log::{LogChunk, LogSink, LogStream, LogTail};
-use crate::castore::directory::Node;
 use crate::castore::{BlobService, DirectoryService};
+use crate::refscan::Scanner;
 use bytes::Bytes;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -275,17 +275,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
         &self.outputs
     }
 
-    /// Receives every output and stores it in the castore (see [`super::harvest`] for what
-    /// is checked). One entry per `Job.outputs`, in order: the output's root node, or
-    /// `None` if the guest reported it missing. Nothing of a failed harvest becomes visible
-    /// in `dirs`.
+    /// Receives every output and stores it in the castore, scanning it for `needles` (see
+    /// [`super::harvest`] for what is checked). One entry per `Job.outputs`, in order: the
+    /// output's root node and the needles it holds, or `None` if the guest reported it
+    /// missing. Nothing of a failed harvest becomes visible in `dirs`.
     pub async fn harvest(
         mut self,
         _exited: &ExitStatus,
         blobs: &dyn BlobService,
         dirs: &dyn DirectoryService,
         limits: &HarvestLimits,
-    ) -> Result<Vec<Option<Node>>, Error> {
+        needles: &Scanner,
+    ) -> Result<Vec<Option<HarvestedOutput>>, Error> {
         harvest::harvest(
             &mut self.conn,
             &self.outputs,
@@ -293,6 +294,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
             blobs,
             dirs,
             limits,
+            needles,
         )
         .await
     }

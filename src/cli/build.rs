@@ -10,11 +10,10 @@ use super::request_args::RequestArgs;
 use super::runner_args::RunnerArgs;
 use super::store_args::StoreArgs;
 use crate::agent::{LogChunk, LogSink};
-use crate::castore::directory::proto_node_name;
+use crate::assembly::assemble;
 use crate::castore::import::import_path;
-use crate::proto::{build as pb, castore as castore_pb};
-use crate::request::BuildRequest;
-use crate::runner::{new_build_id, BuildOutcome, Fault};
+use crate::runner::{new_build_id, Fault};
+use crate::wire::{seed, Finished};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
@@ -43,60 +42,65 @@ impl LogSink for StderrLog {
     }
 }
 
-/// The `Build` answer of the seed layout: outputs named by their basename, sorted by name.
-pub fn seed_build(request: pb::BuildRequest, outcome: &BuildOutcome) -> pb::Build {
-    let mut outputs: Vec<castore_pb::Node> = outcome
-        .outputs
-        .iter()
-        .map(|(path, node)| node.to_proto(Bytes::copy_from_slice(path.file_name().as_bytes())))
-        .collect();
-    outputs.sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
-    pb::Build {
-        build_request: Some(request),
-        outputs,
-        // The extensions (exit status, timings, log) are filled in by whoever knows them.
-        ..Default::default()
-    }
-}
+/// Exit code 2: the request is invalid.
+const INVALID: u8 = 2;
+/// Exit code 3: the request cannot run here.
+const PRECONDITION: u8 = 3;
 
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let (blobs, dirs) = args.store.open()?;
+    // Everything that needs nothing started or imported comes first: the VM configuration
+    // and the request file.
+    // `build` offers neither network access nor a shell (the seed layout cannot ask).
+    let settings = args.runner.settings(None, false, 0)?;
+    let wire = match args.request.load() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: invalid request: {:#}", anyhow::Error::from(e));
+            return Ok(ExitCode::from(INVALID));
+        }
+    };
+    let castore = args.store.castore()?;
 
     let mut imported = Vec::with_capacity(args.request.inputs.len());
     for path in &args.request.inputs {
         let name = path
             .file_name()
             .with_context(|| format!("--input {} has no basename", path.display()))?;
-        let node = import_path(blobs.clone(), dirs.clone(), path)
+        let node = import_path(castore.blobs.clone(), castore.dirs.clone(), path)
             .await
             .with_context(|| format!("importing --input {}", path.display()))?;
         imported.push(node.to_proto(Bytes::copy_from_slice(name.as_encoded_bytes())));
     }
-    let wire = args.request.assemble(imported)?;
-    let req = match BuildRequest::try_from(wire.clone()) {
+    let wire = args.request.apply(wire, imported);
+    let req = match seed::decode(wire.clone()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: invalid request: {e}");
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(INVALID));
         }
     };
 
-    let handle = args
-        .runner
-        .runner(&args.store, blobs, dirs, None, 0)
-        .await?;
+    let decision = match settings.policy.decide(&req) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: the request cannot run on this host: {e}");
+            return Ok(ExitCode::from(PRECONDITION));
+        }
+    };
+
+    let assembled = assemble(settings, castore).await?;
     let id = new_build_id();
     let mut log = StderrLog(tokio::io::stderr());
-    match handle.runner.build(&id, &req, &mut log).await {
+    match assembled.runner.build(&id, &req, &decision, &mut log).await {
         Ok(outcome) => {
-            let build = seed_build(wire, &outcome);
+            let build = seed::encode(wire, &Finished::direct(id, outcome));
             println!("{}", serde_json::to_string(&build)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             let code = match e.fault() {
                 Fault::Build => 1,
-                Fault::Precondition => 3,
+                Fault::Precondition => PRECONDITION,
                 Fault::Infrastructure => 4,
                 Fault::Guest => 5,
             };

@@ -2,6 +2,7 @@
 
 use crate::castore::directory::proto_node_name;
 use crate::proto::{build as pb, castore as castore_pb};
+use crate::units::parse_size;
 use bytes::Bytes;
 use clap::Args;
 use std::path::PathBuf;
@@ -57,13 +58,13 @@ pub struct RequestArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestArgsError {
-    #[error("reading {path}")]
+    #[error("reading {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a BuildRequest in proto3 JSON")]
+    #[error("{}: not a BuildRequest in proto3 JSON", path.display())]
     Json {
         path: PathBuf,
         #[source]
@@ -77,59 +78,39 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// Parses a byte size with an optional K, M, G or T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix {c:?}")),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size like 512M"))
-}
-
 impl RequestArgs {
-    /// The request file (if any) with the flags applied; `imported` are the root nodes of
-    /// `--input` paths, already named by their basenames. Lists are sorted as the wire
-    /// contract requires; validation happens afterwards, once, like for any request.
-    pub fn assemble(
-        &self,
-        imported: Vec<castore_pb::Node>,
-    ) -> Result<pb::BuildRequest, RequestArgsError> {
-        let mut req = match &self.request {
-            Some(path) => {
-                let text = if path.as_os_str() == "-" {
-                    std::io::read_to_string(std::io::stdin())
-                } else {
-                    std::fs::read_to_string(path)
-                }
-                .map_err(|source| RequestArgsError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                serde_json::from_str::<pb::BuildRequest>(&text).map_err(|source| {
-                    RequestArgsError::Json {
-                        path: path.clone(),
-                        source,
-                    }
-                })?
-            }
-            None => pb::BuildRequest {
+    /// The request file, or Nix's default environment when there is none. Read before
+    /// anything is imported, so a bad file costs nothing.
+    pub fn load(&self) -> Result<pb::BuildRequest, RequestArgsError> {
+        let Some(path) = &self.request else {
+            return Ok(pb::BuildRequest {
                 environment_vars: NIX_DEFAULT_ENV.iter().map(|(k, v)| env_var(k, v)).collect(),
                 ..Default::default()
-            },
+            });
         };
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(path)
+        }
+        .map_err(|source| RequestArgsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str::<pb::BuildRequest>(&text).map_err(|source| RequestArgsError::Json {
+            path: path.clone(),
+            source,
+        })
+    }
 
+    /// `req` (from [`RequestArgs::load`]) with the flags applied; `imported` are the root
+    /// nodes of `--input` paths, already named by their basenames. Lists are sorted as the
+    /// wire contract requires; validation happens afterwards, once, like for any request.
+    pub fn apply(
+        &self,
+        mut req: pb::BuildRequest,
+        imported: Vec<castore_pb::Node>,
+    ) -> pb::BuildRequest {
         if !self.argv.is_empty() {
             req.command_args = self.argv.clone();
         }
@@ -163,7 +144,7 @@ impl RequestArgs {
             constraints.available_ro_paths.sort();
             constraints.available_ro_paths.dedup();
         }
-        Ok(req)
+        req
     }
 }
 
@@ -186,16 +167,6 @@ mod tests {
     }
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("").is_err());
-    }
-
-    #[test]
     fn flags_alone_give_nix_defaults_sorted_with_overrides() {
         let t = T::parse_from([
             "t",
@@ -214,7 +185,7 @@ mod tests {
             "-c",
             "true",
         ]);
-        let req = t.a.assemble(Vec::new()).unwrap();
+        let req = t.a.apply(t.a.load().unwrap(), Vec::new());
         assert_eq!(req.command_args, ["/bin/sh", "-c", "true"]);
         assert_eq!(req.outputs, ["o"]);
         let keys: Vec<_> = req
@@ -247,7 +218,7 @@ mod tests {
         )
         .unwrap();
         let t = T::parse_from(["t", "--request", good.to_str().unwrap()]);
-        let req = t.a.assemble(Vec::new()).unwrap();
+        let req = t.a.apply(t.a.load().unwrap(), Vec::new());
         assert_eq!(req.command_args, [":"]);
         assert_eq!(req.constraints.unwrap().system, ":");
         assert!(req.environment_vars.is_empty());
@@ -255,7 +226,7 @@ mod tests {
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{").unwrap();
         let t = T::parse_from(["t", "--request", bad.to_str().unwrap()]);
-        let e = t.a.assemble(Vec::new()).unwrap_err();
+        let e = t.a.load().unwrap_err();
         assert!(e.to_string().contains("bad.json"), "{e}");
     }
 }

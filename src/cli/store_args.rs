@@ -1,6 +1,7 @@
 //! `--store`, `--blob-service-addr`, `--directory-service-addr`: which castore to use.
 //! Flatten [`StoreArgs`] into any command that needs the store.
 
+use crate::assembly::Castore;
 use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr, AddrError};
 use crate::castore::{BlobService, DirectoryService};
 use std::path::PathBuf;
@@ -109,11 +110,20 @@ impl StoreArgs {
 
     /// Opens both services. Call inside a tokio runtime (gRPC clients connect lazily).
     pub fn open(&self) -> Result<Services, StoreArgsError> {
-        let (blob, directory) = self.addrs()?;
-        let blobs = blob_service_from_addr(&blob).map_err(StoreArgsError::Blobs)?;
-        let directories =
-            directory_service_from_addr(&directory).map_err(StoreArgsError::Directories)?;
-        Ok((blobs, directories))
+        let c = self.castore()?;
+        Ok((c.blobs, c.dirs))
+    }
+
+    /// Opens both services, keeping their addresses (a runner's helper processes open the
+    /// ones they can share). Call inside a tokio runtime.
+    pub fn castore(&self) -> Result<Castore, StoreArgsError> {
+        let (blob_addr, dir_addr) = self.addrs()?;
+        Ok(Castore {
+            blobs: blob_service_from_addr(&blob_addr).map_err(StoreArgsError::Blobs)?,
+            dirs: directory_service_from_addr(&dir_addr).map_err(StoreArgsError::Directories)?,
+            blob_addr,
+            dir_addr,
+        })
     }
 }
 

@@ -1,5 +1,8 @@
 use super::*;
 use crate::castore::B3Digest;
+use crate::proto::build as pb;
+// The seed layout is the shortest way to write a request; its decoder validates like any.
+use crate::wire::seed::decode;
 
 fn file_node(name: &str) -> castore_pb::Node {
     castore_pb::Node {
@@ -38,13 +41,12 @@ fn seed() -> pb::BuildRequest {
 }
 
 fn err_field(req: pb::BuildRequest) -> String {
-    BuildRequest::try_from(req).unwrap_err().field
+    decode(req).unwrap_err().field
 }
 
 #[test]
 fn seed_layout_maps_onto_the_model() {
-    let r = BuildRequest::try_from(seed()).unwrap();
-    assert_eq!(r.layout, Layout::Seed);
+    let r = decode(seed()).unwrap();
     assert_eq!(r.inputs_dir.as_str(), "nix/store");
     assert_eq!(r.working_dir.as_str(), "build");
     let scratch: Vec<_> = r.scratch_paths.iter().map(|p| p.as_str()).collect();
@@ -63,6 +65,18 @@ fn seed_layout_maps_onto_the_model() {
     );
     assert_eq!(r.inputs.len(), 2);
     assert_eq!(r.constraints.available_ro_paths, ["/dev/kvm"]);
+}
+
+#[test]
+fn an_empty_system_is_invalid_not_unsatisfiable() {
+    let mut r = seed();
+    r.constraints.as_mut().unwrap().system.clear();
+    let e = decode(r).unwrap_err();
+    assert_eq!(e.field, "constraints.system");
+    assert!(e.reason.contains("empty"), "{e}");
+    let mut r = seed();
+    r.constraints = None;
+    assert_eq!(err_field(r), "constraints.system");
 }
 
 #[test]
@@ -86,7 +100,7 @@ fn unsorted_and_duplicate_inputs_are_rejected() {
     assert_eq!(err_field(r), "inputs[1]");
     let mut r = seed();
     r.inputs[1] = file_node("aaa-busybox");
-    let e = BuildRequest::try_from(r).unwrap_err();
+    let e = decode(r).unwrap_err();
     assert_eq!(e.field, "inputs[1]");
     assert!(e.reason.contains("duplicate"), "{e}");
 }
@@ -124,7 +138,7 @@ fn unsorted_or_duplicate_outputs_are_rejected() {
 fn output_naming_an_input_is_rejected() {
     let mut r = seed();
     r.outputs = vec!["bbb-src".into()];
-    let e = BuildRequest::try_from(r).unwrap_err();
+    let e = decode(r).unwrap_err();
     assert_eq!(e.field, "outputs[0]");
     assert!(e.reason.contains("also an input"), "{e}");
 }
@@ -167,43 +181,38 @@ fn the_2024_model_checks_paths_and_scratch_membership() {
         scratch_paths: vec!["build".into(), "nix/store".into()],
         inputs_dir: "nix/store".into(),
         outputs: vec!["nix/store/x-hello".into()],
+        constraints: Constraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    assert!(base.clone().validate(Layout::Tvix2024).is_ok());
+    assert!(base.clone().validate().is_ok());
+
+    let mut r = base.clone();
+    r.refscan_needles = vec!["x".repeat(MAX_NEEDLE_BYTES + 1)];
+    assert_eq!(r.validate().unwrap_err().field, "refscan_needles[0]");
 
     let mut r = base.clone();
     r.outputs = vec!["etc/x".into()];
-    assert_eq!(
-        r.validate(Layout::Tvix2024).unwrap_err().field,
-        "outputs[0]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "outputs[0]");
 
     for bad in ["/build", "build/", "a//b", "./a", "a/.."] {
         let mut r = base.clone();
         r.working_dir = bad.into();
-        assert_eq!(
-            r.validate(Layout::Tvix2024).unwrap_err().field,
-            "working_dir",
-            "{bad:?}"
-        );
+        assert_eq!(r.validate().unwrap_err().field, "working_dir", "{bad:?}");
     }
 
     let mut r = base.clone();
     r.additional_files = vec![("b".into(), Bytes::new()), ("a".into(), Bytes::new())];
-    assert_eq!(
-        r.validate(Layout::Tvix2024).unwrap_err().field,
-        "additional_files[1]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "additional_files[1]");
 
     let mut r = base;
     r.additional_files = vec![(
         "build/big".into(),
         Bytes::from(vec![0u8; MAX_ADDITIONAL_FILES_BYTES + 1]),
     )];
-    assert_eq!(
-        r.validate(Layout::Tvix2024).unwrap_err().field,
-        "additional_files[0]"
-    );
+    assert_eq!(r.validate().unwrap_err().field, "additional_files[0]");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 use super::error::{RunError, SessionFailure};
 use super::job::{ro_share_tag, INPUTS_TAG};
+use super::policy::BootShape;
 use super::runtime_dir::RuntimeDir;
 use super::RunnerConfig;
 use crate::agent::{self, accept_hello, AgentHello, Greeted};
@@ -38,17 +39,6 @@ const GUEST_CID: u32 = 3;
 const RO_SHARE_MAX_FDS: u64 = 8192;
 /// How much of the serial console goes into an error message.
 pub(super) const SERIAL_TAIL_BYTES: u64 = 4096;
-
-/// What a VM is booted with. A pooled VM serves only requests that need exactly this.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BootShape {
-    pub memory_mib: u32,
-    pub nested_virtualization: bool,
-    pub network: bool,
-    /// Host directories shared read-only, each at its own path, in this order (their tags
-    /// are [`ro_share_tag`]s of their positions).
-    pub ro_paths: Vec<String>,
-}
 
 /// Boots VMs for a runner; cheap to clone into the pool's filler task.
 #[derive(Clone)]

@@ -1,12 +1,14 @@
 //! The life of one build VM, from the request's constraints to the harvested outputs.
 
-use super::boot::{session_error, vm_died, BootShape};
+use super::boot::{session_error, vm_died};
 use super::error::RunError;
 use super::inputs;
 use super::job::job_for;
+use super::policy::Decision;
 use super::Runner;
 use crate::agent::{self, AgentHello, ExitStatus, LogSink};
 use crate::castore::directory::Node;
+use crate::refscan::Scanner;
 use crate::request::{BuildRequest, RelativePath};
 use crate::vm::{RunningVm, VmStatus};
 use std::time::Duration;
@@ -23,15 +25,27 @@ pub struct Timings {
     pub exec: Duration,
     /// From the command's exit to the last output stored.
     pub harvest: Duration,
-    /// The whole build, from the constraint check to the VM's end.
+    /// The whole build, from checking the inputs to the VM's end.
     pub total: Duration,
+}
+
+/// One output of a successful build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// The path the request named.
+    pub path: RelativePath,
+    /// Its root node, stored in the castore.
+    pub node: Node,
+    /// The indices (ascending) of the request's `refscan_needles` its file contents and
+    /// symlink targets hold.
+    pub needles: Vec<u64>,
 }
 
 /// A successful build.
 #[derive(Debug)]
 pub struct BuildOutcome {
-    /// Each requested output path with its node, in request order.
-    pub outputs: Vec<(RelativePath, Node)>,
+    /// Each requested output, in request order.
+    pub outputs: Vec<Output>,
     pub exit: ExitStatus,
     pub hello: AgentHello,
     pub timings: Timings,
@@ -40,8 +54,8 @@ pub struct BuildOutcome {
 }
 
 impl Runner {
-    /// Runs `req` in a fresh VM (pre-booted if the runner has a pool with one of the right
-    /// shape); the live log goes to `sink`. Dropping the returned future kills the VM and
+    /// Runs `req` in a fresh VM of the shape the host policy decided for it (pre-booted if
+    /// the runner has a pool with one of that shape); the live log goes to `sink`. Dropping the returned future kills the VM and
     /// its helpers and removes the runtime directory.
     // The caller reports a failure (the CLI prints it, the server answers and logs it).
     #[instrument(skip_all, fields(build_id = %id))]
@@ -49,11 +63,11 @@ impl Runner {
         &self,
         id: &str,
         req: &BuildRequest,
+        decision: &Decision,
         sink: &mut dyn LogSink,
     ) -> Result<BuildOutcome, RunError> {
         let started = Instant::now();
         let config = self.config();
-        let shape = config.offer.shape_for(req)?;
         let after = config.deadlines.castore;
         tokio::time::timeout(
             after,
@@ -65,15 +79,12 @@ impl Runner {
             after,
         })??;
         let root = inputs::root_directory(&req.inputs)?;
+        let needles = Scanner::new(&req.refscan_needles)?;
 
-        let boot_shape = BootShape {
-            memory_mib: shape.memory_mib,
-            nested_virtualization: shape.nested_virtualization,
-            // Admission refused network access unless the operator allows it.
-            network: req.constraints.network_access,
-            ro_paths: shape.ro_paths.clone(),
-        };
-        let pooled = self.pool.as_ref().and_then(|pool| pool.take(&boot_shape));
+        let pooled = self
+            .pool
+            .as_ref()
+            .and_then(|pool| pool.take(decision.shape()));
         let limit = config.deadlines.helper_start;
         let (booted, boot) = match pooled {
             Some(mut vm) => {
@@ -82,7 +93,10 @@ impl Runner {
                 (vm, Duration::ZERO)
             }
             None => {
-                let vm = self.booter.boot(id, boot_shape, Some(&root), None).await?;
+                let vm = self
+                    .booter
+                    .boot(id, decision.shape().clone(), Some(&root), None)
+                    .await?;
                 let boot = vm.boot_time();
                 (vm, boot)
             }
@@ -92,7 +106,7 @@ impl Runner {
 
         let exec_started = Instant::now();
         let mut running = greeted
-            .send_job(job_for(req, shape.memory_mib, &shape.ro_paths))
+            .send_job(job_for(req, decision))
             .await
             .map_err(|e| session_error(&vm, e, String::new()))?;
         let exit = tokio::select! {
@@ -114,7 +128,7 @@ impl Runner {
 
         let harvest_started = Instant::now();
         let harvested = tokio::select! {
-            r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits) => r,
+            r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits, &needles) => r,
             exit = vm.wait() => return Err(vm_died(&vm, exit, "the outputs were sent")),
         };
         let harvested = match harvested {
@@ -128,9 +142,13 @@ impl Runner {
         vm.kill().await;
 
         let mut outputs = Vec::with_capacity(req.outputs.len());
-        for (path, node) in req.outputs.iter().zip(harvested) {
-            match node {
-                Some(node) => outputs.push((path.clone(), node)),
+        for (path, harvested) in req.outputs.iter().zip(harvested) {
+            match harvested {
+                Some(h) => outputs.push(Output {
+                    path: path.clone(),
+                    node: h.node,
+                    needles: h.needles,
+                }),
                 None => {
                     return Err(RunError::OutputMissing {
                         output: path.to_string(),

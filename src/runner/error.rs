@@ -1,17 +1,18 @@
 //! How a build can end other than with a Build, sorted by whose fault it is, so that the
 //! CLI's exit code, the gRPC status and the metrics all tell the same story.
 
-use super::constraints::Unsatisfiable;
 use super::runtime_dir::RuntimeDirError;
 use crate::agent;
 use crate::castore::{self, B3Digest};
+use crate::refscan::RefscanError;
 use crate::vm::{LaunchError, SpecError, VmStatus};
 use std::time::Duration;
 
 /// Whose fault a [`RunError`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The request cannot run here (constraints, missing inputs).
+    /// The request cannot run here (missing inputs; its constraints are the host
+    /// policy's, decided before a build starts).
     Precondition,
     /// The build ran and failed: exit code, signal, OOM, missing output, wall or silence
     /// deadline.
@@ -24,8 +25,6 @@ pub enum Fault {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error(transparent)]
-    Unsatisfiable(#[from] Unsatisfiable),
     #[error("the castore did not answer within {after:?} while {what}: it stalls")]
     CastoreStalled { what: &'static str, after: Duration },
     #[error("input {name} ({digest}) is not in the castore")]
@@ -73,12 +72,14 @@ pub enum RunError {
     OutputMissing { output: String, log_tail: String },
     #[error("storing the build's result")]
     Store(#[source] castore::Error),
+    #[error(transparent)]
+    Refscan(#[from] RefscanError),
 }
 
 impl RunError {
     pub fn fault(&self) -> Fault {
         match self {
-            RunError::Unsatisfiable(_) | RunError::MissingInput { .. } => Fault::Precondition,
+            RunError::MissingInput { .. } => Fault::Precondition,
             RunError::OutputMissing { .. } => Fault::Build,
             RunError::Session(f) => match f.error.class() {
                 agent::ErrorClass::BuildFailed => Fault::Build,
@@ -95,7 +96,8 @@ impl RunError {
             | RunError::VmDied { .. }
             | RunError::HelperDied { .. }
             | RunError::BootTimeout { .. }
-            | RunError::Store(_) => Fault::Infrastructure,
+            | RunError::Store(_)
+            | RunError::Refscan(_) => Fault::Infrastructure,
         }
     }
 

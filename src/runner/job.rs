@@ -1,5 +1,6 @@
 //! Translating a validated request into the Job the guest agent runs.
 
+use super::policy::Decision;
 use crate::request::BuildRequest;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits, Mount};
@@ -26,9 +27,11 @@ pub fn ro_share_tag(index: usize) -> String {
     format!("ro{index}")
 }
 
-/// The Job for `req` in a VM of `memory_mib`, whose read-only host paths `ro_paths` are
-/// shared under [`ro_share_tag`]s in this order, each mounted at its own path.
-pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job {
+/// The Job for `req` as the host policy decided it: in a VM of the decided memory, whose
+/// read-only host paths are shared under [`ro_share_tag`]s in their order, each mounted at
+/// its own path; /bin/sh and the network as granted.
+pub fn job_for(req: &BuildRequest, decision: &Decision) -> Job {
+    let shape = decision.shape();
     let clock_unix_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -61,8 +64,7 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job 
                 contents: c.to_vec(),
             })
             .collect(),
-        // Granted or refused before the build starts (the service checks its options).
-        bin_sh: if req.constraints.provide_bin_sh {
+        bin_sh: if decision.bin_sh() {
             BIN_SH_INITRD_PATH.into()
         } else {
             String::new()
@@ -70,13 +72,16 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job 
         clock_unix_ns,
         inputs_tag: INPUTS_TAG.into(),
         scratch_device: String::new(),
-        network: req.constraints.network_access,
+        network: shape.network,
         limits: Some(Limits {
-            memory_bytes: u64::from(memory_mib.saturating_sub(AGENT_RESERVE_MIB)) * 1024 * 1024,
+            memory_bytes: u64::from(shape.memory_mib.saturating_sub(AGENT_RESERVE_MIB))
+                * 1024
+                * 1024,
             max_processes: MAX_PROCESSES,
             tmpfs_bytes: 0,
         }),
-        extra_mounts: ro_paths
+        extra_mounts: shape
+            .ro_paths
             .iter()
             .enumerate()
             .map(|(i, path)| Mount {
@@ -90,8 +95,16 @@ pub fn job_for(req: &BuildRequest, memory_mib: u32, ro_paths: &[String]) -> Job 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{Layout, RawRequest};
+    use crate::request::{Constraints, RawRequest};
+    use crate::runner::policy::HostPolicy;
     use bytes::Bytes;
+
+    fn x86_64() -> Constraints {
+        Constraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn paths_become_absolute_and_env_is_exact() {
@@ -102,11 +115,12 @@ mod tests {
             inputs_dir: "nix/store".into(),
             outputs: vec!["nix/store/abc-out".into()],
             environment_vars: vec![("A".into(), Bytes::from_static(b"1"))],
+            constraints: x86_64(),
             ..Default::default()
         }
-        .validate(Layout::Seed)
+        .validate()
         .unwrap();
-        let job = job_for(&req, 512, &[]);
+        let job = job_for(&req, &HostPolicy::default().decide(&req).unwrap());
         assert_eq!(
             job.argv,
             [b"/bin/sh".to_vec(), b"-c".to_vec(), b"x".to_vec()]
@@ -126,17 +140,25 @@ mod tests {
 
     #[test]
     fn ro_paths_are_mounted_at_their_own_paths_under_distinct_tags() {
+        let paths = ["/etc/ssl/certs".to_owned(), "/opt/data".to_owned()];
         let req = RawRequest {
             command_args: vec!["/bin/sh".into()],
             working_dir: "build".into(),
             scratch_paths: vec!["build".into()],
             inputs_dir: "nix/store".into(),
+            constraints: Constraints {
+                available_ro_paths: paths.to_vec(),
+                ..x86_64()
+            },
             ..Default::default()
         }
-        .validate(Layout::Tvix2024)
+        .validate()
         .unwrap();
-        let paths = ["/etc/ssl/certs".to_owned(), "/opt/data".to_owned()];
-        let job = job_for(&req, 512, &paths);
+        let policy = HostPolicy {
+            allowed_ro_paths: paths.to_vec(),
+            ..HostPolicy::default()
+        };
+        let job = job_for(&req, &policy.decide(&req).unwrap());
         let mounts: Vec<_> = job
             .extra_mounts
             .iter()
@@ -153,11 +175,18 @@ mod tests {
             working_dir: "build".into(),
             scratch_paths: vec!["build".into()],
             inputs_dir: "nix/store".into(),
+            constraints: x86_64(),
             ..Default::default()
         };
         raw.constraints.provide_bin_sh = true;
         raw.constraints.network_access = true;
-        let job = job_for(&raw.validate(Layout::Tvix2024).unwrap(), 512, &[]);
+        let req = raw.validate().unwrap();
+        let policy = HostPolicy {
+            network: true,
+            bin_sh: true,
+            ..HostPolicy::default()
+        };
+        let job = job_for(&req, &policy.decide(&req).unwrap());
         assert_eq!(job.bin_sh, BIN_SH_INITRD_PATH);
         assert!(job.network);
     }

@@ -6,25 +6,24 @@
 //! process group are guards, so an error, a deadline or a dropped future all end the same
 //! way: every process of the build killed, its directory removed).
 
-pub mod admission;
 mod boot;
 mod build;
-pub mod constraints;
 mod error;
 pub mod inputs;
 pub mod job;
+pub mod policy;
 pub mod pool;
 pub mod runtime_dir;
 
-pub use boot::{BootShape, BootedVm};
-pub use build::{BuildOutcome, Timings};
+pub use boot::BootedVm;
+pub use build::{BuildOutcome, Output, Timings};
 pub use error::{Fault, RunError, SessionFailure};
+pub use policy::{BootShape, Decision, HostPolicy, Unsatisfiable};
 
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};
 use crate::vm::{Accel, VmmBackend};
 use boot::Booter;
-use constraints::HostOffer;
 use pool::Pool;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,7 +77,7 @@ pub struct RunnerConfig {
     pub vcpus: u32,
     /// Where per-build runtime directories are created.
     pub runtime_root: PathBuf,
-    pub offer: HostOffer,
+    pub policy: HostPolicy,
     pub deadlines: Deadlines,
     pub session_limits: SessionLimits,
     pub harvest_limits: HarvestLimits,
@@ -117,12 +116,7 @@ impl Runner {
     /// runtime, which runs the pool's filler.
     pub fn with_pool(mut self, size: usize) -> Self {
         self.pool = (size > 0).then(|| {
-            let shape = BootShape {
-                memory_mib: self.config().offer.default_memory_mib,
-                nested_virtualization: false,
-                network: false,
-                ro_paths: Vec::new(),
-            };
+            let shape = self.config().policy.default_shape();
             Pool::start(self.booter.clone(), shape, size)
         });
         self
@@ -135,6 +129,12 @@ impl Runner {
 
     pub fn config(&self) -> &RunnerConfig {
         &self.booter.config
+    }
+
+    /// What requests may have on this host; decide each request with it once, and hand the
+    /// decision to [`Runner::build`].
+    pub fn policy(&self) -> &HostPolicy {
+        &self.booter.config.policy
     }
 
     pub fn blobs(&self) -> &Arc<dyn BlobService> {

@@ -10,7 +10,8 @@
 //! backs off after failures so a broken setup does not spin, and drops idle VMs that ended
 //! on their own.
 
-use super::boot::{Background, BootShape, BootedVm, Booter};
+use super::boot::{Background, BootedVm, Booter};
+use super::policy::BootShape;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

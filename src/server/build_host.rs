@@ -1,5 +1,6 @@
 //! The one implementation behind every build RPC (seed `DoBuild`, 2024 `DoBuild`, the
-//! streaming `Build`): refuse what cannot run here, wait for a VM slot, run the build with
+//! streaming `Build`): refuse what cannot run here (the runner's host policy, decided once),
+//! wait for a VM slot, run the build with
 //! its log kept in the castore, and count the result.
 //!
 //! Each build runs in a task of its own, owned by a [`BuildHandle`]: dropping the handle
@@ -8,29 +9,21 @@
 //! the host first refuses new builds ([`BuildHost::drain`]) and, once the grace period is
 //! over, cancels the running ones ([`BuildHost::cancel_all`]).
 
-use super::log_store::{LogRef, LogTee};
+use super::admission::Admission;
+use super::log_store::LogTee;
 use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogChunk;
 use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::request::BuildRequest;
-use crate::runner::admission::Admission;
-use crate::runner::{new_build_id, BuildOutcome, RunError, Runner};
+use crate::runner::{new_build_id, Runner};
+use crate::wire::Finished;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
-
-/// What the operator lets builds have beyond the runner's constraints.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HostOptions {
-    /// `constraints.network_access` may be granted.
-    pub allow_network: bool,
-    /// A static shell is in the initrd, so `constraints.provide_bin_sh` may be granted.
-    pub bin_sh: bool,
-}
 
 /// Something a streaming client hears while its build runs.
 #[derive(Debug)]
@@ -49,39 +42,20 @@ impl From<LogChunk> for Event {
     }
 }
 
-/// A successful build and what the service measured around it.
-#[derive(Debug)]
-pub struct Finished {
-    pub id: String,
-    pub outcome: BuildOutcome,
-    /// Waiting for a VM slot.
-    pub queued: Duration,
-    /// From accepting the request to the end of the build.
-    pub total: Duration,
-    pub log: Option<LogRef>,
-}
-
 pub struct BuildHost {
     runner: Arc<Runner>,
     admission: Admission,
     metrics: Arc<Metrics>,
-    options: HostOptions,
     draining: CancellationToken,
     cancel: CancellationToken,
 }
 
 impl BuildHost {
-    pub fn new(
-        runner: Arc<Runner>,
-        admission: Admission,
-        metrics: Arc<Metrics>,
-        options: HostOptions,
-    ) -> Self {
+    pub fn new(runner: Arc<Runner>, admission: Admission, metrics: Arc<Metrics>) -> Self {
         Self {
             runner,
             admission,
             metrics,
-            options,
             draining: CancellationToken::new(),
             cancel: CancellationToken::new(),
         }
@@ -174,20 +148,9 @@ impl BuildHost {
         if self.draining.is_cancelled() {
             return Err(BuildError::ShuttingDown);
         }
-        // Refuse at once what can never run here, rather than after waiting in the queue.
-        if req.constraints.network_access && !self.options.allow_network {
-            return Err(BuildError::NetworkNotOffered);
-        }
-        if req.constraints.provide_bin_sh && !self.options.bin_sh {
-            return Err(BuildError::BinShNotOffered);
-        }
-        if let Err(e) = self.runner.config().offer.shape_for(&req) {
-            return Err(BuildError::Run {
-                id,
-                error: RunError::Unsatisfiable(e),
-                log: None,
-            });
-        }
+        // Decided once, at once: what can never run here is refused before it waits in
+        // the queue.
+        let decision = self.runner.policy().decide(&req)?;
 
         let slot = tokio::select! {
             slot = self.admission.admit() => slot?,
@@ -208,7 +171,7 @@ impl BuildHost {
         let max_log = self.runner.config().session_limits.max_log_bytes;
         let mut tee = LogTee::new(&**self.runner.blobs(), max_log, live).await;
         let result = tokio::select! {
-            r = self.runner.build(&id, &req, &mut tee) => Some(r),
+            r = self.runner.build(&id, &req, &decision, &mut tee) => Some(r),
             _ = self.cancel.cancelled() => None,
         };
         let log = tee.finish().await;

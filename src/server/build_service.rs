@@ -5,13 +5,11 @@
 //! the status codes.
 
 use super::build_host::{BuildHost, Event};
-use super::layout_2024;
 use super::peer::Peer;
-use super::reply;
 use super::status::BuildError;
 use crate::agent::LogStream;
 use crate::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm};
-use crate::request::BuildRequest;
+use crate::wire::{seed, tvix2024};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,9 +49,9 @@ impl pb::build_service_server::BuildService for SeedBuildService {
     ) -> Result<Response<pb::Build>, Status> {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
-        let req = validated(&self.host, BuildRequest::try_from(wire.clone()))?;
+        let req = validated(&self.host, seed::decode(wire.clone()))?;
         let finished = self.host.start(req, &peer, None).finish().await?;
-        Ok(Response::new(reply::seed(wire, &finished)))
+        Ok(Response::new(seed::encode(wire, &finished)))
     }
 }
 
@@ -76,16 +74,9 @@ impl pb2024::build_service_server::BuildService for Tvix2024BuildService {
     ) -> Result<Response<pb2024::Build>, Status> {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
-        let req = validated(&self.host, layout_2024::to_request(wire.clone()))?;
+        let req = validated(&self.host, tvix2024::decode(wire.clone()))?;
         let finished = self.host.start(req, &peer, None).finish().await?;
-        let runner = self.host.runner();
-        let build = layout_2024::reply(wire, &finished, &**runner.blobs(), &**runner.dirs())
-            .await
-            .map_err(|error| BuildError::Refscan {
-                id: finished.id.clone(),
-                error,
-            })?;
-        Ok(Response::new(build))
+        Ok(Response::new(tvix2024::encode(wire, &finished)))
     }
 }
 
@@ -116,7 +107,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
     ) -> Result<Response<EventStream>, Status> {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
-        let req = validated(&self.host, BuildRequest::try_from(wire.clone()))?;
+        let req = validated(&self.host, seed::decode(wire.clone()))?;
         let (tx, mut rx) = mpsc::channel(LIVE_LOG_BUFFER);
         // The handle moves into the stream: when the client goes away, tonic drops the
         // stream, the handle with it, and the build's VM is killed.
@@ -126,7 +117,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
                 yield Ok(match e {
                     Event::Started { id, queued } => event(pbvm::build_event::Event::Started(pbvm::Started {
                         build_id: id,
-                        queued_us: u64::try_from(queued.as_micros()).unwrap_or(u64::MAX),
+                        queued_us: crate::wire::micros(queued),
                     })),
                     Event::Log(chunk) => event(pbvm::build_event::Event::Log(pbvm::LogChunk {
                         stream: match chunk.stream {
@@ -139,7 +130,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
             }
             // The channel closes when the build is over.
             match handle.finish().await {
-                Ok(finished) => yield Ok(event(pbvm::build_event::Event::Build(reply::seed(wire, &finished)))),
+                Ok(finished) => yield Ok(event(pbvm::build_event::Event::Build(seed::encode(wire, &finished)))),
                 Err(e) => yield Err(Status::from(e)),
             }
         };

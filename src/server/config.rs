@@ -6,8 +6,7 @@
 
 use super::tls::TlsFiles;
 use super::{ListenAddr, Protocol};
-use crate::cli::request_args::parse_size;
-use crate::cli::runner_args::parse_duration;
+use crate::units::{parse_duration, parse_size};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,20 +1,11 @@
 //! The build log of a served build: forwarded live to a client that streams it, and kept
 //! whole as a castore blob so that the log of a failed or timed-out build is not lost.
 
-use crate::agent::{LogChunk, LogSink};
-use crate::castore::{B3Digest, BlobService, BlobWriter};
+use crate::agent::{LogChunk, LogRef, LogSink};
+use crate::castore::{BlobService, BlobWriter};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::warn;
-
-/// Where a build's full log was stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogRef {
-    pub digest: B3Digest,
-    pub size: u64,
-    /// The log went beyond the bound; the blob holds its first `size` bytes.
-    pub truncated: bool,
-}
 
 /// A [`LogSink`] that writes the log into a blob (at most `max_bytes` of it) and forwards
 /// each chunk to `live`, if given. A failing blob store does not fail the build: the log
@@ -120,7 +111,7 @@ mod tests {
         let log = tee.finish().await.unwrap();
         assert_eq!(log.size, 8);
         assert!(log.truncated);
-        assert_eq!(log.digest, B3Digest::of(b"hello wo"));
+        assert_eq!(log.digest, crate::castore::B3Digest::of(b"hello wo"));
         let stored = crate::castore::blob::read_to_vec(&blobs, &log.digest)
             .await
             .unwrap()

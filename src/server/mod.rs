@@ -5,17 +5,16 @@
 //! (see [`build_service`]), TLS and message size limits. [`serve`] runs a router on a
 //! [`Listener`] until a shutdown future completes.
 
+pub mod admission;
 pub mod blob;
 pub mod build_host;
 pub mod build_service;
 pub mod config;
 pub mod directory;
-pub mod layout_2024;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;
-pub mod refscan;
-pub mod reply;
+pub mod run;
 pub mod status;
 pub mod tls;
 

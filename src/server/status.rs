@@ -15,11 +15,11 @@
 //! its blob (`b3:...`), also in the `x-tvix-build-vm-build-id` and
 //! `x-tvix-build-vm-log-digest` metadata. Build failures carry the end of the log.
 
-use super::log_store::LogRef;
+use super::admission::QueueFull;
+use crate::agent::LogRef;
 use crate::metrics::BuildResult;
 use crate::request::ValidationError;
-use crate::runner::admission::QueueFull;
-use crate::runner::{Fault, RunError};
+use crate::runner::{Fault, RunError, Unsatisfiable};
 use std::fmt::Write;
 use tonic::Code;
 
@@ -37,10 +37,8 @@ pub const LOG_DIGEST_KEY: &str = "x-tvix-build-vm-log-digest";
 pub enum BuildError {
     #[error("invalid request: {0}")]
     Invalid(#[from] ValidationError),
-    #[error("constraints.network_access: this host gives builds no network")]
-    NetworkNotOffered,
-    #[error("constraints.provide_bin_sh: this host has no static shell configured (--bin-sh)")]
-    BinShNotOffered,
+    #[error(transparent)]
+    Unsatisfiable(#[from] Unsatisfiable),
     #[error(transparent)]
     QueueFull(#[from] QueueFull),
     #[error("the service is shutting down")]
@@ -51,12 +49,6 @@ pub enum BuildError {
         #[source]
         error: RunError,
         log: Option<LogRef>,
-    },
-    #[error("build {id}: scanning the outputs for references")]
-    Refscan {
-        id: String,
-        #[source]
-        error: super::refscan::RefscanError,
     },
     #[error("build {id}: the service stopped before the build finished")]
     Cancelled { id: String },
@@ -69,10 +61,10 @@ impl BuildError {
     pub fn code(&self) -> Code {
         match self {
             BuildError::Invalid(_) => Code::InvalidArgument,
-            BuildError::NetworkNotOffered | BuildError::BinShNotOffered => Code::FailedPrecondition,
+            BuildError::Unsatisfiable(_) => Code::FailedPrecondition,
             BuildError::QueueFull(_) => Code::ResourceExhausted,
             BuildError::ShuttingDown | BuildError::Cancelled { .. } => Code::Unavailable,
-            BuildError::Refscan { .. } | BuildError::Task { .. } => Code::Internal,
+            BuildError::Task { .. } => Code::Internal,
             BuildError::Run { error, .. } => run_error_code(error),
         }
     }
@@ -81,12 +73,11 @@ impl BuildError {
     pub fn result(&self) -> BuildResult {
         match self {
             BuildError::Invalid(_)
-            | BuildError::NetworkNotOffered
-            | BuildError::BinShNotOffered
+            | BuildError::Unsatisfiable(_)
             | BuildError::QueueFull(_)
             | BuildError::ShuttingDown => BuildResult::Refused,
             BuildError::Cancelled { .. } => BuildResult::Cancelled,
-            BuildError::Refscan { .. } | BuildError::Task { .. } => BuildResult::InternalError,
+            BuildError::Task { .. } => BuildResult::InternalError,
             BuildError::Run { error, .. } => match error.fault() {
                 Fault::Precondition => BuildResult::Refused,
                 Fault::Build if error.is_timeout() => BuildResult::Timeout,
@@ -100,7 +91,6 @@ impl BuildError {
     fn build_id(&self) -> Option<&str> {
         match self {
             BuildError::Run { id, .. }
-            | BuildError::Refscan { id, .. }
             | BuildError::Cancelled { id }
             | BuildError::Task { id, .. } => Some(id),
             _ => None,
@@ -215,7 +205,6 @@ mod tests {
     use crate::agent;
     use crate::agent::error::{BuildFailure, DeadlineKind, Timeout};
     use crate::castore::B3Digest;
-    use crate::runner::constraints::Unsatisfiable;
     use crate::runner::SessionFailure;
     use std::time::Duration;
 
@@ -249,10 +238,10 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("outputs[1]"));
 
-        let unsat = run(RunError::Unsatisfiable(Unsatisfiable::System {
+        let unsat = BuildError::Unsatisfiable(Unsatisfiable::System {
             system: "aarch64-linux".into(),
             offered: vec!["x86_64-linux".into()],
-        }));
+        });
         assert_eq!(unsat.code(), Code::FailedPrecondition);
         assert_eq!(unsat.result(), BuildResult::Refused);
 
@@ -304,7 +293,7 @@ mod tests {
             Code::ResourceExhausted
         );
         assert_eq!(
-            BuildError::NetworkNotOffered.code(),
+            BuildError::Unsatisfiable(Unsatisfiable::Network).code(),
             Code::FailedPrecondition
         );
         assert_eq!(BuildError::ShuttingDown.code(), Code::Unavailable);

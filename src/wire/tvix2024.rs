@@ -1,79 +1,44 @@
-//! The 2024 tvix layout (`serve --protocol tvix-2024`): its request onto the shared model,
-//! and the answer a 2024 tvix client accepts: one anonymous node (empty name) per requested
-//! output, in request order, and for each the indices of the `refscan_needles` it holds.
+//! `tvix.build.v1` as tvix clients of 2024 send it (`serve --protocol tvix-2024`): the
+//! request names its own paths, and the answer is one anonymous node (empty name) per
+//! requested output, in request order, with the indices of the `refscan_needles` each holds,
+//! plus the extension fields.
 
-use super::build_host::Finished;
-use super::refscan::{RefscanError, Scanner};
-use crate::castore::{BlobService, DirectoryService};
+use super::{extensions_in, full_request, Finished};
 use crate::proto::build_2024 as pb;
-use crate::request::{BuildRequest, Constraints, Layout, RawRequest, ValidationError};
+use crate::request::{BuildRequest, ValidationError};
 use bytes::Bytes;
 
 /// Validates a 2024-layout request.
-pub fn to_request(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
-    let c = wire.constraints.unwrap_or_default();
-    RawRequest {
-        inputs: wire.inputs,
-        command_args: wire.command_args,
-        working_dir: wire.working_dir,
-        scratch_paths: wire.scratch_paths,
-        inputs_dir: wire.inputs_dir,
-        outputs: wire.outputs,
-        environment_vars: wire
-            .environment_vars
-            .into_iter()
-            .map(|e| (e.key, e.value))
-            .collect(),
-        constraints: Constraints {
-            system: c.system,
-            min_memory: c.min_memory,
-            available_ro_paths: c.available_ro_paths,
-            network_access: c.network_access,
-            provide_bin_sh: c.provide_bin_sh,
-        },
-        additional_files: wire
-            .additional_files
-            .into_iter()
-            .map(|f| (f.path, f.contents))
-            .collect(),
-        refscan_needles: wire.refscan_needles,
-    }
-    .validate(Layout::Tvix2024)
+pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
+    full_request!(wire).validate()
 }
 
-/// The Build for a finished 2024-layout request; scans the outputs (read back from the
-/// castore) for the request's needles.
-pub async fn reply(
-    request: pb::BuildRequest,
-    finished: &Finished,
-    blobs: &dyn BlobService,
-    dirs: &dyn DirectoryService,
-) -> Result<pb::Build, RefscanError> {
-    let scanner = Scanner::new(&request.refscan_needles)?;
-    let mut outputs = Vec::with_capacity(finished.outcome.outputs.len());
-    let mut outputs_needles = Vec::with_capacity(finished.outcome.outputs.len());
-    for (_, node) in &finished.outcome.outputs {
-        outputs.push(node.to_proto(Bytes::new()));
-        outputs_needles.push(pb::build::OutputNeedles {
-            needles: scanner.scan(node, blobs, dirs).await?,
-        });
-    }
-    let (exit_status, timings, log) = super::reply::extensions_2024(finished);
-    Ok(pb::Build {
+/// The Build for a finished 2024-layout request.
+pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
+    let outputs = &f.outcome.outputs;
+    let (exit_status, timings, log) = extensions_in!(f, crate::proto::build_2024::build);
+    pb::Build {
         build_request: Some(request),
-        outputs,
-        outputs_needles,
+        outputs: outputs
+            .iter()
+            .map(|o| o.node.to_proto(Bytes::new()))
+            .collect(),
+        outputs_needles: outputs
+            .iter()
+            .map(|o| pb::build::OutputNeedles {
+                needles: o.needles.clone(),
+            })
+            .collect(),
         exit_status,
         timings,
         log,
-    })
+    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// What the tvix evaluator of 2024-10 sent for a trivial derivation (see the facts).
+    /// What the tvix evaluator of 2024-10 sent for a trivial derivation.
     fn tvix_hello() -> pb::BuildRequest {
         let env = [
             ("HOME", "/homeless-shelter"),
@@ -117,9 +82,32 @@ mod tests {
     }
 
     #[test]
+    fn outputs_are_anonymous_in_request_order_with_their_needles() {
+        let f = crate::wire::tests::finished();
+        let build = encode(pb::BuildRequest::default(), &f);
+        let nodes: Vec<_> = build
+            .outputs
+            .iter()
+            .map(|n| crate::castore::directory::Node::from_proto_anonymous(n.clone()).unwrap())
+            .collect();
+        for ((name, node), want) in nodes.iter().zip(&f.outcome.outputs) {
+            assert!(name.is_none());
+            assert_eq!(*node, want.node);
+        }
+        assert_eq!(nodes.len(), 3);
+        let needles: Vec<_> = build
+            .outputs_needles
+            .iter()
+            .map(|n| n.needles.clone())
+            .collect();
+        assert_eq!(needles, [vec![1], vec![], vec![0, 1]]);
+        assert_eq!(build.timings.unwrap().total_us, 11_000);
+        assert!(build.log.is_some() && build.exit_status.is_some());
+    }
+
+    #[test]
     fn a_real_tvix_request_maps_onto_the_model() {
-        let req = to_request(tvix_hello()).unwrap();
-        assert_eq!(req.layout, Layout::Tvix2024);
+        let req = decode(tvix_hello()).unwrap();
         assert_eq!(req.working_dir.as_str(), "build");
         assert_eq!(req.inputs_dir.as_str(), "nix/store");
         assert_eq!(
@@ -136,7 +124,7 @@ mod tests {
     fn layout_2024_rules_name_the_field() {
         let mut w = tvix_hello();
         w.working_dir = "/build".into();
-        assert_eq!(to_request(w).unwrap_err().field, "working_dir");
+        assert_eq!(decode(w).unwrap_err().field, "working_dir");
 
         let mut w = tvix_hello();
         w.additional_files = vec![
@@ -149,14 +137,14 @@ mod tests {
                 contents: Bytes::new(),
             },
         ];
-        assert_eq!(to_request(w).unwrap_err().field, "additional_files[1]");
+        assert_eq!(decode(w).unwrap_err().field, "additional_files[1]");
 
         let mut w = tvix_hello();
         w.outputs = vec!["elsewhere/out".into()];
-        assert_eq!(to_request(w).unwrap_err().field, "outputs[0]");
+        assert_eq!(decode(w).unwrap_err().field, "outputs[0]");
 
         let mut w = tvix_hello();
         w.refscan_needles.push(String::new());
-        assert_eq!(to_request(w).unwrap_err().field, "refscan_needles[1]");
+        assert_eq!(decode(w).unwrap_err().field, "refscan_needles[1]");
     }
 }

@@ -1,5 +1,7 @@
-//! Matching a request's constraints against what this host offers, which decides the shape
-//! of its VM. An unsatisfiable constraint is the client's `FAILED_PRECONDITION`.
+//! One host policy: what a request may have on this host (its system, memory, /dev/kvm,
+//! read-only host paths, network, /bin/sh), decided once per request, before it waits for
+//! a VM slot. The runner is handed the [`Decision`] and boots the VM it describes; an
+//! unsatisfiable constraint is the client's `FAILED_PRECONDITION`.
 
 use crate::request::BuildRequest;
 
@@ -10,7 +12,7 @@ const MIB: u64 = 1024 * 1024;
 
 /// What the operator lets builds have on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostOffer {
+pub struct HostPolicy {
     /// Systems this host builds, e.g. `x86_64-linux`.
     pub systems: Vec<String>,
     /// Guest memory when the request asks for less, in MiB.
@@ -21,9 +23,14 @@ pub struct HostOffer {
     pub nested_virtualization: bool,
     /// Host paths other than /dev/kvm a request may ask for, shared read-only. Deny by default.
     pub allowed_ro_paths: Vec<String>,
+    /// Whether `constraints.network_access` may be granted.
+    pub network: bool,
+    /// Whether a static shell is in the initrd, so `constraints.provide_bin_sh` may be
+    /// granted (the assembly sets it from the shell it packs).
+    pub bin_sh: bool,
 }
 
-impl Default for HostOffer {
+impl Default for HostPolicy {
     fn default() -> Self {
         Self {
             systems: vec!["x86_64-linux".into()],
@@ -31,17 +38,40 @@ impl Default for HostOffer {
             max_memory_mib: 8192,
             nested_virtualization: false,
             allowed_ro_paths: Vec::new(),
+            network: false,
+            bin_sh: false,
         }
     }
 }
 
-/// The VM a request gets.
+/// What a VM is booted with. A pooled VM serves only requests that need exactly this.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmShape {
+pub struct BootShape {
     pub memory_mib: u32,
     pub nested_virtualization: bool,
-    /// Host paths to share read-only (at the same path in the guest).
+    pub network: bool,
+    /// Host directories shared read-only, each at its own path, in this order (their tags
+    /// are `ro_share_tag`s of their positions).
     pub ro_paths: Vec<String>,
+}
+
+/// What one request gets on this host. Only [`HostPolicy::decide`] makes one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    shape: BootShape,
+    bin_sh: bool,
+}
+
+impl Decision {
+    /// The VM the request runs in.
+    pub fn shape(&self) -> &BootShape {
+        &self.shape
+    }
+
+    /// Whether the build gets /bin/sh.
+    pub fn bin_sh(&self) -> bool {
+        self.bin_sh
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,16 +87,38 @@ pub enum Unsatisfiable {
     NestedVirtualization { path: String },
     #[error("constraints.available_ro_paths {path:?} is not allowed on this host")]
     RoPath { path: String },
+    #[error("constraints.network_access: this host gives builds no network")]
+    Network,
+    #[error("constraints.provide_bin_sh: this host has no static shell configured (--bin-sh)")]
+    BinSh,
 }
 
-impl HostOffer {
-    pub fn shape_for(&self, req: &BuildRequest) -> Result<VmShape, Unsatisfiable> {
+impl HostPolicy {
+    /// The shape of the VMs booted before their request (the pool's): the default memory,
+    /// nothing else.
+    pub fn default_shape(&self) -> BootShape {
+        BootShape {
+            memory_mib: self.default_memory_mib,
+            nested_virtualization: false,
+            network: false,
+            ro_paths: Vec::new(),
+        }
+    }
+
+    /// Everything `req` asks of this host, granted or refused at once.
+    pub fn decide(&self, req: &BuildRequest) -> Result<Decision, Unsatisfiable> {
         let c = &req.constraints;
         if !self.systems.contains(&c.system) {
             return Err(Unsatisfiable::System {
                 system: c.system.clone(),
                 offered: self.systems.clone(),
             });
+        }
+        if c.network_access && !self.network {
+            return Err(Unsatisfiable::Network);
+        }
+        if c.provide_bin_sh && !self.bin_sh {
+            return Err(Unsatisfiable::BinSh);
         }
 
         let too_much = || Unsatisfiable::Memory {
@@ -94,10 +146,14 @@ impl HostOffer {
                 return Err(Unsatisfiable::RoPath { path: path.clone() });
             }
         }
-        Ok(VmShape {
-            memory_mib,
-            nested_virtualization,
-            ro_paths,
+        Ok(Decision {
+            shape: BootShape {
+                memory_mib,
+                nested_virtualization,
+                network: c.network_access,
+                ro_paths,
+            },
+            bin_sh: c.provide_bin_sh,
         })
     }
 }
@@ -105,7 +161,7 @@ impl HostOffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{Layout, RawRequest};
+    use crate::request::RawRequest;
 
     fn req(system: &str, min_memory: u64, ro: &[&str]) -> BuildRequest {
         let mut raw = RawRequest {
@@ -118,30 +174,32 @@ mod tests {
         raw.constraints.system = system.into();
         raw.constraints.min_memory = min_memory;
         raw.constraints.available_ro_paths = ro.iter().map(|s| s.to_string()).collect();
-        raw.validate(Layout::Seed).unwrap()
+        raw.validate().unwrap()
     }
 
     #[test]
     fn default_memory_and_rounding() {
-        let offer = HostOffer::default();
+        let offer = HostPolicy::default();
         assert_eq!(
             offer
-                .shape_for(&req("x86_64-linux", 0, &[]))
+                .decide(&req("x86_64-linux", 0, &[]))
                 .unwrap()
+                .shape()
                 .memory_mib,
             512
         );
-        let s = offer
-            .shape_for(&req("x86_64-linux", 1024 * MIB + 1, &[]))
+        let d = offer
+            .decide(&req("x86_64-linux", 1024 * MIB + 1, &[]))
             .unwrap();
-        assert_eq!(s.memory_mib, 1025);
-        assert!(!s.nested_virtualization);
+        assert_eq!(d.shape().memory_mib, 1025);
+        assert!(!d.shape().nested_virtualization);
+        assert!(!d.shape().network && !d.bin_sh());
     }
 
     #[test]
     fn unknown_system_is_unsatisfiable() {
-        let e = HostOffer::default()
-            .shape_for(&req("aarch64-linux", 0, &[]))
+        let e = HostPolicy::default()
+            .decide(&req("aarch64-linux", 0, &[]))
             .unwrap_err();
         assert!(matches!(e, Unsatisfiable::System { .. }));
         assert!(e.to_string().contains("aarch64-linux"));
@@ -149,10 +207,10 @@ mod tests {
 
     #[test]
     fn too_much_memory_is_unsatisfiable() {
-        let offer = HostOffer::default();
+        let offer = HostPolicy::default();
         for m in [8193 * MIB, u64::MAX] {
             assert!(matches!(
-                offer.shape_for(&req("x86_64-linux", m, &[])),
+                offer.decide(&req("x86_64-linux", m, &[])),
                 Err(Unsatisfiable::Memory { .. })
             ));
         }
@@ -160,27 +218,51 @@ mod tests {
 
     #[test]
     fn dev_kvm_needs_the_operator_to_offer_it() {
-        let mut offer = HostOffer::default();
+        let mut offer = HostPolicy::default();
         let r = req("x86_64-linux", 0, &[DEV_KVM]);
         assert_eq!(
-            offer.shape_for(&r),
+            offer.decide(&r),
             Err(Unsatisfiable::NestedVirtualization {
                 path: DEV_KVM.into()
             })
         );
         offer.nested_virtualization = true;
-        assert!(offer.shape_for(&r).unwrap().nested_virtualization);
+        assert!(offer.decide(&r).unwrap().shape().nested_virtualization);
     }
 
     #[test]
     fn other_paths_are_denied_unless_allowed() {
-        let mut offer = HostOffer::default();
+        let mut offer = HostPolicy::default();
         let r = req("x86_64-linux", 0, &["/etc/ssl/certs"]);
         assert!(matches!(
-            offer.shape_for(&r),
+            offer.decide(&r),
             Err(Unsatisfiable::RoPath { .. })
         ));
         offer.allowed_ro_paths.push("/etc/ssl/certs".into());
-        assert_eq!(offer.shape_for(&r).unwrap().ro_paths, ["/etc/ssl/certs"]);
+        assert_eq!(
+            offer.decide(&r).unwrap().shape().ro_paths,
+            ["/etc/ssl/certs"]
+        );
+    }
+
+    #[test]
+    fn network_and_bin_sh_need_the_operator_to_offer_them() {
+        let mut offer = HostPolicy::default();
+        let mut r = req("x86_64-linux", 0, &[]);
+        r.constraints.network_access = true;
+        assert_eq!(offer.decide(&r), Err(Unsatisfiable::Network));
+        offer.network = true;
+        assert!(offer.decide(&r).unwrap().shape().network);
+        r.constraints.provide_bin_sh = true;
+        assert_eq!(offer.decide(&r), Err(Unsatisfiable::BinSh));
+        offer.bin_sh = true;
+        assert!(offer.decide(&r).unwrap().bin_sh());
+    }
+
+    #[test]
+    fn the_default_shape_is_what_a_plain_request_gets() {
+        let offer = HostPolicy::default();
+        let d = offer.decide(&req("x86_64-linux", 0, &[])).unwrap();
+        assert_eq!(*d.shape(), offer.default_shape());
     }
 }

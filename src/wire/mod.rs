@@ -1,0 +1,222 @@
+//! The wire dialects: one module per build protocol a client may speak, each with its
+//! decoder (the wire request onto [`RawRequest`](crate::request::RawRequest), validated
+//! into the one [`BuildRequest`](crate::request::BuildRequest)) and its encoder (the wire
+//! answer from the one [`Finished`] build). Nothing else knows a wire shape: the server and
+//! the CLI call these, the runner never sees them.
+//!
+//! - [`seed`]: the original `tvix.build.v1` layout, this project's primary contract (and
+//!   the `build --request` file format).
+//! - [`tvix2024`]: `tvix.build.v1` as tvix clients of 2024 send it.
+//!
+//! A new dialect is a module here: its decoder uses [`env_vars!`] and [`constraints!`] (or
+//! maps a dialect of the full shape with [`full_request!`]), its encoder reads the outcome's
+//! outputs (path, node, refscan needles) and, where it has them, fills the extension fields
+//! with [`extensions_in!`].
+
+pub mod seed;
+pub mod tvix2024;
+
+use crate::agent::LogRef;
+use crate::runner::BuildOutcome;
+use std::time::Duration;
+
+/// A build that succeeded, and what the service measured around it: everything an encoder
+/// may put into a reply.
+#[derive(Debug)]
+pub struct Finished {
+    pub id: String,
+    pub outcome: BuildOutcome,
+    /// Waiting for a VM slot.
+    pub queued: Duration,
+    /// From accepting the request to the end of the build.
+    pub total: Duration,
+    /// The whole build log, where it was stored.
+    pub log: Option<LogRef>,
+}
+
+impl Finished {
+    /// A build run directly (the CLI): nothing queued, no stored log.
+    pub fn direct(id: String, outcome: BuildOutcome) -> Self {
+        let total = outcome.timings.total;
+        Self {
+            id,
+            outcome,
+            queued: Duration::ZERO,
+            total,
+            log: None,
+        }
+    }
+}
+
+/// Whole microseconds, saturating.
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A dialect's `environment_vars` (every dialect's EnvVar has `key` and `value`) as the
+/// model's pairs.
+macro_rules! env_vars {
+    ($vars:expr) => {
+        $vars
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect::<Vec<(String, bytes::Bytes)>>()
+    };
+}
+
+/// A dialect's optional `BuildConstraints` as the model's. Every dialect has `system`,
+/// `min_memory` and `available_ro_paths`; the fields named after `;` (e.g.
+/// `network_access, provide_bin_sh`) are taken where the dialect has them, the rest stay
+/// off.
+macro_rules! constraints {
+    ($c:expr) => {
+        constraints!($c;)
+    };
+    ($c:expr; $($extra:ident),*) => {{
+        let c = $c.unwrap_or_default();
+        #[allow(clippy::needless_update)]
+        $crate::request::Constraints {
+            system: c.system,
+            min_memory: c.min_memory,
+            available_ro_paths: c.available_ro_paths,
+            $($extra: c.$extra,)*
+            ..Default::default()
+        }
+    }};
+}
+
+/// A request of a dialect with the full shape (every field of
+/// [`RawRequest`](crate::request::RawRequest) under the same name, as the 2024 tvix layout
+/// and snix have) onto the model, unvalidated.
+macro_rules! full_request {
+    ($wire:expr) => {{
+        let w = $wire;
+        $crate::request::RawRequest {
+            inputs: w.inputs,
+            command_args: w.command_args,
+            working_dir: w.working_dir,
+            scratch_paths: w.scratch_paths,
+            inputs_dir: w.inputs_dir,
+            outputs: w.outputs,
+            environment_vars: $crate::wire::env_vars!(w.environment_vars),
+            constraints: $crate::wire::constraints!(w.constraints; network_access, provide_bin_sh),
+            additional_files: w
+                .additional_files
+                .into_iter()
+                .map(|f| (f.path, f.contents))
+                .collect(),
+            refscan_needles: w.refscan_needles,
+        }
+    }};
+}
+
+/// The extension fields of `Build` (exit status, timings, log) of a finished build, in the
+/// types of one dialect's `build` module (the tvix layouts share the shape, not the Rust
+/// types): `(exit_status, timings, log)`.
+macro_rules! extensions_in {
+    ($f:expr, $($m:ident)::+) => {{
+        let f: &$crate::wire::Finished = $f;
+        let exit = &f.outcome.exit;
+        let kind = match exit.kind {
+            $crate::agent::error::ExitKind::Code(c) => {
+                $($m)::+::exit_status::Kind::Code(u32::from(c))
+            }
+            $crate::agent::error::ExitKind::Signal(s) => {
+                $($m)::+::exit_status::Kind::Signal(u32::from(s))
+            }
+        };
+        let t = &f.outcome.timings;
+        let micros = $crate::wire::micros;
+        (
+            Some($($m)::+::ExitStatus {
+                kind: Some(kind),
+                oom_killed: exit.oom_killed,
+            }),
+            Some($($m)::+::Timings {
+                queued_us: micros(f.queued),
+                boot_us: micros(t.boot),
+                exec_us: micros(t.exec),
+                harvest_us: micros(t.harvest),
+                total_us: micros(f.total),
+            }),
+            f.log.as_ref().map(|l| $($m)::+::Log {
+                digest: bytes::Bytes::copy_from_slice(l.digest.as_bytes()),
+                size: l.size,
+                truncated: l.truncated,
+            }),
+        )
+    }};
+}
+
+pub(crate) use {constraints, env_vars, extensions_in, full_request};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::agent::error::ExitKind;
+    use crate::agent::{AgentHello, ExitStatus};
+    use crate::castore::directory::{Node, SymlinkTarget};
+    use crate::castore::B3Digest;
+    use crate::request::RelativePath;
+    use crate::runner::{Output, Timings};
+
+    /// A finished build with three outputs, in request order: `nix/store/b-out` (a file
+    /// holding needle 1), `nix/store/a-out` (a symlink holding none), `nix/store/c-out`.
+    pub(crate) fn finished() -> Finished {
+        let output = |path: &str, node: Node, needles: Vec<u64>| Output {
+            path: RelativePath::parse(path).unwrap(),
+            node,
+            needles,
+        };
+        let file = Node::File {
+            digest: B3Digest::of(b"b"),
+            size: 1,
+            executable: true,
+        };
+        let link = Node::Symlink {
+            target: SymlinkTarget::try_from("b-out").unwrap(),
+        };
+        Finished {
+            id: "b1".into(),
+            outcome: BuildOutcome {
+                outputs: vec![
+                    output("nix/store/b-out", file.clone(), vec![1]),
+                    output("nix/store/a-out", link, vec![]),
+                    output("nix/store/c-out", file, vec![0, 1]),
+                ],
+                exit: ExitStatus {
+                    kind: ExitKind::Code(0),
+                    oom_killed: false,
+                    duration: Duration::from_secs(1),
+                },
+                hello: AgentHello {
+                    agent_version: "test".into(),
+                    timings: None,
+                },
+                timings: Timings {
+                    boot: Duration::from_millis(2),
+                    exec: Duration::from_millis(3),
+                    harvest: Duration::from_millis(4),
+                    total: Duration::from_millis(10),
+                },
+                log_tail: String::new(),
+            },
+            queued: Duration::from_millis(1),
+            total: Duration::from_millis(11),
+            log: Some(LogRef {
+                digest: B3Digest::of(b"log"),
+                size: 3,
+                truncated: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_direct_build_has_no_queue_and_no_stored_log() {
+        let f = finished();
+        let direct = Finished::direct("b2".into(), f.outcome);
+        assert_eq!(direct.queued, Duration::ZERO);
+        assert_eq!(direct.total, Duration::from_millis(10));
+        assert!(direct.log.is_none());
+    }
+}
