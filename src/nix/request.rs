@@ -101,7 +101,7 @@ pub fn to_raw_request(
     scratch_paths.sort();
 
     let available_ro_paths = if features.iter().any(|f| f == KVM_FEATURE) {
-        vec![crate::runner::constraints::DEV_KVM.to_owned()]
+        vec![crate::runner::policy::DEV_KVM.to_owned()]
     } else {
         Vec::new()
     };

@@ -11,7 +11,6 @@ use super::NixError;
 use crate::castore::blob::MemoryBlobService;
 use crate::castore::directory_service::MemoryDirectoryService;
 use crate::castore::{BlobService, DirectoryService, Node, PathComponent};
-use crate::request::Layout;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -60,7 +59,7 @@ fn every_sample_maps_onto_a_valid_request() {
         let build = build_json::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
         let raw = to_raw_request(&build, inputs, Vec::new(), &[]);
-        raw.validate(Layout::Tvix2024)
+        raw.validate()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
@@ -71,7 +70,7 @@ fn two_outputs_map_exactly() {
     let build = parse(&v).unwrap();
     let inputs = vec![node("yiyfigk1wgp4k3qv30y2b5w1rdfbfzzh-busybox")];
     let raw = to_raw_request(&build, inputs, Vec::new(), &[]);
-    let req = raw.validate(Layout::Tvix2024).unwrap();
+    let req = raw.validate().unwrap();
     assert_eq!(
         req.command_args[0],
         "/nix/store/yiyfigk1wgp4k3qv30y2b5w1rdfbfzzh-busybox/busybox"
@@ -291,7 +290,7 @@ fn tmp_dir_files_are_carried_into_build_and_bounded() {
         "9ayqmbj1zgsyllkbsbml5y79hwmmykby-92y84mhzly4gh2qhpr93awmivfyiwd4l-bb",
     )];
     let req = to_raw_request(&build, inputs, files, &[])
-        .validate(Layout::Tvix2024)
+        .validate()
         .unwrap();
     assert_eq!(req.additional_files.len(), 2);
 
