@@ -701,7 +701,7 @@ async fn a_boot_refused_through_the_trait_is_an_infrastructure_fault_with_the_ty
         .await
         .expect_err("boot fails");
     assert!(
-        matches!(&err, LaunchError::CloudHypervisor(ch) if matches!(**ch, ChError::Api { step: "vm.boot", .. })),
+        matches!(&err, LaunchError::CloudHypervisor(ch) if matches!(*ch, ChError::Api { step: "vm.boot", .. })),
         "{}",
         error_chain(&err)
     );

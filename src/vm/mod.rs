@@ -303,7 +303,7 @@ pub enum LaunchError {
     /// cloud-hypervisor refused the VM or could not be set up (its API's answer, the
     /// configuration, the host); boxed, being much larger than the other variants.
     #[error("cloud-hypervisor")]
-    CloudHypervisor(#[source] Box<cloud_hypervisor::ChError>),
+    CloudHypervisor(#[source] cloud_hypervisor::ChError),
 }
 
 /// How long [`RunningVm`] gives a backend's [`GracefulStop`] before it kills the VM.

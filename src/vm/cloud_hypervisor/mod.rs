@@ -443,7 +443,7 @@ fn into_launch_error(e: ChError) -> LaunchError {
             status,
             log_tail,
         },
-        other => LaunchError::CloudHypervisor(Box::new(other)),
+        other => LaunchError::CloudHypervisor(other),
     }
 }
 

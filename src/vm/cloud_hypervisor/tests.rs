@@ -182,7 +182,7 @@ fn errors_with_a_neutral_counterpart_become_it() {
     );
     let err = into_launch_error(ChError::NeedsKvm { accel: Accel::Tcg });
     assert!(
-        matches!(&err, LaunchError::CloudHypervisor(e) if matches!(**e, ChError::NeedsKvm { .. })),
+        matches!(&err, LaunchError::CloudHypervisor(e) if matches!(*e, ChError::NeedsKvm { .. })),
         "{err:?}"
     );
 }
