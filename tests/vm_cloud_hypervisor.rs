@@ -23,19 +23,22 @@ use support::error_chain;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
+use tvix_build_vm::runner::{Fault, RunError};
 use tvix_build_vm::vm::cloud_hypervisor::api::{ApiClient, ApiError, Timeouts, VmState};
 use tvix_build_vm::vm::cloud_hypervisor::config::{
     ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, PayloadConfig, VmConfig,
     VsockConfig,
 };
 use tvix_build_vm::vm::cloud_hypervisor::events::EventLog;
-use tvix_build_vm::vm::cloud_hypervisor::lifecycle::Stopped;
+use tvix_build_vm::vm::cloud_hypervisor::lifecycle::{Stopped, STOP_GRACE};
 use tvix_build_vm::vm::cloud_hypervisor::{
     ChError, CloudHypervisorBackend, CloudHypervisorConfig, EVENTS_FILE, READY_TIMEOUT,
 };
+use tvix_build_vm::vm::process::ProcessGroup;
 use tvix_build_vm::vm::vsock::HostListener;
 use tvix_build_vm::vm::{
-    Accel, FsShare, HybridVsock, KernelParam, LaunchConfig, LaunchSpec, VmStatus, VmmBackend,
+    Accel, FsShare, HybridVsock, KernelParam, LaunchConfig, LaunchError, LaunchSpec, RunningVm,
+    VmStatus, VmmBackend, GRACEFUL_STOP_LIMIT,
 };
 
 /// The fake cloud-hypervisor's `main`. Not a test: the other tests run this binary with it as
@@ -612,6 +615,108 @@ async fn a_vmm_that_ignores_shutdown_is_killed() {
         exit.status,
         VmStatus::Signaled(libc::SIGKILL),
         "kill after the end changes nothing"
+    );
+}
+
+/// Launches through the backend-neutral trait, as the runner does.
+async fn launch_through_the_trait(setup: &FakeSetup) -> Result<RunningVm, LaunchError> {
+    let spec = setup.spec();
+    let backend: &dyn VmmBackend = &setup.backend;
+    backend
+        .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
+        .await
+}
+
+#[tokio::test]
+async fn a_kill_through_the_trait_stops_the_vm_through_the_api() {
+    let setup = FakeSetup::new(Scenario::Run);
+    let mut running = launch_through_the_trait(&setup)
+        .await
+        .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
+    let pids = running.pids();
+    let started = Instant::now();
+    let exit = running.kill().await;
+    assert_eq!(exit.status, VmStatus::Killed);
+    assert!(
+        started.elapsed() < STOP_GRACE,
+        "stopped through the API, not killed after the grace: {:?}",
+        started.elapsed()
+    );
+    assert!(gone(&pids));
+    assert_eq!(
+        setup.events(),
+        [
+            "vmm/starting",
+            "vm/booting",
+            "vm/booted",
+            "vm/shutdown",
+            "vm/deleted",
+            "vmm/shutdown"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn through_the_trait_a_vmm_that_ignores_shutdown_is_killed_at_the_deadline() {
+    let setup = FakeSetup::new(Scenario::RunIgnoringShutdown);
+    let mut running = launch_through_the_trait(&setup)
+        .await
+        .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
+    let pids = running.pids();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let exit = running.wait_until(deadline).await.expect("wait");
+    assert_eq!(exit.status, VmStatus::DeadlineExceeded);
+    let late = deadline.elapsed();
+    assert!(
+        late >= STOP_GRACE,
+        "vm.shutdown and vmm.shutdown were tried first: {late:?}"
+    );
+    assert!(
+        late < GRACEFUL_STOP_LIMIT + Duration::from_secs(2),
+        "the graceful stop is bounded: {late:?}"
+    );
+    assert!(gone(&pids));
+    // Both calls were made; the fake answered vmm.shutdown but did not exit.
+    assert_eq!(
+        setup.events(),
+        [
+            "vmm/starting",
+            "vm/booting",
+            "vm/booted",
+            "vm/shutdown",
+            "vm/deleted",
+            "vmm/shutdown"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_boot_refused_through_the_trait_is_an_infrastructure_fault_with_the_typed_error() {
+    let mut setup = FakeSetup::new(Scenario::PowerOff);
+    setup.config.shares.push(FsShare {
+        tag: "inputs".into(),
+        socket: setup.path().join("missing-fs.sock"),
+    });
+    let err = launch_through_the_trait(&setup)
+        .await
+        .expect_err("boot fails");
+    assert!(
+        matches!(&err, LaunchError::CloudHypervisor(ch) if matches!(*ch, ChError::Api { step: "vm.boot", .. })),
+        "{}",
+        error_chain(&err)
+    );
+    let err = RunError::from(err);
+    assert_eq!(err.fault(), Fault::Infrastructure);
+    let mut api_error = None;
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        api_error = api_error.or(s.downcast_ref::<ApiError>());
+        source = s.source();
+    }
+    assert!(
+        matches!(api_error, Some(ApiError::Status { status: 500, .. })),
+        "{}",
+        error_chain(&err)
     );
 }
 

@@ -300,6 +300,24 @@ pub enum LaunchError {
         /// The end of its log.
         log_tail: String,
     },
+    /// cloud-hypervisor refused the VM or could not be set up (its API's answer, the
+    /// configuration, the host); boxed, being much larger than the other variants.
+    #[error("cloud-hypervisor")]
+    CloudHypervisor(#[source] cloud_hypervisor::ChError),
+}
+
+/// How long [`RunningVm`] gives a backend's [`GracefulStop`] before it kills the VM.
+pub const GRACEFUL_STOP_LIMIT: Duration = Duration::from_secs(3);
+
+/// A backend's way to end a VM that is still running through the VMM itself, so that it
+/// tears the VM down (cloud-hypervisor's API); [`RunningVm`] calls it, bounded by
+/// [`GRACEFUL_STOP_LIMIT`], before the SIGKILL that ends the VM's processes either way.
+/// A backend without one (QEMU) is killed at once.
+#[async_trait::async_trait]
+pub trait GracefulStop: Send + Sync + std::fmt::Debug {
+    /// Asks the VMM to end and returns once it did or gave up. Called again after a
+    /// cancelled call or once the VMM has exited, it must do no harm.
+    async fn stop_gracefully(&self);
 }
 
 /// A VMM: turns a [`LaunchSpec`] into a [`RunningVm`]. Implementations differ in how they
@@ -399,6 +417,8 @@ pub struct RunningVm {
     /// cancelled in the middle of it reports the first cause when called again, not the
     /// SIGKILL the clean-up itself sent.
     ending: Option<VmStatus>,
+    /// Tried before the SIGKILL when the VM is ended while its VMM still runs.
+    graceful: Option<Box<dyn GracefulStop>>,
 }
 
 impl RunningVm {
@@ -411,7 +431,15 @@ impl RunningVm {
             started,
             exit: None,
             ending: None,
+            graceful: None,
         }
+    }
+
+    /// For backends: a deadline, kill or failed helper first tries `stop` (see
+    /// [`GracefulStop`]).
+    pub fn with_graceful_stop(mut self, stop: impl GracefulStop + 'static) -> Self {
+        self.graceful = Some(Box::new(stop));
+        self
     }
 
     /// The pids of all the VM's host processes (VMM and helpers).
@@ -483,7 +511,7 @@ impl RunningVm {
         self.exit.is_some() || self.ending.is_some()
     }
 
-    /// Like [`RunningVm::wait`], but kills the VM at `deadline`.
+    /// Like [`RunningVm::wait`], but ends the VM at `deadline` as [`RunningVm::kill`] does.
     pub async fn wait_until(&mut self, deadline: Instant) -> Result<VmExit, VmError> {
         match tokio::time::timeout_at(deadline, self.wait()).await {
             Ok(result) => result,
@@ -491,7 +519,8 @@ impl RunningVm {
         }
     }
 
-    /// Kills every process of the VM and reaps them. Idempotent.
+    /// Ends the VM (through its backend's [`GracefulStop`] first, if it has one), kills every
+    /// process of the VM and reaps them. Idempotent.
     pub async fn kill(&mut self) -> VmExit {
         self.finish(VmStatus::Killed).await
     }
@@ -501,6 +530,18 @@ impl RunningVm {
             return exit.clone();
         }
         let status = self.ending.get_or_insert(status).clone();
+        let vmm_running = !matches!(status, VmStatus::Exited(_) | VmStatus::Signaled(_));
+        if let Some(stop) = self.graceful.as_ref().filter(|_| vmm_running) {
+            if tokio::time::timeout(GRACEFUL_STOP_LIMIT, stop.stop_gracefully())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    pid = self.vmm_pid(),
+                    "the VMM's graceful stop took more than {GRACEFUL_STOP_LIMIT:?}: killing the VM"
+                );
+            }
+        }
         self.group.kill_and_reap().await;
         let vmm_log_tail =
             (status != VmStatus::Exited(0)).then(|| self.vmm_log_tail(LOG_TAIL_BYTES));

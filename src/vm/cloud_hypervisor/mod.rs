@@ -41,7 +41,7 @@ use super::cmdline;
 use super::cpuinfo::CpuInfo;
 use super::process::{MemberId, ProcessGroup, Stdout};
 use super::{
-    logsink, LaunchError, LaunchSpec, RunningVm, VmError, VmExit, VmStatus, VmmBackend,
+    logsink, GracefulStop, LaunchError, LaunchSpec, RunningVm, VmError, VmExit, VmmBackend,
     LOG_TAIL_BYTES,
 };
 use std::path::{Path, PathBuf};
@@ -173,11 +173,11 @@ impl CloudHypervisorBackend {
         let supervisor = tokio::spawn(lifecycle::supervise(control.clone(), events));
         tracing::debug!(pids = ?group.pids(), "cloud-hypervisor VM booted");
         Ok(ChVm {
-            running: RunningVm::new(group, id, c.serial_log.clone(), started),
+            running: RunningVm::new(group, id, c.serial_log.clone(), started)
+                .with_graceful_stop(control.clone()),
             control,
             version,
             supervisor: Supervisor(Some(supervisor)),
-            exit: None,
         })
     }
 
@@ -323,15 +323,14 @@ pub fn vm_config(spec: &LaunchSpec, cmdline: String) -> VmConfig {
     }
 }
 
-/// A booted cloud-hypervisor VM. Unlike a bare [`RunningVm`], its deadline and kill go
-/// through the API first (see [`lifecycle`]).
+/// A booted cloud-hypervisor VM: its [`RunningVm`] (whose deadline and kill go through the
+/// API first, see [`lifecycle`]), the API and the reboot watch.
 #[derive(Debug)]
 pub struct ChVm {
     running: RunningVm,
     control: Control,
     version: VmmPing,
     supervisor: Supervisor,
-    exit: Option<VmExit>,
 }
 
 /// The reboot watch ([`lifecycle::supervise`]); aborted when dropped unless detached.
@@ -375,49 +374,38 @@ impl ChVm {
 
     /// Waits for the VMM to exit (a guest power-off, or the end after a reboot).
     pub async fn wait(&mut self) -> Result<VmExit, VmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let exit = self.running.wait().await?;
-        Ok(self.remember(exit))
+        let exit = self.running.wait().await;
+        self.supervisor.abort();
+        exit
     }
 
     /// Like [`ChVm::wait`], but stops the VM at `deadline`.
     pub async fn wait_until(&mut self, deadline: Instant) -> Result<VmExit, VmError> {
-        if self.exit.is_none() {
-            if let Ok(result) = tokio::time::timeout_at(deadline, self.running.wait()).await {
-                let exit = result?;
-                return Ok(self.remember(exit));
-            }
-            self.control.stop().await;
-            let mut exit = self.running.kill().await;
-            exit.status = VmStatus::DeadlineExceeded;
-            self.remember(exit);
-        }
-        self.wait().await
+        let exit = self.running.wait_until(deadline).await;
+        self.supervisor.abort();
+        exit
     }
 
     /// Stops the VM through the API (killing it if it lingers) and reaps every process.
     pub async fn kill(&mut self) -> VmExit {
-        if let Some(exit) = &self.exit {
-            return exit.clone();
-        }
-        self.control.stop().await;
         let exit = self.running.kill().await;
-        self.remember(exit)
+        self.supervisor.abort();
+        exit
     }
 
-    /// The plain [`RunningVm`]; the reboot watch keeps running, but a deadline or kill on it
-    /// is a SIGKILL without the API's help.
+    /// The plain [`RunningVm`]; its deadline and kill still go through the API, and the
+    /// reboot watch keeps running until the VMM exits.
     pub fn into_running_vm(mut self) -> RunningVm {
         self.supervisor.detach();
         self.running
     }
+}
 
-    fn remember(&mut self, exit: VmExit) -> VmExit {
-        self.supervisor.abort();
-        self.exit = Some(exit.clone());
-        exit
+#[async_trait::async_trait]
+impl GracefulStop for Control {
+    async fn stop_gracefully(&self) {
+        let stopped = self.stop().await;
+        tracing::debug!(pid = self.vmm().pid(), ?stopped, "cloud-hypervisor stopped");
     }
 }
 
@@ -434,14 +422,14 @@ impl VmmBackend for CloudHypervisorBackend {
     ) -> Result<RunningVm, LaunchError> {
         match self.launch_vm_in(spec, group).await {
             Ok(vm) => Ok(vm.into_running_vm()),
-            Err(e) => Err(into_launch_error(&self.program, e)),
+            Err(e) => Err(into_launch_error(e)),
         }
     }
 }
 
-/// Maps onto the backend-neutral [`LaunchError`]. Errors without a counterpart there (API
-/// refusals, configuration) travel as the source of a spawn error, whole chain intact.
-fn into_launch_error(program: &Path, e: ChError) -> LaunchError {
+/// Maps onto the backend-neutral [`LaunchError`] where it has a counterpart; the rest
+/// travels as itself, typed, for callers to match or downcast.
+fn into_launch_error(e: ChError) -> LaunchError {
     match e {
         ChError::Spawn(e) => LaunchError::Process(e),
         ChError::Cmdline(e) => LaunchError::Cmdline(e),
@@ -455,11 +443,7 @@ fn into_launch_error(program: &Path, e: ChError) -> LaunchError {
             status,
             log_tail,
         },
-        other => LaunchError::Process(super::process::ProcessError::Spawn {
-            name: MEMBER_NAME.to_owned(),
-            program: program.display().to_string(),
-            source: std::io::Error::other(other),
-        }),
+        other => LaunchError::CloudHypervisor(other),
     }
 }
 

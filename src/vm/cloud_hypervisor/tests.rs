@@ -125,30 +125,65 @@ async fn a_missing_program_is_a_launch_error_with_its_cause() {
 }
 
 #[test]
-fn api_refusals_keep_their_chain_through_launch_error() {
-    let err = into_launch_error(
-        Path::new("/bin/ch"),
-        ChError::Api {
-            step: "vm.boot",
-            log_tail: "tail".into(),
-            source: api::ApiError::Status {
-                endpoint: "vm.boot",
-                status: 400,
-                chain: vec!["Error from API".into(), "shared memory".into()],
-            },
+fn api_refusals_stay_typed_through_launch_error() {
+    let err = into_launch_error(ChError::Api {
+        step: "vm.boot",
+        log_tail: "tail".into(),
+        source: api::ApiError::Status {
+            endpoint: "vm.boot",
+            status: 400,
+            chain: vec!["Error from API".into(), "shared memory".into()],
         },
-    );
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(&err);
+    });
+    assert!(matches!(err, LaunchError::CloudHypervisor(_)), "{err:?}");
+    // Wrapped once more, as the runner does: the chain still leads to the typed errors.
+    let outer: Box<dyn std::error::Error> = Box::new(err);
+    let mut text = outer.to_string();
+    let mut ch = None;
+    let mut api_error = None;
+    let mut source = outer.source();
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());
+        ch = ch.or(s.downcast_ref::<ChError>());
+        api_error = api_error.or(s.downcast_ref::<api::ApiError>());
         source = s.source();
     }
-    assert!(text.contains("vm.boot failed"), "{text}");
+    assert!(
+        matches!(
+            ch,
+            Some(ChError::Api {
+                step: "vm.boot",
+                ..
+            })
+        ),
+        "{text}"
+    );
+    assert!(
+        matches!(api_error, Some(api::ApiError::Status { status: 400, .. })),
+        "{text}"
+    );
+    assert!(text.contains("cloud-hypervisor: vm.boot failed"), "{text}");
     assert!(
         text.contains("answered 400: Error from API: shared memory"),
         "{text}"
+    );
+}
+
+#[test]
+fn errors_with_a_neutral_counterpart_become_it() {
+    let err = into_launch_error(ChError::NotReady {
+        waited: READY_TIMEOUT,
+        log_tail: "tail".into(),
+    });
+    assert!(
+        matches!(&err, LaunchError::NotReady { what, .. } if what == PROGRAM),
+        "{err:?}"
+    );
+    let err = into_launch_error(ChError::NeedsKvm { accel: Accel::Tcg });
+    assert!(
+        matches!(&err, LaunchError::CloudHypervisor(e) if matches!(*e, ChError::NeedsKvm { .. })),
+        "{err:?}"
     );
 }
 
