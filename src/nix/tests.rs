@@ -59,8 +59,7 @@ fn every_sample_maps_onto_a_valid_request() {
         let build = build_json::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
         let raw = to_raw_request(&build, inputs, Vec::new(), &[]);
-        raw.validate()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        raw.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
