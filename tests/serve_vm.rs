@@ -392,6 +392,112 @@ async fn the_2024_layout_is_served_end_to_end() {
     env.assert_clean();
 }
 
+/// `BuildPaths`: the request that names its own paths (2024 shape, with additional files)
+/// on the streaming RPC: live log, outputs in request order; a dropped stream kills the VM.
+#[tokio::test(flavor = "multi_thread")]
+async fn build_paths_streams_the_log_answers_in_request_order_and_a_dropped_stream_kills_the_vm() {
+    let env = Env::new();
+    let server = Serve::start(&env, &[]);
+    let channel = server.channel();
+    let request = |busybox: cpb::Node, script: &str, outputs: &[&str]| pbvm::PathsBuildRequest {
+        inputs: vec![busybox],
+        command_args: vec![SH.into(), "sh".into(), "-c".into(), script.into()],
+        working_dir: "build".into(),
+        scratch_paths: vec!["build".into(), "nix/store".into()],
+        inputs_dir: "nix/store".into(),
+        outputs: outputs.iter().map(|o| format!("nix/store/{o}")).collect(),
+        environment_vars: vec![pbvm::paths_build_request::EnvVar {
+            key: "greeting".into(),
+            value: Bytes::from_static(b"hello"),
+        }],
+        constraints: Some(pbvm::paths_build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }),
+        additional_files: vec![pbvm::paths_build_request::AdditionalFile {
+            path: "build/attrs".into(),
+            contents: Bytes::from_static(b"from a file"),
+        }],
+        refscan_needles: vec!["zz-b".into(), "hello".into()],
+    };
+    let mut client = BuildVmServiceClient::new(channel.clone());
+    let req = request(
+        upload_busybox(channel.clone()).await,
+        "echo one; echo two >&2; cat /build/attrs > /nix/store/zz-b; \
+         echo $greeting > /nix/store/aa-a",
+        &["aa-a", "zz-b"],
+    );
+    let mut stream = client.build_paths(req).await.unwrap().into_inner();
+    let (mut started, mut log, mut last) = (false, Vec::new(), None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pbvm::paths_build_event::Event::Started(s) => started = !s.build_id.is_empty(),
+            pbvm::paths_build_event::Event::Log(l) => {
+                assert!(last.is_none(), "log after the result");
+                log.extend_from_slice(&l.data)
+            }
+            pbvm::paths_build_event::Event::Build(b) => last = Some(b),
+        }
+    }
+    assert!(started);
+    let log = String::from_utf8(log).unwrap();
+    assert!(log.contains("one\n") && log.contains("two\n"), "{log:?}");
+    let build = last.unwrap();
+    let blobs = GrpcBlobService::new(channel.clone());
+    let mut contents = Vec::new();
+    for n in &build.outputs {
+        let node = file_node(n);
+        assert!(node.name.is_empty(), "anonymous: {:?}", node.name);
+        let digest = B3Digest::try_from(&node.digest[..]).unwrap();
+        contents.push(read_to_vec(&blobs, &digest).await.unwrap().unwrap());
+    }
+    assert_eq!(contents, [&b"hello\n"[..], b"from a file"]);
+    let needles: Vec<_> = build
+        .outputs_needles
+        .iter()
+        .map(|n| n.needles.clone())
+        .collect();
+    assert_eq!(needles, [vec![1], vec![]]);
+    let exit = build.exit_status.unwrap();
+    assert_eq!(exit.kind, Some(pb::build::exit_status::Kind::Code(0)));
+    assert!(build.log.unwrap().size > 0 && build.timings.unwrap().exec_us > 0);
+
+    // A bad request names the field before anything runs.
+    let mut bad = request(upload_busybox(channel.clone()).await, "true", &["x"]);
+    bad.working_dir = "/build".into();
+    let s = client.build_paths(bad).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("working_dir"), "{}", s.message());
+
+    // The client goes away mid-build: the VM must go within seconds.
+    let req = request(
+        upload_busybox(channel.clone()).await,
+        "echo up; sleep 60",
+        &[],
+    );
+    let mut running = client.build_paths(req).await.unwrap().into_inner();
+    loop {
+        match running.message().await.unwrap().unwrap().event.unwrap() {
+            pbvm::paths_build_event::Event::Log(_) => break,
+            pbvm::paths_build_event::Event::Started(_) => {}
+            pbvm::paths_build_event::Event::Build(b) => panic!("finished early: {b:?}"),
+        }
+    }
+    assert_eq!(runtime_entries(&env), 1, "the build's runtime directory");
+    drop(running);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime_entries(&env) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped build's VM is still there:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(server);
+    env.assert_clean();
+}
+
 /// Exactly what a real tvix client of 2024 sends for
 /// `derivation { builder = "/bin/sh"; args = ["-c" "echo hi > $out"]; ... }`: no inputs at
 /// all, `/bin/sh` asked for with provide_bin_sh, and the 12 Nix defaults plus the

@@ -1,7 +1,8 @@
 //! The build RPCs over a [`BuildHost`]: `tvix.build.v1.BuildService/DoBuild` in the seed
 //! layout or (with `--protocol tvix-2024`) the 2024 tvix layout, and this project's
-//! streaming `tvix.build.vm.v1.BuildVmService/Build` (seed layout), which sends the live
-//! log and then the Build. All three share one implementation; see [`super::status`] for
+//! streaming `tvix.build.vm.v1.BuildVmService/Build` (seed layout) and `/BuildPaths` (the
+//! 2024 request shape), which send the live log and then the result. All share one
+//! implementation; see [`super::status`] for
 //! the status codes.
 
 use super::build_host::{BuildHost, Event};
@@ -9,7 +10,7 @@ use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogStream;
 use crate::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm};
-use crate::wire::{seed, tvix2024};
+use crate::wire::{paths, seed, tvix2024};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -91,49 +92,96 @@ impl BuildVmService {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pbvm::BuildEvent, Status>> + Send>>;
+type EventStream<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
 
-fn event(e: pbvm::build_event::Event) -> pbvm::BuildEvent {
-    pbvm::BuildEvent { event: Some(e) }
+/// The live events of a started build as one dialect's stream: `event` wraps each
+/// Started/LogChunk, `last` encodes the finished build as the final event.
+fn live_stream<E: Send + 'static>(
+    host: &Arc<BuildHost>,
+    req: crate::request::BuildRequest,
+    peer: &Peer,
+    event: fn(Live) -> E,
+    last: impl FnOnce(&crate::wire::Finished) -> E + Send + 'static,
+) -> EventStream<E> {
+    let (tx, mut rx) = mpsc::channel(LIVE_LOG_BUFFER);
+    // The handle moves into the stream: when the client goes away, tonic drops the
+    // stream, the handle with it, and the build's VM is killed.
+    let handle = host.start(req, peer, Some(tx));
+    Box::pin(async_stream::stream! {
+        while let Some(e) = rx.recv().await {
+            yield Ok(event(match e {
+                Event::Started { id, queued } => Live::Started(pbvm::Started {
+                    build_id: id,
+                    queued_us: crate::wire::micros(queued),
+                }),
+                Event::Log(chunk) => Live::Log(pbvm::LogChunk {
+                    stream: match chunk.stream {
+                        LogStream::Stdout => pbvm::Stream::Stdout,
+                        LogStream::Stderr => pbvm::Stream::Stderr,
+                    } as i32,
+                    data: chunk.data,
+                }),
+            }));
+        }
+        // The channel closes when the build is over.
+        match handle.finish().await {
+            Ok(finished) => yield Ok(last(&finished)),
+            Err(e) => yield Err(Status::from(e)),
+        }
+    })
+}
+
+/// A live event before the result, common to both streaming RPCs.
+enum Live {
+    Started(pbvm::Started),
+    Log(pbvm::LogChunk),
 }
 
 #[tonic::async_trait]
 impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
-    type BuildStream = EventStream;
+    type BuildStream = EventStream<pbvm::BuildEvent>;
+    type BuildPathsStream = EventStream<pbvm::PathsBuildEvent>;
 
     async fn build(
         &self,
         request: Request<pb::BuildRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    ) -> Result<Response<Self::BuildStream>, Status> {
+        use pbvm::build_event::Event as E;
         let peer = Peer::of(&request);
         let wire = request.into_inner();
         let req = validated(&self.host, seed::decode(wire.clone()))?;
-        let (tx, mut rx) = mpsc::channel(LIVE_LOG_BUFFER);
-        // The handle moves into the stream: when the client goes away, tonic drops the
-        // stream, the handle with it, and the build's VM is killed.
-        let handle = self.host.start(req, &peer, Some(tx));
-        let stream = async_stream::stream! {
-            while let Some(e) = rx.recv().await {
-                yield Ok(match e {
-                    Event::Started { id, queued } => event(pbvm::build_event::Event::Started(pbvm::Started {
-                        build_id: id,
-                        queued_us: crate::wire::micros(queued),
-                    })),
-                    Event::Log(chunk) => event(pbvm::build_event::Event::Log(pbvm::LogChunk {
-                        stream: match chunk.stream {
-                            LogStream::Stdout => pbvm::Stream::Stdout,
-                            LogStream::Stderr => pbvm::Stream::Stderr,
-                        } as i32,
-                        data: chunk.data,
-                    })),
-                });
-            }
-            // The channel closes when the build is over.
-            match handle.finish().await {
-                Ok(finished) => yield Ok(event(pbvm::build_event::Event::Build(seed::encode(wire, &finished)))),
-                Err(e) => yield Err(Status::from(e)),
-            }
+        let event = |e| pbvm::BuildEvent {
+            event: Some(match e {
+                Live::Started(s) => E::Started(s),
+                Live::Log(l) => E::Log(l),
+            }),
         };
-        Ok(Response::new(Box::pin(stream)))
+        let last = move |f: &crate::wire::Finished| pbvm::BuildEvent {
+            event: Some(E::Build(seed::encode(wire, f))),
+        };
+        Ok(Response::new(live_stream(
+            &self.host, req, &peer, event, last,
+        )))
+    }
+
+    async fn build_paths(
+        &self,
+        request: Request<pbvm::PathsBuildRequest>,
+    ) -> Result<Response<Self::BuildPathsStream>, Status> {
+        use pbvm::paths_build_event::Event as E;
+        let peer = Peer::of(&request);
+        let req = validated(&self.host, paths::decode(request.into_inner()))?;
+        let event = |e| pbvm::PathsBuildEvent {
+            event: Some(match e {
+                Live::Started(s) => E::Started(s),
+                Live::Log(l) => E::Log(l),
+            }),
+        };
+        let last = |f: &crate::wire::Finished| pbvm::PathsBuildEvent {
+            event: Some(E::Build(paths::encode(f))),
+        };
+        Ok(Response::new(live_stream(
+            &self.host, req, &peer, event, last,
+        )))
     }
 }

@@ -7,12 +7,14 @@
 //! - [`seed`]: the original `tvix.build.v1` layout, this project's primary contract (and
 //!   the `build --request` file format).
 //! - [`tvix2024`]: `tvix.build.v1` as tvix clients of 2024 send it.
+//! - [`paths`]: the same request shape on the streaming `BuildVmService/BuildPaths`.
 //!
 //! A new dialect is a module here: its decoder uses [`env_vars!`] and [`constraints!`] (or
 //! maps a dialect of the full shape with [`full_request!`]), its encoder reads the outcome's
 //! outputs (path, node, refscan needles) and, where it has them, fills the extension fields
 //! with [`extensions_in!`].
 
+pub mod paths;
 pub mod seed;
 pub mod tvix2024;
 

@@ -1,0 +1,102 @@
+//! `tvix.build.vm.v1.BuildVmService/BuildPaths`: the request that names its own paths
+//! (wire-identical to the 2024 tvix layout and snix, mapped by the same [`full_request!`]),
+//! answered with one anonymous node per requested output, in request order, with its
+//! refscan needles and the extension fields.
+
+use super::{extensions_in, full_request, Finished};
+use crate::proto::build_vm as pb;
+use crate::request::{BuildRequest, ValidationError};
+use bytes::Bytes;
+
+/// Validates a `BuildPaths` request.
+pub fn decode(wire: pb::PathsBuildRequest) -> Result<BuildRequest, ValidationError> {
+    full_request!(wire).validate()
+}
+
+/// The result of a finished `BuildPaths` request.
+pub fn encode(f: &Finished) -> pb::PathsBuild {
+    let outputs = &f.outcome.outputs;
+    let (exit_status, timings, log) = extensions_in!(f, crate::proto::build::build);
+    pb::PathsBuild {
+        outputs: outputs
+            .iter()
+            .map(|o| o.node.to_proto(Bytes::new()))
+            .collect(),
+        outputs_needles: outputs
+            .iter()
+            .map(|o| pb::paths_build::OutputNeedles {
+                needles: o.needles.clone(),
+            })
+            .collect(),
+        exit_status,
+        timings,
+        log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::build_2024 as pb2024;
+    use prost::Message;
+
+    #[test]
+    fn the_request_is_wire_identical_to_the_2024_layout() {
+        let tvix = pb2024::BuildRequest {
+            command_args: vec!["/bin/sh".into(), "-c".into(), "echo hi > $out".into()],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            outputs: vec!["nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello".into()],
+            environment_vars: vec![pb2024::build_request::EnvVar {
+                key: "out".into(),
+                value: Bytes::from_static(b"/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"),
+            }],
+            constraints: Some(pb2024::build_request::BuildConstraints {
+                system: "x86_64-linux".into(),
+                min_memory: 1 << 30,
+                available_ro_paths: vec!["/etc/ssl".into()],
+                network_access: true,
+                provide_bin_sh: true,
+            }),
+            additional_files: vec![pb2024::build_request::AdditionalFile {
+                path: "build/.attrs.json".into(),
+                contents: Bytes::from_static(b"{}"),
+            }],
+            refscan_needles: vec!["mjs27ix6ig2bkbi3s3sm470vrv4lf7ic".into()],
+            inputs: vec![],
+        };
+        let bytes = tvix.encode_to_vec();
+        let ours = pb::PathsBuildRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(ours.encode_to_vec(), bytes);
+        let a = decode(ours).unwrap();
+        let b = crate::wire::tvix2024::decode(tvix).unwrap();
+        assert_eq!(a, b);
+        assert!(a.constraints.network_access && a.constraints.provide_bin_sh);
+        assert_eq!(a.additional_files.len(), 1);
+    }
+
+    #[test]
+    fn the_answer_is_the_2024_layouts() {
+        let f = crate::wire::tests::finished();
+        let ours = encode(&f);
+        let tvix = crate::wire::tvix2024::encode(pb2024::BuildRequest::default(), &f);
+        assert_eq!(ours.outputs, tvix.outputs);
+        let needles = |n: &[pb::paths_build::OutputNeedles]| {
+            n.iter().map(|n| n.needles.clone()).collect::<Vec<_>>()
+        };
+        let tvix_needles: Vec<_> = tvix
+            .outputs_needles
+            .iter()
+            .map(|n| n.needles.clone())
+            .collect();
+        assert_eq!(needles(&ours.outputs_needles), tvix_needles);
+        assert_eq!(
+            needles(&ours.outputs_needles),
+            [vec![1], vec![], vec![0, 1]]
+        );
+        assert_eq!(ours.timings.unwrap().total_us, 11_000);
+        assert_eq!(ours.log.unwrap().size, 3);
+        assert!(ours.exit_status.is_some());
+    }
+}
