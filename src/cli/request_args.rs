@@ -102,13 +102,14 @@ impl RequestArgs {
         // The path to the offending field (e.g. `constraints.minMemory`) is worth more than
         // serde's own words for some errors ("did not match any variant").
         let mut de = serde_json::Deserializer::from_str(&text);
-        let req = serde_path_to_error::deserialize::<_, pb::BuildRequest>(&mut de).map_err(
-            |e| RequestArgsError::Json {
-                path: path.clone(),
-                field: e.path().to_string(),
-                source: e.into_inner(),
-            },
-        )?;
+        let req =
+            serde_path_to_error::deserialize::<_, pb::BuildRequest>(&mut de).map_err(|e| {
+                RequestArgsError::Json {
+                    path: path.clone(),
+                    field: e.path().to_string(),
+                    source: e.into_inner(),
+                }
+            })?;
         de.end().map_err(|source| RequestArgsError::Json {
             path: path.clone(),
             field: ".".into(),
