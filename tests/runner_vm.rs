@@ -276,3 +276,91 @@ fn a_killed_virtio_fs_daemon_ends_the_build_and_is_named() {
     );
     env.assert_clean();
 }
+
+/// With a remote castore, whose blob sizes the host cannot check without reading them, an
+/// input that declares more bytes than its blob has boots, the guest reads EIO and the
+/// build fails; the failure says why, in the inputs' fs-daemon's own words.
+#[test]
+fn a_remote_input_shorter_than_declared_fails_with_the_fs_daemons_error() {
+    let env = Env::new();
+    let dir = tempfile::Builder::new()
+        .prefix("tbv-cs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("castore.sock");
+    // A castore-only server: no kernel, no agent.
+    let mut server = env
+        .command()
+        .env_remove("TVIX_BUILD_VM_KERNEL")
+        .env_remove("TVIX_BUILD_VM_AGENT")
+        .args(["serve", "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the castore server did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let addr = format!("grpc+unix://{}", sock.display());
+    let remote = [
+        "--blob-service-addr",
+        &addr,
+        "--directory-service-addr",
+        &addr,
+    ];
+    let import = |path: &str| -> serde_json::Value {
+        let out = env
+            .command()
+            .arg("store")
+            .args(remote)
+            .args(["import", path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let data = dir.path().join("data");
+    std::fs::write(&data, vec![7u8; 100_000]).unwrap();
+    let busybox = import(BUSYBOX);
+    let data = import(data.to_str().unwrap());
+
+    let mut short = data["file"].clone();
+    short["size"] = "1000000000".into();
+    let request = serde_json::json!({
+        "inputs": [busybox, {"file": short}],
+        "commandArgs": [SH, "cat", "/nix/store/data"],
+        "constraints": {"system": "x86_64-linux"},
+    });
+    let file = dir.path().join("request.json");
+    std::fs::write(&file, request.to_string()).unwrap();
+    let mut args = remote.to_vec();
+    args.extend(["-q", "--request", file.to_str().unwrap()]);
+    let run = env.build(&args);
+    run.assert_failed(1, "--- the inputs' fs-daemon ---");
+    assert!(
+        run.stderr
+            .contains("ends at byte 100000, but its file node says 1000000000 bytes"),
+        "{}",
+        run.stderr
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    server.wait().unwrap();
+    env.assert_clean();
+}

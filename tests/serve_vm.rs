@@ -148,6 +148,13 @@ async fn refusals_have_their_codes_and_name_the_field() {
     let mut r = ok.clone();
     r.outputs = vec!["busybox".into()];
     cases.push((r, Code::InvalidArgument, "outputs[0]"));
+    // A request that names no system is invalid, not unsatisfiable.
+    let mut r = ok.clone();
+    r.constraints.as_mut().unwrap().system.clear();
+    cases.push((r, Code::InvalidArgument, "constraints.system"));
+    let mut r = ok.clone();
+    r.constraints = None;
+    cases.push((r, Code::InvalidArgument, "constraints.system"));
     // Valid, but not for this host.
     let mut r = ok.clone();
     r.constraints.as_mut().unwrap().system = "aarch64-linux".into();
@@ -170,6 +177,29 @@ async fn refusals_have_their_codes_and_name_the_field() {
         f.digest = Bytes::copy_from_slice(B3Digest::of(b"absent").as_bytes());
     }
     cases.push((r, Code::FailedPrecondition, "busybox"));
+
+    // An input that declares another size than its blob's is refused before a VM boots,
+    // naming the input and both sizes (the embedded store knows the real one).
+    let real = file_node(&ok.inputs[0]).size;
+    for declared in [10, 1_000_000_000] {
+        let mut r = ok.clone();
+        if let Some(cpb::node::Node::File(f)) = &mut r.inputs[0].node {
+            f.size = declared;
+        }
+        let status = client.do_build(r).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{}",
+            status.message()
+        );
+        let want = format!("input busybox declares {declared} bytes, but its blob");
+        assert!(
+            status.message().contains(&want) && status.message().contains(&format!("has {real}")),
+            "{}",
+            status.message()
+        );
+    }
 
     for (req, code, needle) in cases {
         let status = client.do_build(req).await.unwrap_err();
@@ -383,6 +413,15 @@ async fn the_2024_layout_is_served_end_to_end() {
     let s = client.do_build(r).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert!(s.message().contains("network_access"), "{}", s.message());
+    let mut r = req.clone();
+    r.constraints.as_mut().unwrap().system.clear();
+    let s = client.do_build(r).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(
+        s.message().contains("constraints.system"),
+        "{}",
+        s.message()
+    );
     let mut r = req;
     r.working_dir = "/build".into();
     let s = client.do_build(r).await.unwrap_err();

@@ -110,6 +110,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             if let Some(tail) = e.log_tail().filter(|t| !t.is_empty()) {
                 eprintln!("--- build log (last {} bytes) ---\n{tail}", tail.len());
             }
+            if let Some(problems) = e.fs_daemon_problems() {
+                eprintln!("--- the inputs' fs-daemon ---\n{problems}");
+            }
             eprintln!("error: build {id}: {:#}", anyhow::Error::from(e));
             Ok(ExitCode::from(code))
         }

@@ -64,9 +64,11 @@ pub enum RequestArgsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: not a BuildRequest in proto3 JSON", path.display())]
+    #[error("{}: not a BuildRequest in proto3 JSON: at {field}", path.display())]
     Json {
         path: PathBuf,
+        /// Where in the document, e.g. `constraints.minMemory` (`.` for the whole).
+        field: String,
         #[source]
         source: serde_json::Error,
     },
@@ -97,10 +99,23 @@ impl RequestArgs {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_str::<pb::BuildRequest>(&text).map_err(|source| RequestArgsError::Json {
+        // The path to the offending field (e.g. `constraints.minMemory`) is worth more than
+        // serde's own words for some errors ("did not match any variant").
+        let mut de = serde_json::Deserializer::from_str(&text);
+        let req =
+            serde_path_to_error::deserialize::<_, pb::BuildRequest>(&mut de).map_err(|e| {
+                RequestArgsError::Json {
+                    path: path.clone(),
+                    field: e.path().to_string(),
+                    source: e.into_inner(),
+                }
+            })?;
+        de.end().map_err(|source| RequestArgsError::Json {
             path: path.clone(),
+            field: ".".into(),
             source,
-        })
+        })?;
+        Ok(req)
     }
 
     /// `req` (from [`RequestArgs::load`]) with the flags applied; `imported` are the root

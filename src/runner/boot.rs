@@ -37,6 +37,9 @@ const GUEST_CID: u32 = 3;
 /// Host descriptors the guest may hold in one read-only host directory share (looked-up
 /// entries and open files together): enough for a tree of thousands of files.
 const RO_SHARE_MAX_FDS: u64 = 8192;
+/// The inputs' fs-daemon's log in a VM's runtime directory (the process group names each
+/// member's log after it).
+const FS_DAEMON_LOG: &str = "fs-daemon.log";
 /// How much of the serial console goes into an error message.
 pub(super) const SERIAL_TAIL_BYTES: u64 = 4096;
 
@@ -288,7 +291,7 @@ impl BootedVm {
                 log_tail: String::new(),
             });
         };
-        hand_root(&mut pipe, root, limit, &self.rt.join("fs-daemon.log")).await
+        hand_root(&mut pipe, root, limit, &self.rt.join(FS_DAEMON_LOG)).await
     }
 
     /// Splits the VM into its parts for the rest of the build, in the order to bind them:
@@ -356,7 +359,23 @@ pub(super) fn session_error(vm: &RunningVm, error: agent::Error, log_tail: Strin
         error,
         log_tail,
         serial_tail: vm.serial_tail(SERIAL_TAIL_BYTES),
+        fs_daemon_problems: fs_daemon_problems(vm),
     }))
+}
+
+/// The warnings and errors the inputs' fs-daemon logged (its log sits next to the serial
+/// log, in the VM's runtime directory): a guest that read an input wrong sees only EIO, and
+/// this says why (a blob shorter than its node says, a castore that failed). Empty when it
+/// logged none.
+fn fs_daemon_problems(vm: &RunningVm) -> String {
+    let Some(dir) = vm.serial_log().parent() else {
+        return String::new();
+    };
+    let log = crate::vm::logsink::tail(&dir.join(FS_DAEMON_LOG), SERIAL_TAIL_BYTES);
+    log.lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Waits until the daemon listens on `socket`, or fails with its log if it exits first or

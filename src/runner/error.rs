@@ -29,6 +29,13 @@ pub enum RunError {
     CastoreStalled { what: &'static str, after: Duration },
     #[error("input {name} ({digest}) is not in the castore")]
     MissingInput { name: String, digest: B3Digest },
+    #[error("input {name} declares {declared} bytes, but its blob {digest} has {real}")]
+    InputSize {
+        name: String,
+        digest: B3Digest,
+        declared: u64,
+        real: u64,
+    },
     #[error("resolving input {name}")]
     ResolveInput {
         name: String,
@@ -79,7 +86,7 @@ pub enum RunError {
 impl RunError {
     pub fn fault(&self) -> Fault {
         match self {
-            RunError::MissingInput { .. } => Fault::Precondition,
+            RunError::MissingInput { .. } | RunError::InputSize { .. } => Fault::Precondition,
             RunError::OutputMissing { .. } => Fault::Build,
             RunError::Session(f) => match f.error.class() {
                 agent::ErrorClass::BuildFailed => Fault::Build,
@@ -123,6 +130,15 @@ impl RunError {
         }
     }
 
+    /// What the inputs' fs-daemon logged as warnings or errors while the build ran: a
+    /// build that failed reading an input (EIO in the guest) learns the cause here.
+    pub fn fs_daemon_problems(&self) -> Option<&str> {
+        match self {
+            RunError::Session(f) if !f.fs_daemon_problems.is_empty() => Some(&f.fs_daemon_problems),
+            _ => None,
+        }
+    }
+
     /// The end of the VM's serial console, where it tells something about the failure.
     pub fn serial_tail(&self) -> Option<&str> {
         match self {
@@ -145,6 +161,9 @@ pub struct SessionFailure {
     pub error: agent::Error,
     pub log_tail: String,
     pub serial_tail: String,
+    /// What the inputs' fs-daemon logged as warnings or errors (see
+    /// [`RunError::fs_daemon_problems`]); usually empty.
+    pub fs_daemon_problems: String,
 }
 
 impl std::fmt::Display for SessionFailure {

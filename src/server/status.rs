@@ -171,6 +171,9 @@ impl From<BuildError> for tonic::Status {
                     tail.len()
                 );
             }
+            if let Some(problems) = error.fs_daemon_problems() {
+                let _ = write!(message, "\n--- the inputs' fs-daemon ---\n{problems}");
+            }
             if let Some(tail) = error.serial_tail().filter(|t| !t.is_empty()) {
                 let _ = write!(message, "\n--- serial console ---\n{tail}");
             }
@@ -225,6 +228,7 @@ mod tests {
             error,
             log_tail: "last words\n".into(),
             serial_tail: String::new(),
+            fs_daemon_problems: String::new(),
         }))
     }
 

@@ -167,6 +167,16 @@ impl BlobService for LocalBlobService {
         }
     }
 
+    async fn cheap_size(&self, digest: &B3Digest) -> Result<Option<u64>, Error> {
+        let path = self.blob_path(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("checking blob {}", path.display()), e)),
+        }
+    }
+
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
         let path = self.blob_path(digest);
         match tokio::fs::File::open(&path).await {

@@ -35,6 +35,15 @@ impl BlobService for MemoryBlobService {
             .contains_key(digest))
     }
 
+    async fn cheap_size(&self, digest: &B3Digest) -> Result<Option<u64>, Error> {
+        Ok(self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .map(|b| b.len() as u64))
+    }
+
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
         let found = self
             .map

@@ -25,6 +25,13 @@ impl<T: AsyncRead + AsyncSeek + Send + Unpin + 'static> BlobReader for T {}
 pub trait BlobService: Send + Sync + 'static {
     /// Whether the blob is present.
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error>;
+    /// The blob's size, where the backend knows it without reading the blob or asking a
+    /// server (a local file's length, a blob in memory); `None` when it does not, or the
+    /// blob is absent. For refusing a node that declares another size early, never the only
+    /// check. The default knows nothing cheaply.
+    async fn cheap_size(&self, _digest: &B3Digest) -> Result<Option<u64>, Error> {
+        Ok(None)
+    }
     /// A reader over the blob, or `None` if absent.
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error>;
     /// A writer for a new blob. Nothing becomes visible before [`BlobWriter::close`]
