@@ -17,7 +17,7 @@ use crate::castore::directory::Directory;
 use crate::fs::spec::{DEFAULT_MAX_INODES, DEFAULT_THREADS};
 use crate::fs::{DaemonSpec, RootSource, ShareSource};
 use crate::vm::process::{ProcessGroup, Stdout};
-use crate::vm::vsock::HostListener;
+use crate::vm::vsock::{HostListener, VsockError};
 use crate::vm::{
     cmdline, FsShare, HybridVsock, LaunchConfig, LaunchSpec, RunningVm, VmExit, VmStatus,
     VmmBackend,
@@ -83,11 +83,6 @@ impl std::fmt::Debug for BootedVm {
             .field("shape", &self.shape)
             .finish()
     }
-}
-
-fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
-    let what = what.into();
-    move |source| RunError::Setup { what, source }
 }
 
 impl Booter {
@@ -176,8 +171,12 @@ impl Booter {
         }
 
         let vsock_uds = rt.join("vsock.sock");
-        let listener = HostListener::bind(&vsock_uds, DEFAULT_AGENT_PORT)
-            .map_err(|e| setup("binding the agent's vsock listener")(std::io::Error::other(e)))?;
+        let listener = HostListener::bind(&vsock_uds, DEFAULT_AGENT_PORT).map_err(|source| {
+            RunError::Vsock {
+                what: "binding the agent's vsock listener",
+                source,
+            }
+        })?;
         let spec = LaunchSpec::new(LaunchConfig {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
@@ -205,13 +204,15 @@ impl Booter {
         let stream = tokio::select! {
             accepted = listener.accept(boot_deadline) => match accepted {
                 Ok(stream) => stream,
-                Err(e) => {
+                Err(source) => {
                     let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
                     vm.kill().await;
-                    if Instant::now() >= boot_deadline {
-                        return Err(RunError::BootTimeout { after: config.deadlines.boot, serial_tail });
-                    }
-                    return Err(setup("accepting the agent's connection")(std::io::Error::other(e)));
+                    return Err(match source {
+                        VsockError::AcceptTimeout { .. } => {
+                            RunError::BootTimeout { after: config.deadlines.boot, serial_tail }
+                        }
+                        source => RunError::Vsock { what: "accepting the agent's connection", source },
+                    });
                 }
             },
             exit = vm.wait() => return Err(vm_died(&vm, exit, "booting")),

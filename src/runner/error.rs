@@ -5,6 +5,7 @@ use super::runtime_dir::RuntimeDirError;
 use crate::agent;
 use crate::castore::{self, B3Digest};
 use crate::refscan::RefscanError;
+use crate::vm::vsock::VsockError;
 use crate::vm::{LaunchError, SpecError, VmStatus};
 use std::time::Duration;
 
@@ -49,6 +50,14 @@ pub enum RunError {
         what: String,
         #[source]
         source: std::io::Error,
+    },
+    /// The host end of the agent's vsock connection failed (binding it, or accepting on it
+    /// other than by the boot deadline passing, which is [`RunError::BootTimeout`]).
+    #[error("{what}")]
+    Vsock {
+        what: &'static str,
+        #[source]
+        source: VsockError,
     },
     #[error("the virtio-fs daemon failed to start: {reason}")]
     FsDaemon { reason: String, log_tail: String },
@@ -97,6 +106,7 @@ impl RunError {
             | RunError::CastoreStalled { .. }
             | RunError::RuntimeDir(_)
             | RunError::Setup { .. }
+            | RunError::Vsock { .. }
             | RunError::FsDaemon { .. }
             | RunError::Spec(_)
             | RunError::Launch(_)
@@ -175,5 +185,41 @@ impl std::fmt::Display for SessionFailure {
 impl std::error::Error for SessionFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.error.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::vsock::HostListener;
+    use std::error::Error as _;
+
+    /// A vsock listener that cannot be bound: the second one on the same path.
+    fn bind_error() -> VsockError {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vsock.sock");
+        let _first = HostListener::bind(&socket, 1024).expect("the first bind");
+        HostListener::bind(&socket, 1024).expect_err("the path is taken")
+    }
+
+    #[tokio::test]
+    async fn a_vsock_failure_stays_typed_and_is_ours() {
+        let error = RunError::Vsock {
+            what: "binding the agent's vsock listener",
+            source: bind_error(),
+        };
+        assert_eq!(error.fault(), Fault::Infrastructure);
+        assert!(!error.is_timeout());
+        let source = error.source().expect("a source");
+        let vsock = source
+            .downcast_ref::<VsockError>()
+            .expect("the source is the VsockError itself");
+        assert!(matches!(vsock, VsockError::Bind { .. }), "{vsock}");
+        // The chain names what we did, the socket and the system's reason, in that order.
+        assert_eq!(error.to_string(), "binding the agent's vsock listener");
+        assert!(source.to_string().starts_with("listening on "), "{source}");
+        assert!(source.to_string().ends_with("vsock.sock_1024"), "{source}");
+        let io = source.source().expect("the io error under it");
+        assert!(io.downcast_ref::<std::io::Error>().is_some(), "{io}");
     }
 }

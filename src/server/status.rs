@@ -287,6 +287,23 @@ mod tests {
         });
         assert_eq!(stalled.code(), Code::Unavailable);
 
+        // Our end of the agent's connection failing is our fault and not worth a retry.
+        let vsock = run(RunError::Vsock {
+            what: "accepting the agent's connection",
+            source: crate::vm::vsock::VsockError::ForeignPeer {
+                path: "/run/b1/vsock.sock_1024".into(),
+                uid: 1000,
+                expected: 0,
+            },
+        });
+        assert_eq!(vsock.code(), Code::Internal);
+        assert_eq!(vsock.result(), BuildResult::InternalError);
+        let message = tonic::Status::from(vsock).message().to_owned();
+        assert!(
+            message.contains("accepting the agent's connection: connection on /run/b1/vsock.sock_1024 from uid 1000"),
+            "{message}"
+        );
+
         assert_eq!(
             BuildError::QueueFull(QueueFull {
                 running: 1,
