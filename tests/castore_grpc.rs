@@ -11,17 +11,17 @@ use pb::blob_service_client::BlobServiceClient;
 use pb::directory_service_client::DirectoryServiceClient;
 use prost::Message;
 use std::sync::Arc;
-use tonic::transport::Channel;
 use tonic::Code;
 use tvix_build_vm::castore::blob::MemoryBlobService;
 use tvix_build_vm::castore::channel::channel_from_addr;
 use tvix_build_vm::castore::directory_service::MemoryDirectoryService;
+use tvix_build_vm::castore::package::PackageChannel;
 use tvix_build_vm::castore::{B3Digest, Directory, Node, PathComponent};
 use tvix_build_vm::proto::castore as pb;
 use tvix_build_vm::server::{self, ListenAddr, Listener};
 
 struct Fixture {
-    channel: Channel,
+    channel: PackageChannel,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -154,7 +154,7 @@ fn dir_node(name: &str, d: &pb::Directory, size: u64) -> pb::DirectoryNode {
 }
 
 async fn put_dirs(
-    c: &mut DirectoryServiceClient<Channel>,
+    c: &mut DirectoryServiceClient<PackageChannel>,
     dirs: Vec<pb::Directory>,
 ) -> Result<pb::PutDirectoryResponse, tonic::Status> {
     c.put(futures::stream::iter(dirs))
