@@ -6,6 +6,8 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
+mod cli_support;
+
 use bytes::Bytes;
 use pb::blob_service_client::BlobServiceClient;
 use pb::directory_service_client::DirectoryServiceClient;
@@ -295,50 +297,18 @@ async fn directory_put_and_recursive_get() {
 
 #[tokio::test]
 async fn health_and_reflection() {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let f = fixture().await;
-    let mut h = HealthClient::new(f.channel.clone());
-    for svc in [
-        "tvix.castore.v1.BlobService",
-        "tvix.castore.v1.DirectoryService",
-    ] {
-        let r = h
-            .check(HealthCheckRequest {
-                service: svc.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status, ServingStatus::Serving as i32, "{svc}");
-    }
-
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut r = ServerReflectionClient::new(f.channel.clone());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = r
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection reply {resp:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "tvix.castore.v1.BlobService",
-        "tvix.castore.v1.DirectoryService",
-    ] {
-        assert!(names.iter().any(|n| n == want), "{names:?}");
-    }
+    // Castore only: the build services are neither served nor listed.
+    cli_support::serve::assert_listed_and_serving(
+        f.channel.clone(),
+        &[
+            "tvix.castore.v1.BlobService",
+            "tvix.castore.v1.DirectoryService",
+            "snix.castore.v1.BlobService",
+            "snix.castore.v1.DirectoryService",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]

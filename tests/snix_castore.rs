@@ -351,53 +351,20 @@ async fn put_contract_on_both_packages() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_what_health_reports_serving() {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-
     let env = Env::new();
     let server = Serve::start(&env, &[]);
-    let mut r = ServerReflectionClient::new(server.channel());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = r
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection reply {resp:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "tvix.castore.v1.BlobService",
-        "tvix.castore.v1.DirectoryService",
-        "snix.castore.v1.BlobService",
-        "snix.castore.v1.DirectoryService",
-    ] {
-        assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
-    }
-    let mut h = HealthClient::new(server.channel());
-    for name in names.iter().filter(|n| !n.starts_with("grpc.")) {
-        let status = h
-            .check(HealthCheckRequest {
-                service: name.clone(),
-            })
-            .await
-            .map(|r| r.into_inner().status);
-        assert_eq!(
-            status.ok(),
-            Some(ServingStatus::Serving as i32),
-            "{name} is listed but not reported serving"
-        );
-    }
+    cli_support::serve::assert_listed_and_serving(
+        server.channel(),
+        &[
+            "tvix.castore.v1.BlobService",
+            "tvix.castore.v1.DirectoryService",
+            "snix.castore.v1.BlobService",
+            "snix.castore.v1.DirectoryService",
+            "tvix.build.v1.BuildService",
+            "tvix.build.vm.v1.BuildVmService",
+        ],
+    )
+    .await;
 }
 
 /// Our clients against a server that answers only snix.castore.v1, as a snix-store does.

@@ -200,9 +200,12 @@ fn descriptors(protocol: Option<Protocol>) -> Result<prost_types::FileDescriptor
     use prost::Message;
     let mut main = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .map_err(ServerError::Descriptors)?;
+    // Reflection lists only what is served: no build protos for a castore-only server, and
     // snix.build.v1 is not served yet.
-    main.file
-        .retain(|f| !f.package().starts_with("snix.build."));
+    main.file.retain(|f| {
+        !f.package().starts_with("snix.build.")
+            && (protocol.is_some() || !f.package().starts_with("tvix.build."))
+    });
     if protocol != Some(Protocol::Tvix2024) {
         return Ok(main);
     }
