@@ -1,6 +1,7 @@
-//! Compiles the tvix castore and build protos (wire-identical to tvix) with tonic, adds
-//! proto3 JSON (pbjson) for the CLI, and writes a file descriptor set for gRPC reflection.
-//! The 2024 tvix layout of the build protos is compiled separately into `$OUT_DIR/tvix2024`.
+//! Compiles the tvix castore and build protos (wire-identical to tvix) and snix's (the
+//! successor's packages, served beside tvix's) with tonic, adds proto3 JSON (pbjson) for
+//! the CLI, and writes a file descriptor set for gRPC reflection. The 2024 tvix layout of
+//! the build protos is compiled separately into `$OUT_DIR/tvix2024`.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,11 @@ const PROTOS: &[&str] = &[
     "protos/tvix/build/protos/build.proto",
     "protos/tvix/build/protos/rpc_build.proto",
     "protos/tvix/build/vm/v1/rpc_build_vm.proto",
+    "protos/snix/castore/protos/castore.proto",
+    "protos/snix/castore/protos/rpc_blobstore.proto",
+    "protos/snix/castore/protos/rpc_directory.proto",
+    "protos/snix/build/protos/build.proto",
+    "protos/snix/build/protos/rpc_build.proto",
 ];
 
 /// The 2024 tvix layout: the same package and message names as the seed layout with other

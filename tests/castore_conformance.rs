@@ -264,9 +264,8 @@ mod dir_tests {
         let e = svc.put(parent.clone()).await.unwrap_err();
         assert!(is_refusal(&e), "{e:?}");
         assert!(svc.get(&parent.digest()).await.unwrap().is_none());
-        // Once the child is stored, the parent may reference it.
-        svc.put(child).await.unwrap();
-        assert_eq!(svc.put(parent.clone()).await.unwrap(), parent.digest());
+        // Whether a stored child may be referenced by a later upload differs: see
+        // `stored_child_*` below.
     }
 
     pub async fn closure_put_and_breadth_first_get(svc: Arc<dyn DirectoryService>) {
@@ -423,3 +422,55 @@ macro_rules! dir_suite {
 }
 
 dir_suite!(dir_memory => memory_dirs, dir_redb => redb_dirs, dir_grpc => grpc_dirs);
+
+/// A stored backend takes a parent whose child it already holds.
+#[tokio::test]
+async fn stored_child_may_be_referenced_by_a_later_upload() {
+    for (svc, _g) in [memory_dirs().await, redb_dirs().await] {
+        let child = leaf("c");
+        let parent = with_children(&[("c", &child)]);
+        svc.put(child).await.unwrap();
+        assert_eq!(svc.put(parent.clone()).await.unwrap(), parent.digest());
+    }
+}
+
+/// Over gRPC, the protocol's Put contract holds: an upload may only refer to directories
+/// sent before in it. The client refuses such an upload before sending it, naming the child.
+#[tokio::test]
+async fn stored_child_is_not_enough_over_grpc() {
+    use tvix_build_vm::castore::error::ClosureError;
+    let (svc, _g) = grpc_dirs().await;
+    let child = leaf("c");
+    let parent = with_children(&[("c", &child)]);
+    svc.put(child.clone()).await.unwrap();
+    match svc.put(parent.clone()).await {
+        Err(Error::InvalidClosure(ClosureError::NotInStream {
+            parent: p,
+            name,
+            child: c,
+        })) => {
+            assert_eq!(
+                (p, name.as_str(), c),
+                (parent.digest(), "c", child.digest())
+            );
+        }
+        other => panic!("expected the Put contract's refusal, got {other:?}"),
+    }
+    assert!(svc.get(&parent.digest()).await.unwrap().is_none());
+    // A putter that refused stays refused: a later close cannot store what came before.
+    let mut p = svc.put_multiple_start();
+    let other = leaf("o");
+    p.put(other.clone()).await.unwrap();
+    assert!(p.put(parent.clone()).await.is_err());
+    assert!(matches!(
+        p.close().await,
+        Err(Error::InvalidClosure(ClosureError::NotInStream { .. }))
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(svc.get(&other.digest()).await.unwrap().is_none());
+    // The whole closure in one upload works.
+    let mut p = svc.put_multiple_start();
+    p.put(child).await.unwrap();
+    p.put(parent.clone()).await.unwrap();
+    assert_eq!(p.close().await.unwrap(), parent.digest());
+}

@@ -6,22 +6,24 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
+mod cli_support;
+
 use bytes::Bytes;
 use pb::blob_service_client::BlobServiceClient;
 use pb::directory_service_client::DirectoryServiceClient;
 use prost::Message;
 use std::sync::Arc;
-use tonic::transport::Channel;
 use tonic::Code;
 use tvix_build_vm::castore::blob::MemoryBlobService;
 use tvix_build_vm::castore::channel::channel_from_addr;
 use tvix_build_vm::castore::directory_service::MemoryDirectoryService;
+use tvix_build_vm::castore::package::PackageChannel;
 use tvix_build_vm::castore::{B3Digest, Directory, Node, PathComponent};
 use tvix_build_vm::proto::castore as pb;
 use tvix_build_vm::server::{self, ListenAddr, Listener};
 
 struct Fixture {
-    channel: Channel,
+    channel: PackageChannel,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -154,7 +156,7 @@ fn dir_node(name: &str, d: &pb::Directory, size: u64) -> pb::DirectoryNode {
 }
 
 async fn put_dirs(
-    c: &mut DirectoryServiceClient<Channel>,
+    c: &mut DirectoryServiceClient<PackageChannel>,
     dirs: Vec<pb::Directory>,
 ) -> Result<pb::PutDirectoryResponse, tonic::Status> {
     c.put(futures::stream::iter(dirs))
@@ -295,50 +297,18 @@ async fn directory_put_and_recursive_get() {
 
 #[tokio::test]
 async fn health_and_reflection() {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let f = fixture().await;
-    let mut h = HealthClient::new(f.channel.clone());
-    for svc in [
-        "tvix.castore.v1.BlobService",
-        "tvix.castore.v1.DirectoryService",
-    ] {
-        let r = h
-            .check(HealthCheckRequest {
-                service: svc.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status, ServingStatus::Serving as i32, "{svc}");
-    }
-
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut r = ServerReflectionClient::new(f.channel.clone());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = r
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection reply {resp:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "tvix.castore.v1.BlobService",
-        "tvix.castore.v1.DirectoryService",
-    ] {
-        assert!(names.iter().any(|n| n == want), "{names:?}");
-    }
+    // Castore only: the build services are neither served nor listed.
+    cli_support::serve::assert_listed_and_serving(
+        f.channel.clone(),
+        &[
+            "tvix.castore.v1.BlobService",
+            "tvix.castore.v1.DirectoryService",
+            "snix.castore.v1.BlobService",
+            "snix.castore.v1.DirectoryService",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,8 +1,16 @@
-//! Backends from tvix-style addresses.
+//! Backends from addresses, as tvix users and snix users write them (both work).
 //!
-//! Blobs: `memory://`, `objectstore+file:///abs/dir` or a plain absolute path (the local
-//! file store), `grpc+unix:///abs/path.sock`, `grpc+http://host:port`.
-//! Directories: `memory://`, `redb:///abs/file.redb`, `grpc+unix://...`, `grpc+http://...`.
+//! | backend | tvix spelling | snix spelling |
+//! | --- | --- | --- |
+//! | memory (blobs, directories) | `memory://` | `memory:` (`redb+memory:` for directories) |
+//! | local blob files | `objectstore+file:///abs/dir`, `/abs/dir` | `objectstore+file:/abs/dir` |
+//! | redb directories | `redb:///abs/file.redb` | `redb:/abs/file.redb` |
+//! | gRPC over a unix socket | `grpc+unix:///abs/path.sock` | `grpc+unix:/abs/path.sock` |
+//! | gRPC over TCP | `grpc+http://host:port` | the same |
+//!
+//! A gRPC address takes `?package=snix` for a peer that speaks `snix.castore.v1` (a
+//! snix-store); without it the client speaks `tvix.castore.v1` (see [`super::channel`]).
+//! Our local blob files are this project's layout, not snix's object-store bucket layout.
 
 use super::blob::{GrpcBlobService, LocalBlobService, MemoryBlobService};
 use super::channel::{channel_from_addr, ChannelError};
@@ -22,7 +30,7 @@ pub enum AddrError {
         kind: &'static str,
         expected: &'static str,
     },
-    #[error("{addr:?}: the path must be absolute")]
+    #[error("{addr:?}: the path must be absolute, with no host (scheme:/abs/path or scheme:///abs/path)")]
     NotAbsolute { addr: String },
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -34,40 +42,53 @@ pub enum AddrError {
     },
 }
 
-const BLOB_SCHEMES: &str =
-    "memory://, objectstore+file:///abs/dir, /abs/dir, grpc+unix:///abs.sock or grpc+http://host:port";
-const DIRECTORY_SCHEMES: &str =
-    "memory://, redb:///abs/file.redb, grpc+unix:///abs.sock or grpc+http://host:port";
+/// The accepted blob addresses, for `--help` and error messages.
+pub const BLOB_ADDRESSES: &str = "memory: (or memory://), objectstore+file:/abs/dir (or \
+     objectstore+file:///abs/dir, or /abs/dir), grpc+unix:/abs.sock (or grpc+unix:///abs.sock) \
+     or grpc+http://host:port; a gRPC address takes ?package=snix for a snix-store";
+/// The accepted directory addresses, for `--help` and error messages.
+pub const DIRECTORY_ADDRESSES: &str = "memory: (or memory://, redb+memory:), \
+     redb:/abs/file.redb (or redb:///abs/file.redb), grpc+unix:/abs.sock (or \
+     grpc+unix:///abs.sock) or grpc+http://host:port; a gRPC address takes ?package=snix for \
+     a snix-store";
 
-fn absolute<'a>(addr: &str, path: &'a str) -> Result<&'a Path, AddrError> {
-    let p = Path::new(path);
-    if p.is_absolute() {
-        Ok(p)
+/// The in-memory backend's spellings.
+fn is_memory(addr: &str) -> bool {
+    matches!(addr, "memory:" | "memory://")
+}
+
+/// The absolute path of `scheme:/abs` (snix) or `scheme:///abs` (tvix); `None` if `addr`
+/// has another scheme. A host (`scheme://host/abs`) or a relative path is refused.
+fn scheme_path<'a>(addr: &'a str, scheme: &str) -> Option<Result<&'a Path, AddrError>> {
+    let rest = addr.strip_prefix(scheme)?.strip_prefix(':')?;
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    Some(if path.starts_with('/') && !path.starts_with("//") {
+        Ok(Path::new(path))
     } else {
         Err(AddrError::NotAbsolute {
             addr: addr.to_owned(),
         })
-    }
+    })
 }
 
 /// A blob service for `addr`. gRPC clients connect lazily, so this must be called inside a
 /// tokio runtime and a dead server shows up on first use.
 pub fn blob_service_from_addr(addr: &str) -> Result<Arc<dyn BlobService>, AddrError> {
-    if addr == "memory://" {
+    if is_memory(addr) {
         return Ok(Arc::new(MemoryBlobService::new()));
     }
     if addr.starts_with("grpc+") {
         return Ok(Arc::new(GrpcBlobService::new(channel_from_addr(addr)?)));
     }
-    let path = if let Some(p) = addr.strip_prefix("objectstore+file://") {
-        absolute(addr, p)?
+    let path = if let Some(p) = scheme_path(addr, "objectstore+file") {
+        p?
     } else if addr.starts_with('/') {
         Path::new(addr)
     } else {
         return Err(AddrError::Unsupported {
             addr: addr.to_owned(),
             kind: "blob",
-            expected: BLOB_SCHEMES,
+            expected: BLOB_ADDRESSES,
         });
     };
     let svc = LocalBlobService::open(path).map_err(|source| AddrError::Open {
@@ -79,7 +100,7 @@ pub fn blob_service_from_addr(addr: &str) -> Result<Arc<dyn BlobService>, AddrEr
 
 /// A directory service for `addr` (see [`blob_service_from_addr`] about gRPC).
 pub fn directory_service_from_addr(addr: &str) -> Result<Arc<dyn DirectoryService>, AddrError> {
-    if addr == "memory://" {
+    if is_memory(addr) || addr == "redb+memory:" {
         return Ok(Arc::new(MemoryDirectoryService::new()));
     }
     if addr.starts_with("grpc+") {
@@ -87,9 +108,8 @@ pub fn directory_service_from_addr(addr: &str) -> Result<Arc<dyn DirectoryServic
             addr,
         )?)));
     }
-    if let Some(p) = addr.strip_prefix("redb://") {
-        let path = absolute(addr, p)?;
-        let svc = RedbDirectoryService::open(path).map_err(|source| AddrError::Open {
+    if let Some(path) = scheme_path(addr, "redb") {
+        let svc = RedbDirectoryService::open(path?).map_err(|source| AddrError::Open {
             addr: addr.to_owned(),
             source,
         })?;
@@ -98,7 +118,7 @@ pub fn directory_service_from_addr(addr: &str) -> Result<Arc<dyn DirectoryServic
     Err(AddrError::Unsupported {
         addr: addr.to_owned(),
         kind: "directory",
-        expected: DIRECTORY_SCHEMES,
+        expected: DIRECTORY_ADDRESSES,
     })
 }
 
@@ -107,54 +127,83 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn known_addresses_open() {
+    async fn both_spellings_open() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         for a in [
             "memory://".to_string(),
+            "memory:".into(),
             format!("objectstore+file://{d}/blobs"),
+            format!("objectstore+file:{d}/blobs-snix"),
             format!("{d}/blobs2"),
             "grpc+unix:///run/x.sock".into(),
+            "grpc+unix:/run/x.sock".into(),
+            "grpc+unix:/run/x.sock?package=snix".into(),
             "grpc+http://127.0.0.1:8000".into(),
+            "grpc+http://127.0.0.1:8000?package=snix".into(),
         ] {
-            assert!(blob_service_from_addr(&a).is_ok(), "{a}");
+            if let Err(e) = blob_service_from_addr(&a) {
+                panic!("{a}: {e}");
+            }
         }
         for a in [
             "memory://".to_string(),
+            "memory:".into(),
+            "redb+memory:".into(),
             format!("redb://{d}/directories.redb"),
+            format!("redb:{d}/directories-snix.redb"),
             "grpc+unix:///run/x.sock".into(),
+            "grpc+unix:/run/x.sock?package=snix".into(),
             "grpc+http://[::1]:8000".into(),
         ] {
-            assert!(directory_service_from_addr(&a).is_ok(), "{a}");
+            if let Err(e) = directory_service_from_addr(&a) {
+                panic!("{a}: {e}");
+            }
         }
+        // Both spellings of a path name the same store.
+        assert!(dir.path().join("blobs-snix").is_dir());
+        assert!(dir.path().join("directories-snix.redb").is_file());
     }
 
     #[tokio::test]
     async fn bad_addresses_are_named_in_the_error() {
-        for a in [
-            "relative/dir",
-            "http://x:1",
-            "objectstore+file://rel",
-            "grpc+unix://rel.sock",
-            "grpc+http://host",
+        for (a, want) in [
+            ("relative/dir", "unsupported blob service address"),
+            ("http://x:1", "unsupported blob service address"),
+            ("memory:/", "unsupported blob service address"),
+            ("memory://foo", "unsupported blob service address"),
+            ("objectstore+file://rel", "must be absolute"),
+            ("objectstore+file:rel", "must be absolute"),
+            ("objectstore+file://host/abs", "must be absolute"),
+            ("grpc+unix://rel.sock", "absolute socket path"),
+            ("grpc+unix:rel.sock", "absolute socket path"),
+            ("grpc+http://host", "host and port"),
+            ("grpc+unix:/x.sock?package=nix", "unknown castore package"),
         ] {
             let msg = match blob_service_from_addr(a) {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("{a} accepted"),
             };
-            assert!(msg.contains(a), "{msg}");
+            assert!(msg.contains(a) && msg.contains(want), "{a}: {msg}");
         }
-        for a in [
-            "redb://rel.redb",
-            "objectstore+file:///x",
-            "/abs/dir",
-            "memory:",
+        for (a, want) in [
+            ("redb://rel.redb", "must be absolute"),
+            ("redb:rel.redb", "must be absolute"),
+            ("redb://host/abs.redb", "must be absolute"),
+            ("redb:", "must be absolute"),
+            (
+                "objectstore+file:///x",
+                "unsupported directory service address",
+            ),
+            ("/abs/dir", "unsupported directory service address"),
+            ("memory", "unsupported directory service address"),
+            ("redb+memory:/x", "unsupported directory service address"),
         ] {
             let msg = match directory_service_from_addr(a) {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("{a} accepted"),
             };
-            assert!(msg.contains(a), "{msg}");
+            assert!(msg.contains(a) && msg.contains(want), "{a}: {msg}");
         }
     }
 }

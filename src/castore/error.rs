@@ -14,6 +14,13 @@ pub enum ClosureError {
         name: String,
         child: B3Digest,
     },
+    /// The Put contract of the castore gRPC protocol: one stream carries a whole closure.
+    #[error("directory {parent} refers to directory {child} (entry {name}), which was not sent before it in this upload (a Put stream carries the whole closure, leaves first)")]
+    NotInStream {
+        parent: B3Digest,
+        name: String,
+        child: B3Digest,
+    },
     #[error("the closure has {0} roots; exactly one directory must not be referenced by another")]
     RootCount(usize),
     #[error("directory {0} was sent twice")]

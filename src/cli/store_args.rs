@@ -23,12 +23,16 @@ pub struct StoreArgs {
     /// as root.
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Blob service address instead of the embedded store's blobs (memory://,
-    /// objectstore+file:///abs/dir, /abs/dir, grpc+unix:///abs.sock, grpc+http://host:port).
+    /// Blob service address instead of the embedded store's blobs, as tvix or snix spell it:
+    /// memory: or memory://, objectstore+file:/abs/dir or objectstore+file:///abs/dir or
+    /// /abs/dir, grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
+    /// ?package=snix for a snix-store).
     #[arg(long, global = true, value_name = "ADDR")]
     pub blob_service_addr: Option<String>,
-    /// Directory service address instead of the embedded store's directories.redb
-    /// (memory://, redb:///abs/file.redb, grpc+unix:///abs.sock, grpc+http://host:port).
+    /// Directory service address instead of the embedded store's directories.redb, as tvix
+    /// or snix spell it: memory: or memory://, redb:/abs/file.redb or redb:///abs/file.redb,
+    /// grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
+    /// ?package=snix for a snix-store).
     #[arg(long, global = true, value_name = "ADDR")]
     pub directory_service_addr: Option<String>,
 }

@@ -1,4 +1,5 @@
-//! `tvix.castore.v1.BlobService` over any [`BlobService`].
+//! `tvix.castore.v1.BlobService` over any [`BlobService`]; the router also serves it as
+//! `snix.castore.v1.BlobService` (wire-identical, see [`crate::castore::package`]).
 
 use crate::castore::{B3Digest, BlobService, Error};
 use crate::proto::castore as pb;

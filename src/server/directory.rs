@@ -1,6 +1,8 @@
-//! `tvix.castore.v1.DirectoryService` over any [`DirectoryService`].
+//! `tvix.castore.v1.DirectoryService` over any [`DirectoryService`]; the router also serves
+//! it as `snix.castore.v1.DirectoryService` (wire-identical, see [`crate::castore::package`]).
 
 use crate::castore::directory::Directory;
+use crate::castore::directory_service::closure::SameStream;
 use crate::castore::{B3Digest, DirectoryService, Error};
 use crate::proto::castore as pb;
 use futures::stream::BoxStream;
@@ -55,11 +57,14 @@ impl pb::directory_service_server::DirectoryService for DirectoryServer {
     ) -> Result<Response<pb::PutDirectoryResponse>, Status> {
         let mut stream = request.into_inner();
         let mut putter = self.directories.put_multiple_start();
+        let mut same_stream = SameStream::new();
         // An error or a cancelled stream returns early and drops the putter: nothing stored.
         while let Some(msg) = stream.message().await? {
             let digest = B3Digest::of(&msg.encode_to_vec());
             let dir = Directory::try_from(msg)
                 .map_err(|source| Error::invalid_directory(digest, source))?;
+            // The store would take a reference to a directory it holds; the protocol does not.
+            same_stream.check(digest, &dir).map_err(Error::from)?;
             putter.put(dir).await?;
         }
         let root = putter.close().await?;

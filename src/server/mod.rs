@@ -1,5 +1,6 @@
-//! The gRPC server: castore Blob and Directory services, `grpc.health.v1` and reflection,
-//! on a TCP or unix socket, until a shutdown future completes.
+//! The gRPC server: castore Blob and Directory services (as `tvix.castore.v1` and
+//! `snix.castore.v1`), `grpc.health.v1` and reflection, on a TCP or unix socket, until a
+//! shutdown future completes.
 //!
 //! [`router`] builds the castore service set; [`router_with`] adds the build services
 //! (see [`build_service`]), TLS and message size limits. [`serve`] runs a router on a
@@ -34,6 +35,17 @@ use tower::util::MapRequestLayer;
 
 pub use blob::BlobServer;
 pub use directory::DirectoryServer;
+
+/// `snix.castore.v1.BlobService`: the tvix one under its snix name.
+type SnixBlobServer = crate::castore::package::SnixAlias<
+    pb::blob_service_server::BlobServiceServer<BlobServer>,
+    crate::castore::package::SnixBlobService,
+>;
+/// `snix.castore.v1.DirectoryService`: the tvix one under its snix name.
+type SnixDirectoryServer = crate::castore::package::SnixAlias<
+    pb::directory_service_server::DirectoryServiceServer<DirectoryServer>,
+    crate::castore::package::SnixDirectoryService,
+>;
 
 /// Errors of setting up or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -186,8 +198,14 @@ macro_rules! limited {
 /// protos (and the streaming service, which uses them); the two cannot coexist in one pool.
 fn descriptors(protocol: Option<Protocol>) -> Result<prost_types::FileDescriptorSet, ServerError> {
     use prost::Message;
-    let main = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+    let mut main = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .map_err(ServerError::Descriptors)?;
+    // Reflection lists only what is served: no build protos for a castore-only server, and
+    // snix.build.v1 is not served yet.
+    main.file.retain(|f| {
+        !f.package().starts_with("snix.build.")
+            && (protocol.is_some() || !f.package().starts_with("tvix.build."))
+    });
     if protocol != Some(Protocol::Tvix2024) {
         return Ok(main);
     }
@@ -221,6 +239,8 @@ pub async fn router_with(
     health_reporter
         .set_serving::<pb::directory_service_server::DirectoryServiceServer<DirectoryServer>>()
         .await;
+    health_reporter.set_serving::<SnixBlobServer>().await;
+    health_reporter.set_serving::<SnixDirectoryServer>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(descriptors(options.builds.as_ref().map(|(p, _)| *p))?)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -230,20 +250,25 @@ pub async fn router_with(
     if let Some(tls) = options.tls {
         server = server.tls_config(tls).map_err(ServerError::Tls)?;
     }
+    // One server per service answers both packages (wire-identical): the same stores.
+    let blob_server = limited!(
+        pb::blob_service_server::BlobServiceServer::new(BlobServer::new(blobs)),
+        limit
+    );
+    let directory_server = limited!(
+        pb::directory_service_server::DirectoryServiceServer::new(DirectoryServer::new(
+            directories
+        )),
+        limit
+    );
     let mut router = server
         .layer(MapRequestLayer::new(strict_request_end as fn(Req) -> Req))
         .add_service(health)
         .add_service(reflection)
-        .add_service(limited!(
-            pb::blob_service_server::BlobServiceServer::new(BlobServer::new(blobs)),
-            limit
-        ))
-        .add_service(limited!(
-            pb::directory_service_server::DirectoryServiceServer::new(DirectoryServer::new(
-                directories
-            )),
-            limit
-        ));
+        .add_service(SnixBlobServer::new(blob_server.clone()))
+        .add_service(blob_server)
+        .add_service(SnixDirectoryServer::new(directory_server.clone()))
+        .add_service(directory_server);
     match options.builds {
         None => {}
         Some((Protocol::Seed, host)) => {

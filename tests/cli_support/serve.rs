@@ -10,6 +10,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
+use tvix_build_vm::castore::package::PackageChannel;
 use tvix_build_vm::proto::{build as pb, castore as cpb};
 
 pub const SH: &str = "/nix/store/busybox";
@@ -188,6 +189,54 @@ pub async fn health(channel: Channel, service: &str) -> i32 {
         .unwrap()
         .into_inner()
         .status
+}
+
+/// The services gRPC reflection lists.
+pub async fn list_services(channel: impl Into<PackageChannel>) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel.into())
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection reply {resp:?}");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
+/// Checks that reflection lists every service in `want` and that health reports every
+/// listed service (but its own two) serving: nothing listed that is not served.
+pub async fn assert_listed_and_serving(channel: impl Into<PackageChannel>, want: &[&str]) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = channel.into();
+    let names = list_services(channel.clone()).await;
+    for w in want {
+        assert!(names.iter().any(|n| n == w), "{w} is not listed: {names:?}");
+    }
+    let mut h = HealthClient::new(channel);
+    for name in names.iter().filter(|n| !n.starts_with("grpc.")) {
+        let status = h
+            .check(HealthCheckRequest {
+                service: name.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        assert_eq!(
+            status.ok(),
+            Some(ServingStatus::Serving as i32),
+            "{name} is listed but not reported serving"
+        );
+    }
 }
 
 pub fn free_port() -> u16 {

@@ -1,4 +1,5 @@
-//! A client of a remote `tvix.castore.v1.BlobService`.
+//! A client of a remote `tvix.castore.v1.BlobService` or `snix.castore.v1.BlobService`
+//! (the same messages; [`PackageChannel`] picks the path).
 //!
 //! Reading streams `Read`. Seeking forward skips bytes of the stream; seeking backward
 //! re-opens the stream and skips to the target; `SeekFrom::End` first reads to the end to
@@ -10,6 +11,7 @@
 //! stream and stores nothing.
 
 use super::{BlobReader, BlobService, BlobWriter};
+use crate::castore::package::{remote_error, Package, PackageChannel};
 use crate::castore::{B3Digest, Error};
 use crate::proto::castore as pb;
 use bytes::Bytes;
@@ -22,7 +24,6 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
-use tonic::transport::Channel;
 
 /// Largest BlobChunk this client sends (well under tonic's 4 MiB message limit).
 pub const MAX_CHUNK: usize = 1 << 20;
@@ -30,13 +31,25 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// A remote blob service.
 #[derive(Clone)]
 pub struct GrpcBlobService {
-    client: BlobServiceClient<Channel>,
+    client: Client,
+}
+
+/// A blob client and the package it speaks (for error messages).
+#[derive(Clone)]
+struct Client {
+    grpc: BlobServiceClient<PackageChannel>,
+    package: Package,
 }
 
 impl GrpcBlobService {
-    pub fn new(channel: Channel) -> Self {
+    /// A client of the package `channel` speaks (a plain tonic `Channel`: tvix's).
+    pub fn new(channel: impl Into<PackageChannel>) -> Self {
+        let channel = channel.into();
         Self {
-            client: BlobServiceClient::new(channel),
+            client: Client {
+                package: channel.package(),
+                grpc: BlobServiceClient::new(channel),
+            },
         }
     }
 }
@@ -44,22 +57,20 @@ impl GrpcBlobService {
 type ByteReader = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Opens `Read` for `digest`: `None` if the server says NOT_FOUND.
-async fn open_stream(
-    mut client: BlobServiceClient<Channel>,
-    digest: B3Digest,
-) -> Result<Option<ByteReader>, Error> {
+async fn open_stream(mut client: Client, digest: B3Digest) -> Result<Option<ByteReader>, Error> {
     let req = pb::ReadBlobRequest {
         digest: digest.into(),
     };
-    match client.read(req).await {
+    let package = client.package;
+    match client.grpc.read(req).await {
         Ok(resp) => {
             let stream = resp.into_inner().map_ok(|c| c.data).map_err(move |s| {
-                io::Error::other(Error::remote(format!("reading blob {digest}"), s))
+                io::Error::other(remote_error(package, format!("reading blob {digest}"), s))
             });
             Ok(Some(Box::pin(tokio_util::io::StreamReader::new(stream))))
         }
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-        Err(s) => Err(Error::remote(format!("reading blob {digest}"), s)),
+        Err(s) => Err(remote_error(package, format!("reading blob {digest}"), s)),
     }
 }
 
@@ -70,10 +81,14 @@ impl BlobService for GrpcBlobService {
             digest: (*digest).into(),
             ..Default::default()
         };
-        match self.client.clone().stat(req).await {
+        match self.client.grpc.clone().stat(req).await {
             Ok(_) => Ok(true),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(Error::remote(format!("stat of blob {digest}"), s)),
+            Err(s) => Err(remote_error(
+                self.client.package,
+                format!("stat of blob {digest}"),
+                s,
+            )),
         }
     }
 
@@ -104,9 +119,10 @@ impl BlobService for GrpcBlobService {
             // store a truncated blob); the task is aborted and the call cancelled instead.
             futures::future::pending::<()>().await;
         };
-        let mut client = self.client.clone();
+        let mut client = self.client.grpc.clone();
         let task = tokio::spawn(async move { client.put(body).await.map(|r| r.into_inner()) });
         Ok(Box::new(GrpcBlobWriter {
+            package: self.client.package,
             tx: Some(PollSender::new(tx)),
             task: Some(task),
             hasher: blake3::Hasher::new(),
@@ -127,7 +143,7 @@ enum Target {
 }
 
 struct GrpcBlobReader {
-    client: BlobServiceClient<Channel>,
+    client: Client,
     digest: B3Digest,
     inner: Inner,
     /// Bytes consumed from the current stream.
@@ -260,6 +276,7 @@ enum Msg {
 }
 
 struct GrpcBlobWriter {
+    package: Package,
     /// `None` once closed.
     tx: Option<PollSender<Msg>>,
     task: Option<tokio::task::JoinHandle<Result<pb::PutBlobResponse, tonic::Status>>>,
@@ -320,7 +337,7 @@ impl BlobWriter for GrpcBlobWriter {
         let resp = task
             .await
             .map_err(|e| Error::io("blob upload task failed", io::Error::other(e)))?
-            .map_err(|s| Error::remote("uploading a blob", s))?;
+            .map_err(|s| remote_error(self.package, "uploading a blob".into(), s))?;
         let got = B3Digest::try_from(&resp.digest)
             .map_err(|e| Error::Protocol(format!("Put returned an invalid digest: {e}")))?;
         let want = B3Digest::from(self.hasher.finalize());

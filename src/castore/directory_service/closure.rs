@@ -1,6 +1,7 @@
 //! The rules of a directory closure: uploads go leaves to root and may only reference
-//! directories sent before (or already stored); recursive fetches go root to leaves and may
-//! only contain directories referenced by one received before, each once.
+//! directories sent before (or already stored; but see [`SameStream`] for the wire);
+//! recursive fetches go root to leaves and may only contain directories referenced by one
+//! received before, each once.
 
 use crate::castore::directory::{check_child_size, Directory};
 use crate::castore::error::ClosureError;
@@ -109,6 +110,40 @@ where
         }
     }
     Ok(())
+}
+
+/// The Put contract of the castore gRPC protocol (tvix's and snix's `rpc_directory.proto`):
+/// a Directory may only refer to Directories sent before it *in the same stream*, so a
+/// stream always carries a whole closure. Stored backends also accept references to
+/// directories they already hold ([`PutValidator`]); the wire does not, so the server checks
+/// every Put stream with this, and the gRPC client checks what it sends.
+#[derive(Default)]
+pub struct SameStream {
+    sent: HashSet<B3Digest>,
+}
+
+impl SameStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accepts the next directory of the stream (`digest` is its digest), or names the
+    /// first child that was not sent before it. The set stays as large as the upload,
+    /// which the store bounds ([`MAX_CLOSURE_DIRECTORIES`]).
+    pub fn check(&mut self, digest: B3Digest, dir: &Directory) -> Result<(), ClosureError> {
+        if let Some((name, child, _)) = dir
+            .directories()
+            .find(|(_, child, _)| !self.sent.contains(*child))
+        {
+            return Err(ClosureError::NotInStream {
+                parent: digest,
+                name: name.to_string(),
+                child: *child,
+            });
+        }
+        self.sent.insert(digest);
+        Ok(())
+    }
 }
 
 /// Checks the directories of a recursive fetch as they arrive (root first).
@@ -249,6 +284,33 @@ mod tests {
         assert!(matches!(
             v.add(parent(&[("a", &a, 0)])),
             Err(Error::InvalidDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn same_stream_names_a_child_not_sent_before() {
+        let a = leaf("a");
+        let b = leaf("b");
+        let root = parent(&[("a", &a, 1), ("b", &b, 1)]);
+        let mut s = SameStream::new();
+        s.check(a.digest(), &a).unwrap();
+        assert_eq!(
+            s.check(root.digest(), &root).unwrap_err(),
+            ClosureError::NotInStream {
+                parent: root.digest(),
+                name: "b".into(),
+                child: b.digest(),
+            }
+        );
+        // A repeat is fine; once `b` came, the root may follow.
+        s.check(a.digest(), &a).unwrap();
+        s.check(b.digest(), &b).unwrap();
+        s.check(root.digest(), &root).unwrap();
+        // A new stream knows nothing of the last one.
+        let mut s = SameStream::new();
+        assert!(matches!(
+            s.check(root.digest(), &root),
+            Err(ClosureError::NotInStream { .. })
         ));
     }
 

@@ -1,29 +1,39 @@
-//! A client of a remote `tvix.castore.v1.DirectoryService`.
+//! A client of a remote `tvix.castore.v1.DirectoryService` or
+//! `snix.castore.v1.DirectoryService` (the same messages; [`PackageChannel`] picks the path).
 //!
 //! Everything received is validated: each directory must be valid, a plain `get` must return
 //! the directory asked for, and a recursive fetch may only contain directories referenced by
 //! one received before, each once, with nothing missing at the end.
+//!
+//! What is sent keeps the protocol's Put contract ([`SameStream`]): an upload may only refer
+//! to directories sent before in it. So, unlike the stored backends, this one refuses a
+//! `put` of a directory with subdirectories, and a closure upload that leans on directories
+//! the server already holds; send the whole closure through `put_multiple_start` instead.
 
-use super::closure::GetValidator;
+use super::closure::{GetValidator, SameStream};
 use super::{put_single, DirectoryPutter, DirectoryService};
 use crate::castore::directory::Directory;
 use crate::castore::error::ClosureError;
+use crate::castore::package::{remote_error, Package, PackageChannel};
 use crate::castore::{B3Digest, Error};
 use crate::proto::castore as pb;
 use futures::stream::BoxStream;
 use pb::directory_service_client::DirectoryServiceClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 /// A remote directory service.
 #[derive(Clone)]
 pub struct GrpcDirectoryService {
-    client: DirectoryServiceClient<Channel>,
+    client: DirectoryServiceClient<PackageChannel>,
+    package: Package,
 }
 
 impl GrpcDirectoryService {
-    pub fn new(channel: Channel) -> Self {
+    /// A client of the package `channel` speaks (a plain tonic `Channel`: tvix's).
+    pub fn new(channel: impl Into<PackageChannel>) -> Self {
+        let channel = channel.into();
         Self {
+            package: channel.package(),
             client: DirectoryServiceClient::new(channel),
         }
     }
@@ -49,13 +59,13 @@ impl DirectoryService for GrpcDirectoryService {
         let mut stream = match self.client.clone().get(request(digest, false)).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-            Err(s) => return Err(Error::remote(ctx(), s)),
+            Err(s) => return Err(remote_error(self.package, ctx(), s)),
         };
         let first = match stream.message().await {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(None),
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-            Err(s) => return Err(Error::remote(ctx(), s)),
+            Err(s) => return Err(remote_error(self.package, ctx(), s)),
         };
         let dir = validate(first)?;
         if dir.digest() != *digest {
@@ -69,7 +79,7 @@ impl DirectoryService for GrpcDirectoryService {
             Ok(Some(_)) => Err(Error::Protocol(format!(
                 "non-recursive get of {digest} returned more than one directory"
             ))),
-            Err(s) => Err(Error::remote(ctx(), s)),
+            Err(s) => Err(remote_error(self.package, ctx(), s)),
         }
     }
 
@@ -79,6 +89,7 @@ impl DirectoryService for GrpcDirectoryService {
 
     fn get_recursive(&self, root: &B3Digest) -> BoxStream<'static, Result<Directory, Error>> {
         let mut client = self.client.clone();
+        let package = self.package;
         let root = *root;
         Box::pin(async_stream::try_stream! {
             let ctx = || format!("getting the closure of directory {root}");
@@ -89,7 +100,7 @@ impl DirectoryService for GrpcDirectoryService {
                     return;
                 }
                 Err(s) => {
-                    Err(Error::remote(ctx(), s))?;
+                    Err(remote_error(package, ctx(), s))?;
                     return;
                 }
             };
@@ -98,7 +109,7 @@ impl DirectoryService for GrpcDirectoryService {
                 let next = match stream.message().await {
                     Ok(n) => n,
                     Err(s) if s.code() == tonic::Code::NotFound => Err(Error::DirectoryNotFound(root))?,
-                    Err(s) => Err(Error::remote(ctx(), s))?,
+                    Err(s) => Err(remote_error(package, ctx(), s))?,
                 };
                 let Some(d) = next else { break };
                 let dir = validate(d)?;
@@ -112,8 +123,11 @@ impl DirectoryService for GrpcDirectoryService {
     fn put_multiple_start(&self) -> Box<dyn DirectoryPutter> {
         Box::new(GrpcPutter {
             client: self.client.clone(),
+            package: self.package,
             call: None,
             closed: false,
+            same_stream: SameStream::new(),
+            refused: None,
         })
     }
 }
@@ -131,9 +145,13 @@ type PutCall = (
 /// Streams the closure to the server as it is put; the server validates it and stores
 /// nothing unless the stream ends cleanly, which only `close` makes it do.
 struct GrpcPutter {
-    client: DirectoryServiceClient<Channel>,
+    client: DirectoryServiceClient<PackageChannel>,
+    package: Package,
     call: Option<PutCall>,
     closed: bool,
+    same_stream: SameStream,
+    /// Why a `put` was refused; every later call answers the same.
+    refused: Option<ClosureError>,
 }
 
 impl Drop for GrpcPutter {
@@ -152,7 +170,7 @@ impl GrpcPutter {
         };
         task.await
             .map_err(|e| Error::io("directory upload task failed", std::io::Error::other(e)))?
-            .map_err(|s| Error::remote("uploading directories", s))
+            .map_err(|s| remote_error(self.package, "uploading directories".into(), s))
     }
 }
 
@@ -161,6 +179,18 @@ impl DirectoryPutter for GrpcPutter {
     async fn put(&mut self, directory: Directory) -> Result<(), Error> {
         if self.closed {
             return Err(Error::InvalidRequest("put after close".into()));
+        }
+        if let Some(e) = &self.refused {
+            return Err(e.clone().into());
+        }
+        // Refused before it is sent (the server would refuse the stream anyway), and the
+        // call is cancelled, so a later `close` cannot store what came before.
+        if let Err(e) = self.same_stream.check(directory.digest(), &directory) {
+            if let Some((_, task)) = self.call.take() {
+                task.abort();
+            }
+            self.refused = Some(e.clone());
+            return Err(e.into());
         }
         if self.call.is_none() {
             let (tx, mut rx) = mpsc::channel::<Msg>(16);
@@ -198,6 +228,9 @@ impl DirectoryPutter for GrpcPutter {
     async fn close(&mut self) -> Result<B3Digest, Error> {
         if std::mem::replace(&mut self.closed, true) {
             return Err(Error::InvalidRequest("closed twice".into()));
+        }
+        if let Some(e) = &self.refused {
+            return Err(e.clone().into());
         }
         if let Some((tx, _)) = &self.call {
             // If the call already ended, this fails and the call's result says why.

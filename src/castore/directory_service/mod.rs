@@ -2,7 +2,7 @@
 //!
 //! - [`memory`]: in a hash map (tests, scratch).
 //! - [`redb`]: in a redb file (the embedded default, `directories.redb`).
-//! - [`grpc`]: a client of a remote `tvix.castore.v1.DirectoryService`.
+//! - [`grpc`]: a client of a remote `tvix.castore.v1` or `snix.castore.v1` DirectoryService.
 //! - [`closure`]: the upload and fetch rules every backend applies.
 
 pub mod closure;
@@ -26,7 +26,9 @@ pub use self::redb::RedbDirectoryService;
 pub trait DirectoryService: Send + Sync + 'static {
     /// One directory, or `None` if absent.
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, Error>;
-    /// Stores one directory whose children are already present; returns its digest.
+    /// Stores one directory whose children are already present; returns its digest. The
+    /// gRPC client only takes a directory without subdirectories (the protocol's Put
+    /// contract: an upload carries the whole closure).
     async fn put(&self, directory: Directory) -> Result<B3Digest, Error>;
     /// The closure of `root`: root first, breadth first, each directory once. A missing
     /// directory anywhere is an error, as is a missing root.
@@ -36,8 +38,9 @@ pub trait DirectoryService: Send + Sync + 'static {
 }
 
 /// A closure upload: each directory may only reference directories put before it (or
-/// already stored); `close` checks there is exactly one root and returns its digest. Nothing
-/// is visible unless `close` succeeds.
+/// already stored, except through the gRPC client: see [`closure::SameStream`]); `close`
+/// checks there is exactly one root and returns its digest. Nothing is visible unless
+/// `close` succeeds.
 #[async_trait::async_trait]
 pub trait DirectoryPutter: Send {
     async fn put(&mut self, directory: Directory) -> Result<(), Error>;
