@@ -1,7 +1,8 @@
 //! tvix-build-vm: a `tvix.build.v1.BuildService` that runs every build in its own freshly
 //! booted, single-use microVM.
 //!
-//! Modules, following the data flow of one build (see the README's architecture sketch):
+//! Modules, following the data flow of one build (docs/architecture.md has the rooms and
+//! what each may import):
 //! - [`proto`]: generated tvix castore and build protos (wire-identical to tvix).
 //! - [`castore`]: the content-addressed store: digests, validated directories and nodes,
 //!   blob and directory services (local, memory, gRPC), import and export.

@@ -5,14 +5,14 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
-}
+use std::process::Output;
+use std::time::Duration;
+use support::cli::bin;
+use support::serve::{Listen, Serve};
 
 fn run(store: &Path, args: &[&str]) -> Output {
     bin()
@@ -192,21 +192,9 @@ fn help_everywhere() {
 #[test]
 fn serve_and_use_as_remote_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("castore.sock");
-    let mut server = bin()
-        .args(["serve", "--store"])
-        .arg(tmp.path().join("server-store"))
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server_store = tmp.path().join("server-store");
+    let mut server = Serve::castore(&["--store", server_store.to_str().unwrap()], Listen::Unix);
+    let sock = server.sock.clone();
     let addr = format!("grpc+unix://{}", sock.display());
     let remote = |args: &[&str]| {
         bin()
@@ -232,12 +220,8 @@ fn serve_and_use_as_remote_store() {
     );
 
     // SIGTERM stops it cleanly and removes the socket.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = server.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = server.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}:\n{}", server.log());
     assert!(!sock.exists());
 }

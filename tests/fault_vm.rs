@@ -4,14 +4,15 @@
 //! process or runtime directory behind (at the latest after the next start-up's sweep), with
 //! the castore intact. (A killed virtio-fs daemon: tests/runner_vm.rs.)
 
-mod cli_support;
-mod hostile_support;
+mod support;
 
-use cli_support::{Env, Run, BUSYBOX};
-use hostile_support::{measured, processes_naming, wait_for_process, Castore, Cost};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::cli::{Env, Run};
+use support::hostile::{measured, wait_for_process, Castore, Cost};
+use support::serve::{Listen, Serve};
+use support::{processes_naming, BUSYBOX};
 
 const SH: &str = "/nix/store/busybox";
 const INFRASTRUCTURE: i32 = 4;
@@ -27,12 +28,8 @@ fn signal(pid: i32, sig: &str) {
 }
 
 fn build_command(env: &Env, flags: &[&str], script: &str) -> Command {
-    let mut cmd = env.command();
-    cmd.arg("build")
-        .arg("-q")
-        .arg("--store")
-        .arg(env.store.path())
-        .args(flags)
+    let mut cmd = env.build_command(env.store.path(), &["-q"]);
+    cmd.args(flags)
         .args(["--input", BUSYBOX, "--", SH, "sh", "-c", script]);
     cmd
 }
@@ -58,7 +55,7 @@ fn kill_mid_build(victim: &str) -> (Run, Cost, Env) {
         out
     });
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
-    hostile_support::record(&format!("SIGKILL {victim}"), &run, &cost);
+    support::hostile::record(&format!("SIGKILL {victim}"), &run, &cost);
     env.assert_clean();
     Castore::verify(env.store.path());
     (run, cost, env)
@@ -147,74 +144,25 @@ fn a_killed_build_process_leaves_nothing_after_the_next_start_up() {
     Castore::verify(env.store.path());
 }
 
-/// A castore-only `serve` on a unix socket, the castore of the builds in these tests.
-struct CastoreServer {
-    child: Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl CastoreServer {
-    fn start(env: &Env) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("tbv-cas-")
-            .tempdir_in("/tmp")
-            .expect("castore dir");
-        let socket = dir.path().join("castore.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--store")
-            .arg(dir.path().join("store"))
-            .env_remove("TVIX_BUILD_VM_KERNEL")
-            .env_remove("TVIX_BUILD_VM_AGENT")
-            .env("TVIX_BUILD_VM_RUNTIME_DIR", env.runtime.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        hostile_support::die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("starting the castore server");
-        let started = Instant::now();
-        while !socket.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "no castore socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("grpc+unix://{}", self.socket.display())
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for CastoreServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.pid().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A castore-only `serve` on a unix socket with its own store (returned, to be dropped after
+/// the server), the castore of the builds in these tests.
+fn castore_server(env: &Env) -> (Serve, tempfile::TempDir) {
+    let store = tempfile::tempdir().expect("castore store");
+    let mut cmd = env.command();
+    cmd.env_remove("TVIX_BUILD_VM_KERNEL")
+        .env_remove("TVIX_BUILD_VM_AGENT")
+        .arg("serve")
+        .arg("--store")
+        .arg(store.path());
+    (Serve::spawn(cmd, &[], Listen::Unix), store)
 }
 
 /// A build whose castore is `server`; `fault` is sent to the server once the command runs,
 /// and the command writes its output only after that.
 fn castore_fault(fault: &str, flags: &[&str]) -> (Run, Cost, Env) {
     let env = Env::new();
-    let server = CastoreServer::start(&env);
-    let addr = server.addr();
+    let (server, _store) = castore_server(&env);
+    let addr = server.grpc_addr();
     let mut all_flags = vec![
         "--blob-service-addr",
         &addr,
@@ -242,7 +190,7 @@ fn castore_fault(fault: &str, flags: &[&str]) -> (Run, Cost, Env) {
         out
     });
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
-    hostile_support::record(&format!("castore server {fault}"), &run, &cost);
+    support::hostile::record(&format!("castore server {fault}"), &run, &cost);
     drop(server);
     env.assert_clean();
     (run, cost, env)
@@ -268,8 +216,8 @@ fn a_castore_that_stalls_mid_build_is_named_at_the_harvest_deadline() {
 #[test]
 fn a_castore_that_stalls_before_the_build_is_named_and_no_vm_starts() {
     let env = Env::new();
-    let server = CastoreServer::start(&env);
-    let addr = server.addr();
+    let (server, _store) = castore_server(&env);
+    let addr = server.grpc_addr();
     // busybox in the server's castore, named in a request file.
     let out = env
         .command()
@@ -306,7 +254,7 @@ fn a_castore_that_stalls_before_the_build_is_named_and_no_vm_starts() {
         .arg(&req);
     let (run, cost) = measured(&env, cmd);
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
-    hostile_support::record("castore server -STOP before the build", &run, &cost);
+    support::hostile::record("castore server -STOP before the build", &run, &cost);
     run.assert_failed(
         INFRASTRUCTURE,
         "the castore did not answer within 3s while checking the inputs: it stalls",

@@ -1,125 +1,62 @@
 //! A real VM mounts the castore-backed virtio-fs share served by `tvix-build-vm fs-daemon`.
 //!
 //! The test fills a local castore (blob directory + redb), writes the root Directory file,
-//! starts the daemon process, boots the guest kernel under QEMU (TCG, microvm) with a
-//! busybox initramfs whose `/init` mounts the share and prints what it sees on the serial
-//! console, and compares that with what it stored. It fails loudly when the kernel, QEMU or
-//! busybox is missing: it never passes without having booted.
-//!
-//! The QEMU command and the initramfs (busybox `cpio -o -H newc`) are built here directly;
-//! `src/vm` is not used yet.
+//! starts the daemon process, boots the guest kernel through the library's QEMU backend (TCG,
+//! microvm, the share as a `vhost-user-fs-device`) with a busybox initramfs whose `/init`
+//! mounts the share and prints what it sees on the serial console, and compares that with
+//! what it stored. It fails loudly when the kernel, QEMU or busybox is missing: it never
+//! passes without having booted.
 
 // Test scaffolding outside `#[test]` functions: a failed step must fail the test.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::serve::{Listen, Serve};
+use support::vm::{busybox_initrd, qemu, TestVm};
+use support::{die_with_parent, error_chain, processes_naming};
 use tvix_build_vm::castore::blob::{put_bytes, LocalBlobService};
 use tvix_build_vm::castore::directory_service::RedbDirectoryService;
 use tvix_build_vm::castore::{
     B3Digest, BlobService, Directory, DirectoryService, Node, PathComponent, SymlinkTarget,
 };
+use tvix_build_vm::vm::process::ProcessGroup;
+use tvix_build_vm::vm::{FsShare, LaunchSpec, VmmBackend};
 
 const TAG: &str = "inputs";
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
-
-/// The guest kernel: `$TVIX_BUILD_VM_KERNEL` (the vmlinux, or its directory), else what
-/// `kernel-config/build.sh` prints.
-fn kernel() -> PathBuf {
-    let path = match std::env::var_os("TVIX_BUILD_VM_KERNEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-config/build.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stderr(Stdio::inherit())
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            assert!(
-                out.status.success(),
-                "GUEST KERNEL UNAVAILABLE: {} failed ({}); set TVIX_BUILD_VM_KERNEL",
-                script.display(),
-                out.status
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    let path = if path.is_dir() {
-        path.join("vmlinux")
-    } else {
-        path
-    };
-    assert!(
-        path.is_file(),
-        "GUEST KERNEL UNAVAILABLE: {} is not a file",
-        path.display()
-    );
-    path
-}
-
-fn require_tool(path: &str) {
-    assert!(
-        Path::new(path).exists() || which(path),
-        "REQUIRED TOOL MISSING: {path} (install it; this test never skips)"
-    );
-}
-
-fn which(name: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// `tsc_early_khz` avoids a TSC calibration hang under TCG (docs/architecture.md).
-fn tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
-/// An initramfs holding busybox and `init` as `/init`.
-fn build_initrd(dir: &Path, init: &str) -> PathBuf {
-    let root = dir.join("initrd-root");
-    for d in ["bin", "proc", "dev", "sys", "mnt", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    std::fs::write(root.join("init"), init).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = dir.join("initrd.cpio");
-    let status = Command::new("sh")
-        .current_dir(&root)
-        .arg("-c")
-        .arg(format!(
-            "find . | /bin/busybox cpio -o -H newc > '{}'",
-            out.display()
-        ))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the initramfs failed");
-    out
-}
 
 /// Kills the child on drop (test failure or panic included).
 struct Reaper(Option<Child>, &'static str);
 
 impl Reaper {
+    /// Starts `cmd`, which dies with the test, and waits for it to create `socket`.
+    fn start(mut cmd: Command, what: &'static str, socket: &Path) -> Reaper {
+        cmd.stdin(Stdio::null());
+        die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGKILL);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {what}: {e}"));
+        let mut reaper = Reaper(Some(child), what);
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Some(status) = reaper.0.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the {what} exited before listening: {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the {what} did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        reaper
+    }
+
     fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let child = self.0.as_mut()?;
         let start = Instant::now();
@@ -139,7 +76,7 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
             if c.try_wait().ok().flatten().is_none() {
-                eprintln!("killing {}", self.1);
+                eprintln!("killing the {}", self.1);
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -303,91 +240,56 @@ fn write_mirror(m: &Path, big_len: usize, many: usize) {
 }
 
 fn start_daemon(fx: &Fixture, socket: &Path) -> Reaper {
-    let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
-        .args(["fs-daemon", "--socket"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"));
+    cmd.args(["fs-daemon", "--socket"])
         .arg(socket)
         .arg("--root-directory")
         .arg(&fx.root_file)
         .args(["--blob-service-addr", &fx.blob_addr])
         .args(["--directory-service-addr", &fx.dir_addr])
-        .args(["--tag", TAG, "--max-handles", "64"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("cannot start the fs-daemon");
-    let mut daemon = Reaper(Some(child), "fs-daemon");
-    let start = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = daemon.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!("fs-daemon exited before listening: {status}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "fs-daemon did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    daemon
+        .args(["--tag", TAG, "--max-handles", "64"]);
+    Reaper::start(cmd, "fs-daemon", socket)
 }
 
-/// Boots the guest and returns its console output.
-fn boot(kernel: &Path, initrd: &Path, socket: &Path, mem_mib: u32) -> String {
-    let mut append = "console=ttyS0 panic=-1 rdinit=/init quiet".to_owned();
-    if let Some(khz) = tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", "tcg", "-smp", "1"])
-        .args(["-m", &format!("{mem_mib}M")])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &append])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .args([
-            "-chardev",
-            &format!("socket,id=fs0,path={}", socket.display()),
-            "-device",
-            &format!("vhost-user-fs-device,chardev=fs0,tag={TAG}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start qemu-system-x86_64");
-    let mut qemu = Reaper(Some(child), "qemu");
-    let stdout = qemu.0.as_mut().unwrap().stdout.take().unwrap();
-    let mut stderr = qemu.0.as_mut().unwrap().stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            out.push_str(&line);
-            out.push('\n');
-        }
-        out
-    });
-    let status = qemu.wait_timeout(BOOT_DEADLINE);
-    let mut err = String::new();
-    if status.is_none() {
-        drop(qemu);
-        let console = reader.join().unwrap();
-        panic!("the VM did not power off within {BOOT_DEADLINE:?}; console:\n{console}");
-    }
-    let _ = stderr.read_to_string(&mut err);
-    let console = reader.join().unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "qemu failed: {status:?}\nstderr:\n{err}\nconsole:\n{console}"
-    );
-    console
+/// A VM booting `initrd` with `mem_mib` of RAM, sharing the vhost-user-fs socket its
+/// [`fs_socket`] names (which the daemon must be listening on before [`boot`]).
+fn test_vm(initrd: PathBuf, mem_mib: u32) -> TestVm {
+    let mut vm = TestVm::new(initrd);
+    vm.config.memory_mib = mem_mib;
+    vm.config.shares = vec![FsShare {
+        tag: TAG.into(),
+        socket: fs_socket(&vm),
+    }];
+    vm
+}
+
+/// The virtio-fs socket of `vm`, in its runtime directory (short enough for a unix socket).
+fn fs_socket(vm: &TestVm) -> PathBuf {
+    vm.path().join("fs.sock")
+}
+
+/// Boots the guest through the library's QEMU backend and returns its console output, once
+/// QEMU and every process of the VM are gone.
+fn boot(vm: &TestVm) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let spec = LaunchSpec::new(vm.config.clone())
+            .unwrap_or_else(|e| panic!("launch spec: {}", error_chain(&e)));
+        let mut running = qemu()
+            .launch(&spec, ProcessGroup::new(vm.path()))
+            .await
+            .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
+        let exit = running
+            .wait_until(tokio::time::Instant::now() + BOOT_DEADLINE)
+            .await
+            .expect("waiting for the VM");
+        let console = running.serial_tail(1 << 20);
+        assert!(
+            exit.is_clean(),
+            "the VM did not power off cleanly: {exit:?}\nconsole:\n{console}"
+        );
+        console
+    })
 }
 
 /// `@@key value` lines of the console.
@@ -402,9 +304,10 @@ fn results(console: &str) -> HashMap<String, String> {
         .collect()
 }
 
-const GUEST_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
+/// Run by `#!/bin/busybox sh` ([`busybox_initrd`]).
+const GUEST_INIT: &str = r#"/bin/busybox --install -s /bin
 export PATH=/bin
+mkdir -p /mnt
 mount -t proc proc /proc
 mount -t devtmpfs dev /dev
 if mount -t virtiofs inputs /mnt; then echo "@@mount ok"; else echo "@@mount failed"; fi
@@ -447,48 +350,27 @@ fn guest_view_with_directories_over_grpc() {
     check_guest_view(true);
 }
 
-/// Starts `tvix-build-vm serve` on a unix socket over the fixture's stores.
-fn start_castore_server(fx: &Fixture, socket: &Path) -> Reaper {
-    let child = Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
-        .args(["serve", "--blob-service-addr", &fx.blob_addr])
-        .args(["--directory-service-addr", &fx.dir_addr])
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("cannot start the castore server");
-    let mut server = Reaper(Some(child), "castore server");
-    let start = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = server.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!("castore server exited before listening: {status}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "castore server socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    server
-}
-
 fn check_guest_view(directories_over_grpc: bool) {
-    require_tool("/bin/busybox");
-    require_tool("qemu-system-x86_64");
-    let kernel = kernel();
     let dir = tempfile::tempdir().unwrap();
     let mut fx = populate(dir.path(), 8 << 20, 300, None);
+    // `serve` over the fixture's stores.
     let _server = directories_over_grpc.then(|| {
-        let sock = dir.path().join("castore.sock");
-        let server = start_castore_server(&fx, &sock);
-        fx.dir_addr = format!("grpc+unix://{}", sock.display());
+        let server = Serve::castore(
+            &[
+                "--blob-service-addr",
+                &fx.blob_addr,
+                "--directory-service-addr",
+                &fx.dir_addr,
+            ],
+            Listen::Unix,
+        );
+        fx.dir_addr = server.grpc_addr();
         server
     });
-    let initrd = build_initrd(dir.path(), GUEST_INIT);
-    let socket = dir.path().join("fs.sock");
-    let mut daemon = start_daemon(&fx, &socket);
+    let vm = test_vm(busybox_initrd(GUEST_INIT), 256);
+    let mut daemon = start_daemon(&fx, &fs_socket(&vm));
 
-    let console = boot(&kernel, &initrd, &socket, 256);
+    let console = boot(&vm);
     let r = results(&console);
     let get = |k: &str| {
         r.get(k)
@@ -532,12 +414,15 @@ fn check_guest_view(directories_over_grpc: bool) {
         .wait_timeout(Duration::from_secs(20))
         .expect("fs-daemon did not exit after the VM disconnected");
     assert!(status.success(), "fs-daemon exited with {status}");
+    // Nothing of the VM is left: no process names its runtime directory.
+    let left = processes_naming(&vm.path().to_string_lossy());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
 }
 
 /// Guest side of the benchmark: timings from /proc/uptime (10 ms resolution).
-const BENCH_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
+const BENCH_INIT: &str = r#"/bin/busybox --install -s /bin
 export PATH=/bin
+mkdir -p /mnt
 mount -t proc proc /proc
 mount -t devtmpfs dev /dev
 mount -t virtiofs inputs /mnt || echo "@@mount failed"
@@ -573,13 +458,10 @@ fn seconds(r: &HashMap<String, String>, key: &str, console: &str) -> f64 {
 fn bench_sequential_read_and_stat() {
     const BIG: usize = 256 << 20;
     const MANY: usize = 10_000;
-    require_tool("/bin/busybox");
-    require_tool("qemu-system-x86_64");
-    let kernel = kernel();
     let dir = tempfile::tempdir().unwrap();
     let mirror = dir.path().join("mirror");
     let fx = populate(dir.path(), BIG, MANY, Some(&mirror));
-    let initrd = build_initrd(dir.path(), BENCH_INIT);
+    let initrd = busybox_initrd(BENCH_INIT);
 
     let mut runs = vec![("castore", None)];
     if let Some(v) = std::env::var_os("VIRTIOFSD") {
@@ -588,28 +470,21 @@ fn bench_sequential_read_and_stat() {
         eprintln!("VIRTIOFSD not set: measuring only the castore daemon");
     }
     for (label, virtiofsd) in runs {
-        let socket = dir.path().join(format!("{label}.sock"));
+        let vm = test_vm(initrd.clone(), 1024);
+        let socket = fs_socket(&vm);
         let _daemon = match &virtiofsd {
             None => start_daemon(&fx, &socket),
             Some(bin) => {
-                let child = Command::new(bin)
-                    .arg("--shared-dir")
+                let mut cmd = Command::new(bin);
+                cmd.arg("--shared-dir")
                     .arg(&mirror)
                     .arg("--socket-path")
                     .arg(&socket)
-                    .args(["--tag", TAG, "--sandbox", "none"])
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .expect("cannot start virtiofsd");
-                let start = Instant::now();
-                while !socket.exists() {
-                    assert!(start.elapsed() < Duration::from_secs(10), "virtiofsd");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Reaper(Some(child), "virtiofsd")
+                    .args(["--tag", TAG, "--sandbox", "none"]);
+                Reaper::start(cmd, "virtiofsd", &socket)
             }
         };
-        let console = boot(&kernel, &initrd, &socket, 1024);
+        let console = boot(&vm);
         let r = results(&console);
         assert_eq!(r.get("sha-big"), Some(&fx.big_sha256), "{console}");
         assert_eq!(r.get("count"), Some(&MANY.to_string()), "{console}");

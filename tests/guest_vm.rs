@@ -2,13 +2,14 @@
 //! `build` command: it boots and says hello, runs the command exactly as asked, and every
 //! deadline fires.
 
-mod cli_support;
+mod support;
 
-use cli_support::{Env, BUSYBOX};
+use support::cli::Env;
+use support::BUSYBOX;
 
 const SH: &str = "/nix/store/busybox";
 
-fn sh(env: &Env, extra: &[&str], script: &str) -> cli_support::Run {
+fn sh(env: &Env, extra: &[&str], script: &str) -> support::cli::Run {
     let mut args = vec!["-q", "--input", BUSYBOX];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", SH, "sh", "-c", script]);

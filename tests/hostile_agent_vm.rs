@@ -8,15 +8,13 @@
 //! --print-env). `TVIX_BUILD_VM_HOSTILE_LONG=1` turns on the long versions (a million
 //! entries).
 
-mod cli_support;
-mod hostile_support;
+mod support;
 
-use cli_support::{Env, Run};
-use hostile_support::{
-    hostile_agent, hostile_agent_with_trailer, measured, Castore, Cost, HostDirs,
-};
 use std::path::Path;
 use std::time::Duration;
+use support::cli::{Env, Run};
+use support::hostile::{hostile_agent_with_trailer, measured, Castore, Cost, HostDirs};
+use support::hostile_agent;
 
 /// Exit codes of `tvix-build-vm build` (src/cli/build.rs).
 const BUILD_FAILED: i32 = 1;
@@ -64,7 +62,7 @@ fn hostile_with(agent: &Path, flags: &[&str], argv: &[&str]) -> Outcome {
     let (run, cost) = measured(&env, cmd);
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
     let name = agent.file_name().unwrap_or_default().to_string_lossy();
-    hostile_support::record(&format!("{name} {}", argv.join(" ")), &run, &cost);
+    support::hostile::record(&format!("{name} {}", argv.join(" ")), &run, &cost);
     env.assert_clean();
     host.assert_untouched();
     let after = Castore::verify(env.store.path());

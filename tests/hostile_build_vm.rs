@@ -5,13 +5,13 @@
 //!
 //! `TVIX_BUILD_VM_HOSTILE_LONG=1` turns on the long versions (gigabytes of log).
 
-mod cli_support;
-mod hostile_support;
+mod support;
 
-use cli_support::{Env, Run, BUSYBOX};
-use hostile_support::{measured, static_tool, Castore, Cost, HostDirs};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
+use support::cli::{Env, Run};
+use support::hostile::{measured, Castore, Cost, HostDirs};
+use support::{static_tool, BUSYBOX};
 
 const SH: &str = "/nix/store/busybox";
 const BUILD_FAILED: i32 = 1;
@@ -60,7 +60,7 @@ fn build(name: &str, flags: &[&str], inputs: &[&Path], script: &str) -> Outcome 
     cmd.args(flags).args(["--", SH, "sh", "-c", script]);
     let (run, cost) = measured(&env, cmd);
     eprintln!("exit {:?}; stderr:\n{}", run.code, run.stderr);
-    hostile_support::record(name, &run, &cost);
+    support::hostile::record(name, &run, &cost);
     env.assert_clean();
     host.assert_untouched();
     let after = Castore::verify(env.store.path());
@@ -74,7 +74,7 @@ fn build(name: &str, flags: &[&str], inputs: &[&Path], script: &str) -> Outcome 
 
 #[test]
 fn a_fork_bomb_hits_the_process_limit_and_is_killed_with_the_build() {
-    let bomb = static_tool("hostile_support/forkbomb.c", "forkbomb");
+    let bomb = static_tool("support/forkbomb.c", "forkbomb");
     let o = build(
         "fork bomb",
         &["--timeout", "90s"],
@@ -154,7 +154,7 @@ fn a_log_flood_is_stopped_at_max_log_bytes_with_the_cli_memory_flat() {
     );
     o.run
         .assert_failed(GUEST_MISBEHAVED, "build log size in bytes reached");
-    let bytes = hostile_support::parse_size(limit);
+    let bytes = support::hostile::parse_size(limit);
     assert!(
         o.run.stderr.contains(&format!("over the limit of {bytes}")),
         "{}",

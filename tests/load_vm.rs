@@ -6,21 +6,17 @@
 //!
 //! `TVIX_BUILD_VM_HOSTILE_LONG=1` repeats the waves for four minutes instead of three waves.
 
-mod cli_support;
-mod hostile_support;
-
-use bytes::Bytes;
-use cli_support::serve::Serve;
-use cli_support::{Env, BUSYBOX};
+mod support;
 
 use std::time::{Duration, Instant};
+use support::cli::{Env, Run};
+use support::serve::{env_var, upload_busybox, Serve, SH};
+use support::BUSYBOX;
 use tonic::transport::Channel;
 use tonic::Code;
-use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
 use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
 use tvix_build_vm::proto::{build as pb, castore as cpb};
 
-const SH: &str = "/nix/store/busybox";
 /// `--max-vms 1 --max-queue 1`: two requests admitted at once.
 const ADMITTED: usize = 2;
 /// No single request may take longer than this, however loaded the machine.
@@ -28,28 +24,6 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
 fn long_runs() -> bool {
     std::env::var_os("TVIX_BUILD_VM_HOSTILE_LONG").is_some_and(|v| v == "1")
-}
-
-fn env_var(k: &str, v: &str) -> pb::build_request::EnvVar {
-    pb::build_request::EnvVar {
-        key: k.into(),
-        value: Bytes::from(v.to_owned()),
-    }
-}
-
-async fn upload_busybox(channel: Channel) -> cpb::Node {
-    let data = std::fs::read(BUSYBOX).expect("busybox");
-    let digest = put_bytes(&GrpcBlobService::new(channel), &data)
-        .await
-        .expect("uploading busybox");
-    cpb::Node {
-        node: Some(cpb::node::Node::File(cpb::FileNode {
-            name: "busybox".into(),
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size: data.len() as u64,
-            executable: true,
-        })),
-    }
 }
 
 /// A build that writes `<tag>\n` to /nix/store/<tag>.
@@ -216,19 +190,10 @@ async fn twice_the_admission_limit_in_waves_is_built_or_refused_and_serve_return
 
 /// `build -q --store <store> <args>` with `env`'s runtime dir. Each concurrent `build` needs
 /// its own embedded store: the directory database (redb) admits one process at a time.
-fn build_with_store(env: &Env, store: &std::path::Path, args: &[&str]) -> cli_support::Run {
-    let mut c = env.command();
-    c.arg("build")
-        .arg("-q")
-        .arg("--store")
-        .arg(store)
-        .args(args);
-    let out = c.output().expect("running tvix-build-vm build");
-    cli_support::Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn build_with_store(env: &Env, store: &std::path::Path, args: &[&str]) -> Run {
+    let mut c = env.build_command(store, &["-q"]);
+    c.args(args);
+    Run::of(c.output().expect("running tvix-build-vm build"))
 }
 
 #[test]
@@ -236,7 +201,7 @@ fn concurrent_build_processes_share_a_runtime_dir_without_disturbing_each_other(
     // Four good builds, one hostile guest and one invalid request at once, twice: each
     // process sweeps the shared runtime dir at start-up while the others' builds run.
     let env = Env::new();
-    let hostile = hostile_support::hostile_agent();
+    let hostile = support::hostile_agent();
     let stores: Vec<tempfile::TempDir> = (0..6)
         .map(|_| tempfile::tempdir().expect("store"))
         .collect();

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod cli_support;
+mod support;
 
-use cli_support::serve::*;
-use cli_support::Env;
 use std::time::{Duration, Instant};
+use support::cli::Env;
+use support::serve::*;
 use tvix_build_vm::castore::blob::{read_to_vec, GrpcBlobService};
 use tvix_build_vm::castore::B3Digest;
 use tvix_build_vm::proto::build as pb;

@@ -4,11 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod cli_support;
+mod support;
 
-use cli_support::{Env, BUSYBOX};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use support::cli::Env;
+use support::BUSYBOX;
 
 const SH: &str = "/nix/store/busybox";
 const OUTSIDE_MARKER: &str = "HOST-FILE-OUTSIDE-THE-SHARE";

@@ -1,11 +1,12 @@
 //! One BuildRequest -> one microVM -> Build, end to end through the `build` command, with a
 //! real embedded castore on disk and real VMs under TCG.
 
-mod cli_support;
+mod support;
 
-use cli_support::{Env, BUSYBOX};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use support::cli::Env;
+use support::BUSYBOX;
 
 const SH: &str = "/nix/store/busybox";
 

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-mod cli_support;
+mod support;
 
 use bytes::Bytes;
-use cli_support::serve::*;
-use cli_support::Env;
 use std::time::{Duration, Instant};
+use support::cli::Env;
+use support::serve::*;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tvix_build_vm::castore::blob::{read_to_vec, GrpcBlobService};
@@ -648,29 +648,19 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     // The castore alone (no kernel/agent) is enough to test the transport.
     let port = free_port();
     let store = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tvix-build-vm"))
-        .args(["serve", "--store"])
-        .arg(store.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
+    let mut server = Serve::castore(
+        &[
+            "--store",
+            store.path().to_str().unwrap(),
             "--tls-cert",
             &sc,
             "--tls-key",
             &sk,
-        ])
-        .args(["--tls-client-ca", &cac])
-        .env_remove("TVIX_BUILD_VM_KERNEL")
-        .env_remove("TVIX_BUILD_VM_AGENT")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            "--tls-client-ca",
+            &cac,
+        ],
+        Listen::Tcp(port),
+    );
     let endpoint = |identity: Option<Identity>| {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca.pem()))
@@ -704,9 +694,7 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
         .await
         .unwrap();
     assert_eq!(health(ch, "tvix.castore.v1.BlobService").await, 1);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    assert!(child.wait().unwrap().success());
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = server.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status}:\n{}", server.log());
 }

@@ -309,7 +309,7 @@ pub async fn run(
             .peer("floor", &floor)
             .ratio(&ratios(&cli, &floor))
             .note("includes process start, store open, busybox import, castore server start"),
-        Row::new("bare_floor", "1c. DESIGN's bare `qemu -M microvm -m 256` floor vs our floor", "s")
+        Row::new("bare_floor", "1c. the bare `qemu -M microvm -m 256` floor vs our floor", "s")
             .ours(&bare)
             .peer("floor", &floor)
             .ratio(&ratios(&bare, &floor)),

@@ -602,13 +602,14 @@ mod tests {
             assert_eq!(thread_nices(pid), [10], "member {pid} did not start niced");
         }
         let own = 0;
-        if !may_lower_nice(own) {
-            eprintln!("SKIPPED renice back: no CAP_SYS_NICE or RLIMIT_NICE here");
-        } else {
-            group.renice(own).expect("renice");
-            for pid in group.pids() {
-                assert_eq!(thread_nices(pid), [own], "member {pid} kept its nice value");
-            }
+        // A test that cannot check this must fail, not pass having checked less.
+        assert!(
+            may_lower_nice(own),
+            "renicing back to {own} needs CAP_SYS_NICE or RLIMIT_NICE: run the tests as root (CI does)"
+        );
+        group.renice(own).expect("renice");
+        for pid in group.pids() {
+            assert_eq!(thread_nices(pid), [own], "member {pid} kept its nice value");
         }
         // Renicing to a higher value is always allowed.
         group.renice(15).expect("renice up");

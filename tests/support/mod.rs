@@ -1,176 +1,126 @@
-//! Helpers for integration tests that boot real VMs. Include with `mod support;`.
+//! The one support tree of the integration tests. Include with `mod support;`.
 //!
-//! - [`kernel`]: the guest kernel (`TVIX_BUILD_VM_KERNEL`, else `kernel-config/build.sh`,
-//!   which is cached and prints its directory).
-//! - [`busybox_initrd`]: an initramfs with a shell script as `/init` and a static busybox.
-//! - [`vm_slot`]: a machine-wide limit of [`MAX_VMS`] test VMs at once (file locks, so it holds
-//!   across test processes, nextest included, and across checkouts).
-//! - [`vsock_client`]: a static guest program that talks to the host over vsock.
-//! - [`TestVm`]: a runtime directory and a ready [`LaunchConfig`] for one VM.
+//! - This module: the guest kernel and agents (located by the library's own
+//!   [`tvix_build_vm::vm::artifacts`] rules), busybox, static guest tools built from C, the
+//!   processes of a test (parent-death signal, which processes name a directory) and the
+//!   clean-up check every VM test ends with.
+//! - [`vm`]: booting VMs through the library's backends: VM slots, busybox initramfs files,
+//!   a ready [`vm::TestVm`].
+//! - [`cli`]: the real `tvix-build-vm` binary against a fresh store and runtime directory
+//!   ([`cli::Env`]), one `build` run ([`cli::Run`]).
+//! - [`serve`]: a real `serve` process ([`serve::Serve`]) and the requests tests send it.
+//! - [`hostile`]: what the adversarial tests measure around one `build` (cost, files written
+//!   outside the store, the castore before and after).
+//! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
-//! VM test that cannot run must fail, never pass without having tested anything.
+//! test that cannot run must fail, never pass without having tested anything.
 #![allow(
     dead_code,
     reason = "each test crate uses a different subset of the helpers"
 )]
 
+pub mod cli;
+pub mod hostile;
+pub mod serve;
+pub mod vm;
+
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tvix_build_vm::vm::initrd::Initrd;
-use tvix_build_vm::vm::qemu::{QemuBackend, QemuConfig};
-use tvix_build_vm::vm::{Accel, LaunchConfig};
+use std::time::Duration;
+use tvix_build_vm::vm::artifacts;
 
-/// How many test VMs may run at once on this machine.
-pub const MAX_VMS: usize = 2;
+/// The static busybox every guest test uses (Debian's busybox-static).
+pub const BUSYBOX: &str = "/bin/busybox";
 
-/// Where test helpers cache what they build (initramfs files, the vsock client).
+/// How the tests get their guest kernel and agent when they are not set.
+const HOW_TO_GET_ARTIFACTS: &str = "run the tests through scripts/test.sh, or \
+    `eval \"$(scripts/install-deps.sh --print-env)\"` first";
+
+/// Where test helpers cache what they build (initramfs files, static guest tools).
 pub fn cache_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tvix-build-vm-tests");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
 }
 
-/// The guest kernel's vmlinux.
+/// The guest kernel's vmlinux, found as the service finds it
+/// ([`artifacts::locate_kernel`]: `TVIX_BUILD_VM_KERNEL`, else the newest cached build).
 pub fn kernel() -> PathBuf {
-    if let Some(path) = std::env::var_os("TVIX_BUILD_VM_KERNEL").filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "TVIX_BUILD_VM_KERNEL={} is not a file",
-            path.display()
-        );
-        return path;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-config/build.sh");
-    let out = Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}): the guest kernel is needed for VM tests; set TVIX_BUILD_VM_KERNEL or fix the build",
-        script.display(),
-        out.status
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout.lines().last().unwrap_or_default().trim();
-    let vmlinux = Path::new(dir).join("vmlinux");
-    assert!(
-        vmlinux.is_file(),
-        "{} printed {dir:?}, which has no vmlinux",
-        script.display()
-    );
-    vmlinux
+    artifacts::locate_kernel(None).unwrap_or_else(|e| {
+        panic!(
+            "VM tests need the guest kernel: {}; {HOW_TO_GET_ARTIFACTS}",
+            error_chain(&e)
+        )
+    })
 }
 
-/// A static busybox (`$BUSYBOX`, else Debian's busybox-static at /bin/busybox).
+/// The guest agent, found as the service finds it ([`artifacts::locate_agent`]).
+pub fn agent() -> PathBuf {
+    artifacts::locate_agent(None).unwrap_or_else(|e| {
+        panic!(
+            "VM tests need the guest agent: {}; {HOW_TO_GET_ARTIFACTS}",
+            error_chain(&e)
+        )
+    })
+}
+
+/// The hostile test agent (`TVIX_BUILD_VM_HOSTILE_AGENT`, from
+/// scripts/build-hostile-agent.sh), checked like the real agent.
+pub fn hostile_agent() -> PathBuf {
+    const VAR: &str = "TVIX_BUILD_VM_HOSTILE_AGENT";
+    let Some(path) = std::env::var_os(VAR).filter(|v| !v.is_empty()) else {
+        panic!(
+            "{VAR} is unset: the adversarial tests need the hostile agent; {HOW_TO_GET_ARTIFACTS}"
+        );
+    };
+    artifacts::locate_agent(Some(Path::new(&path)))
+        .unwrap_or_else(|e| panic!("{VAR}: {}; {HOW_TO_GET_ARTIFACTS}", error_chain(&e)))
+}
+
+/// A static busybox (`$BUSYBOX`, else [`BUSYBOX`]).
 pub fn busybox() -> PathBuf {
     let path = std::env::var_os("BUSYBOX")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    tvix_build_vm::vm::artifacts::check_static_executable(&path).unwrap_or_else(|e| {
+        .unwrap_or_else(|| PathBuf::from(BUSYBOX));
+    artifacts::check_static_executable(&path).unwrap_or_else(|e| {
         panic!("VM tests need a static busybox (Debian: apt-get install busybox-static, or set BUSYBOX): {e}")
     });
     path
 }
 
-/// An initramfs whose `/init` is `script` run by busybox's shell, with busybox at
-/// `/bin/busybox` plus `extra` files (archive path, host file, mode). Cached by content.
-/// The script should end with `busybox poweroff -f`.
-pub fn busybox_initrd_with(script: &str, extra: &[(&str, &Path, u32)]) -> PathBuf {
-    let mut initrd = Initrd::base();
-    let init = format!("#!/bin/busybox sh\n{script}\n");
-    initrd
-        .add_bytes("/init", init.into_bytes(), 0o755)
-        .and_then(|i| i.add_file_from("/bin/busybox", &busybox(), 0o755))
-        .expect("building the busybox initramfs");
-    for (path, source, mode) in extra {
-        initrd
-            .add_file_from(path, source, *mode)
-            .unwrap_or_else(|e| panic!("adding {path} to the initramfs: {e}"));
-    }
-    initrd
-        .write_cached(&cache_dir())
-        .unwrap_or_else(|e| panic!("writing the initramfs: {e}"))
-}
-
-/// [`busybox_initrd_with`] without extra files.
-pub fn busybox_initrd(script: &str) -> PathBuf {
-    busybox_initrd_with(script, &[])
-}
-
-/// A static guest program: `vsock-client PORT MESSAGE` connects to the host on PORT, sends
-/// MESSAGE and a newline, and prints `vsock-client: reply: <reply>`. Built with the C compiler
-/// rustc already needs (`cc -static`), cached by source.
-pub fn vsock_client() -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/vsock_client.c");
+/// A static guest program built from `tests/<source>` (a C file) with `cc -static`, cached by
+/// its source's hash. The file is named `name`, so that it appears under that name in the
+/// guest (`/nix/store/<name>` when given as an input).
+pub fn static_tool(source: &str, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(source);
     let text =
         std::fs::read(&source).unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
-    let out = cache_dir().join(format!(
-        "vsock-client-{}",
-        &blake3::hash(&text).to_hex()[..16]
-    ));
+    let dir = cache_dir()
+        .join("tools")
+        .join(&blake3::hash(&text).to_hex()[..16]);
+    let out = dir.join(name);
     if out.is_file() {
         return out;
     }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let status = Command::new("cc")
         .args(["-static", "-O2", "-o"])
         .arg(&tmp)
         .arg(&source)
         .status()
-        .unwrap_or_else(|e| panic!("running cc for the guest vsock client: {e}"));
+        .unwrap_or_else(|e| panic!("running cc for {}: {e}", source.display()));
     assert!(
         status.success(),
-        "cc -static failed ({status}): the vsock test needs a C compiler and static libc (Debian: libc6-dev)"
+        "cc -static {} failed ({status}): needs a C compiler and static libc (Debian: libc6-dev)",
+        source.display()
     );
-    std::fs::rename(&tmp, &out).expect("placing the vsock client");
+    std::fs::rename(&tmp, &out).unwrap_or_else(|e| panic!("placing {}: {e}", out.display()));
     out
-}
-
-/// A held test-VM slot; dropping it frees the slot.
-pub struct VmSlot {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-/// Takes one of [`MAX_VMS`] machine-wide slots, waiting if all are taken. Hold it for as long
-/// as the test's VM runs.
-pub fn vm_slot() -> VmSlot {
-    use nix::fcntl::{Flock, FlockArg};
-    let dir = std::env::temp_dir().join("tvix-build-vm-test-vm-slots");
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let open = |i: usize| {
-        let path = dir.join(format!("slot-{i}.lock"));
-        std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
-    };
-    // Poll rather than block on one slot: a blocked waiter would ignore the other slot
-    // becoming free.
-    loop {
-        for i in 0..MAX_VMS {
-            match Flock::lock(open(i), FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return VmSlot { _lock: lock },
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
-                Err((_, e)) => panic!("locking VM slot {i}: {e}"),
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-}
-
-/// The QEMU backend with programs found on PATH (and ~/.cargo/bin for vhost-device-vsock).
-pub fn qemu() -> QemuBackend {
-    QemuBackend::new(&QemuConfig::default()).unwrap_or_else(|e| {
-        panic!(
-            "VM tests need QEMU and vhost-device-vsock: {}",
-            error_chain(&e)
-        )
-    })
 }
 
 /// An error and all its causes on one line.
@@ -185,47 +135,81 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// One test VM's runtime directory (removed on drop) and a config ready to adjust.
-pub struct TestVm {
-    /// The runtime directory.
-    pub dir: tempfile::TempDir,
-    /// Launch settings: TCG, 256 MiB, 1 vCPU, no devices; serial log in the runtime dir.
-    pub config: LaunchConfig,
-}
-
-impl TestVm {
-    /// A VM booting `initrd` with the test kernel.
-    pub fn new(initrd: PathBuf) -> Self {
-        // Short paths: unix socket paths inside must stay under 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("tbvm-")
-            .tempdir_in("/tmp")
-            .expect("creating a runtime dir");
-        let config = LaunchConfig {
-            kernel: kernel(),
-            initrd,
-            cmdline: vec![],
-            memory_mib: 256,
-            vcpus: 1,
-            shares: vec![],
-            vsock: None,
-            scratch_disk: None,
-            serial_log: dir.path().join("serial.log"),
-            nested_virt: false,
-            network: false,
-            runtime_dir: dir.path().to_owned(),
-            accel: Accel::Tcg,
-        };
-        TestVm { dir, config }
-    }
-
-    /// The runtime directory.
-    pub fn path(&self) -> &Path {
-        self.dir.path()
+/// The process started from `cmd` gets `signal` when the test process dies (a harness
+/// timeout, a panic that aborts): nothing a test starts may outlive it. The library's own
+/// helpers (QEMU, fs-daemons) die with the service the same way.
+pub fn die_with_parent(cmd: &mut Command, signal: nix::sys::signal::Signal) {
+    let signal = signal as libc::c_ulong;
+    // SAFETY: the closure runs between fork and exec and only makes the prctl syscall, which
+    // is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
 /// Whether a process still exists (zombies included).
 pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A process's command line, arguments separated by spaces (empty if it is gone).
+pub fn command_line(pid: i32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
+/// Pids of the processes whose command line contains `needle`.
+pub fn processes_naming(needle: &str) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| command_line(*pid).contains(needle))
+        .collect()
+}
+
+/// What a run left behind in or around `runtime_dir`: its entries, and every process whose
+/// command line names it (a VM's QEMU and helpers all do).
+pub fn leftovers(runtime_dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(runtime_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| format!("runtime dir entry {}", e.path().display()))
+        .collect();
+    for pid in processes_naming(&runtime_dir.to_string_lossy()) {
+        found.push(format!("process {pid}: {}", command_line(pid)));
+    }
+    found
+}
+
+/// Asserts that nothing but what `allowed` accepts is left in or around `runtime_dir` (see
+/// [`leftovers`]), giving killed processes up to 5 s to be reaped by their parents.
+pub fn assert_clean_except(runtime_dir: &Path, allowed: impl Fn(&str) -> bool) {
+    let others = || -> Vec<String> {
+        leftovers(runtime_dir)
+            .into_iter()
+            .filter(|l| !allowed(l))
+            .collect()
+    };
+    for _ in 0..50 {
+        if others().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("left behind: {:?}", others());
+}
+
+/// Asserts that `runtime_dir` is empty and no process names it (see
+/// [`assert_clean_except`]).
+pub fn assert_clean(runtime_dir: &Path) {
+    assert_clean_except(runtime_dir, |_| false);
 }

@@ -4,7 +4,8 @@
 mod support;
 
 use std::time::Duration;
-use support::{error_chain, process_exists, vm_slot, TestVm};
+use support::vm::{vm_slot, TestVm};
+use support::{error_chain, process_exists};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 use tvix_build_vm::vm::process::ProcessGroup;
@@ -18,9 +19,9 @@ const POWEROFF: &str = "/bin/busybox poweroff -f";
 
 async fn boot_to_poweroff(script: &str) -> (tvix_build_vm::vm::VmExit, String) {
     let _slot = vm_slot();
-    let vm = TestVm::new(support::busybox_initrd(script));
+    let vm = TestVm::new(support::vm::busybox_initrd(script));
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu()
+    let mut running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
@@ -59,7 +60,7 @@ async fn busybox_guest_prints_and_powers_off() {
 #[tokio::test]
 async fn optional_devices_when_asked() {
     let _slot = vm_slot();
-    let mut vm = TestVm::new(support::busybox_initrd(&format!(
+    let mut vm = TestVm::new(support::vm::busybox_initrd(&format!(
         "{PROBE_DEVICES}\n/bin/busybox mount -t sysfs sys /sys\n/bin/busybox cat /sys/block/vda/size\n{POWEROFF}"
     )));
     let disk = vm.path().join("scratch.img");
@@ -72,7 +73,7 @@ async fn optional_devices_when_asked() {
     // under its sandbox.
     vm.config.network = true;
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu()
+    let mut running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
@@ -100,7 +101,7 @@ async fn optional_devices_when_asked() {
 #[tokio::test]
 async fn a_guest_that_never_powers_off_is_killed_at_the_deadline() {
     let _slot = vm_slot();
-    let mut vm = TestVm::new(support::busybox_initrd(
+    let mut vm = TestVm::new(support::vm::busybox_initrd(
         "/bin/busybox echo STARTED\nwhile :; do /bin/busybox sleep 1000; done",
     ));
     vm.config.vsock = Some(HybridVsock {
@@ -108,7 +109,7 @@ async fn a_guest_that_never_powers_off_is_killed_at_the_deadline() {
         uds_path: vm.path().join("vsock.sock"),
     });
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu()
+    let mut running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
@@ -165,8 +166,8 @@ async fn a_guest_that_never_powers_off_is_killed_at_the_deadline() {
 async fn guest_talks_to_the_host_over_vsock() {
     const PORT: u32 = 1024;
     let _slot = vm_slot();
-    let client = support::vsock_client();
-    let initrd = support::busybox_initrd_with(
+    let client = support::vm::vsock_client();
+    let initrd = support::vm::busybox_initrd_with(
         &format!("/bin/vsock-client {PORT} ping-from-guest\n{POWEROFF}"),
         &[("/bin/vsock-client", &client, 0o755)],
     );
@@ -178,7 +179,7 @@ async fn guest_talks_to_the_host_over_vsock() {
     });
     let listener = HostListener::bind(&uds, PORT).expect("bind before launch");
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu()
+    let mut running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));
@@ -212,14 +213,14 @@ async fn guest_talks_to_the_host_over_vsock() {
 #[tokio::test]
 async fn a_vmm_that_cannot_start_reports_why() {
     let _slot = vm_slot();
-    let mut vm = TestVm::new(support::busybox_initrd(POWEROFF));
+    let mut vm = TestVm::new(support::vm::busybox_initrd(POWEROFF));
     // Nobody serves this virtio-fs socket: QEMU must fail and say so.
     vm.config.shares = vec![tvix_build_vm::vm::FsShare {
         tag: "inputs".into(),
         socket: vm.path().join("missing-fs.sock"),
     }];
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let mut running = support::qemu()
+    let mut running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .expect("spawned");
@@ -258,7 +259,7 @@ async fn twenty_boots_in_a_row_never_hang() {
 #[tokio::test]
 async fn dropping_a_running_vm_kills_it() {
     let _slot = vm_slot();
-    let mut vm = TestVm::new(support::busybox_initrd(
+    let mut vm = TestVm::new(support::vm::busybox_initrd(
         "while :; do /bin/busybox sleep 1000; done",
     ));
     vm.config.vsock = Some(HybridVsock {
@@ -266,7 +267,7 @@ async fn dropping_a_running_vm_kills_it() {
         uds_path: vm.path().join("vsock.sock"),
     });
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
-    let running = support::qemu()
+    let running = support::vm::qemu()
         .launch(&spec, ProcessGroup::new(&spec.config().runtime_dir))
         .await
         .unwrap_or_else(|e| panic!("launch: {}", error_chain(&e)));

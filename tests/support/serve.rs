@@ -2,11 +2,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use super::{Env, BUSYBOX};
+use super::cli::{bin, Env};
+use super::{die_with_parent, BUSYBOX};
 use bytes::Bytes;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
@@ -15,44 +15,80 @@ use tvix_build_vm::proto::{build as pb, castore as cpb};
 
 pub const SH: &str = "/nix/store/busybox";
 
+/// Where a [`Serve`] listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// `unix:<its directory>/s.sock` ([`Serve::sock`]).
+    Unix,
+    /// `127.0.0.1:<port>`.
+    Tcp(u16),
+}
+
 /// A running `serve`; SIGTERM and wait on drop.
 pub struct Serve {
     pub child: Child,
+    /// The unix socket it listens on ([`Listen::Unix`]).
     pub sock: PathBuf,
+    /// Its directory: the socket and `serve.log` (its stderr).
     pub dir: tempfile::TempDir,
 }
 
 impl Serve {
+    /// `serve --store <env's store> --listen unix:<sock> <args>`, with `env`'s guest kernel,
+    /// agent and runtime directory.
     pub fn start(env: &Env, args: &[&str]) -> Self {
+        let mut c = env.command();
+        c.arg("serve").arg("--store").arg(env.store.path());
+        Self::spawn(c, args, Listen::Unix)
+    }
+
+    /// `serve <args>` without a guest kernel or agent: a castore-only server.
+    pub fn castore(args: &[&str], listen: Listen) -> Self {
+        let mut c = bin();
+        c.arg("serve");
+        Self::spawn(c, args, listen)
+    }
+
+    /// `cmd` (a `tvix-build-vm serve` command) with `args` and the `--listen` of `listen`;
+    /// returns once it accepts connections. It dies with the test (SIGTERM).
+    pub fn spawn(mut c: Command, args: &[&str], listen: Listen) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tbv-serve-")
             .tempdir_in("/tmp")
             .unwrap();
         let sock = dir.path().join("s.sock");
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut c = env.command();
-        c.arg("serve")
-            .arg("--store")
-            .arg(env.store.path())
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
+        let address = match listen {
+            Listen::Unix => format!("unix:{}", sock.display()),
+            Listen::Tcp(port) => format!("127.0.0.1:{port}"),
+        };
+        c.arg("--listen")
+            .arg(address)
             .args(args)
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; a server
-        // must not outlive the test that started it (a killed test would leave it running).
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut c, nix::sys::signal::Signal::SIGTERM);
         let child = c.spawn().unwrap();
         let s = Self { child, sock, dir };
-        s.wait_for(|| s.sock.exists(), "the socket");
+        match listen {
+            Listen::Unix => s.wait_for(|| s.sock.exists(), "the socket"),
+            Listen::Tcp(port) => s.wait_for(
+                || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                "the TCP listener",
+            ),
+        }
         s
+    }
+
+    /// The castore address of a unix-socket server, for `--blob-service-addr` and
+    /// `--directory-service-addr`.
+    pub fn grpc_addr(&self) -> String {
+        format!("grpc+unix://{}", self.sock.display())
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     pub fn wait_for(&self, cond: impl Fn() -> bool, what: &str) {
@@ -116,10 +152,12 @@ impl Serve {
 }
 
 impl Drop for Serve {
-    /// SIGTERM, up to 20 s to exit, then SIGKILL: a drop must not panic (a test that
+    /// SIGCONT and SIGTERM, up to 20 s to exit, then SIGKILL: a drop must not panic (a test that
     /// already failed would abort instead of reporting).
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // A test may have stopped it (SIGSTOP); a stopped process does not act on SIGTERM.
+            self.signal(nix::sys::signal::Signal::SIGCONT);
             self.signal(nix::sys::signal::Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {

@@ -1,17 +1,17 @@
 //! The cloud-hypervisor backend.
 //!
-//! - Against a strict fake of its API (`support/ch_fake.rs`): the API client in-process, and
+//! - Against a strict fake of its API (`support/ch_fake/`): the API client in-process, and
 //!   the backend's whole lifecycle through a fake `cloud-hypervisor` executable (this test
 //!   binary re-run as [`fake_cloud_hypervisor_process`]). These always run.
 //! - Against the real cloud-hypervisor (`real_ch_*`): the same VM lifecycle tests the QEMU
 //!   backend passes. They need a `cloud-hypervisor` binary on PATH and usable KVM (vmx/svm
 //!   and `/dev/kvm`), so they are ignored by default and run on such a host with
-//!   `cargo nextest run --test vm_cloud_hypervisor --run-ignored only`; there they fail,
+//!   `cargo nextest run --test cloud_hypervisor_vm --run-ignored only`; there they fail,
 //!   naming what is missing, rather than pass without running.
 
-#[path = "support/ch_fake.rs"]
+#[path = "support/ch_fake/mod.rs"]
 mod ch_fake;
-#[path = "support/ch_fake_exe.rs"]
+#[path = "support/ch_fake/exe.rs"]
 mod ch_fake_exe;
 mod support;
 
@@ -891,8 +891,8 @@ fn real_ch(test: &str) -> CloudHypervisorBackend {
 const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 const POWEROFF: &str = "/bin/busybox poweroff -f";
 
-fn real_vm(script: &str) -> support::TestVm {
-    let mut vm = support::TestVm::new(support::busybox_initrd(script));
+fn real_vm(script: &str) -> support::vm::TestVm {
+    let mut vm = support::vm::TestVm::new(support::vm::busybox_initrd(script));
     vm.config.accel = Accel::Kvm;
     vm
 }
@@ -901,7 +901,7 @@ fn real_vm(script: &str) -> support::TestVm {
 #[ignore = "needs cloud-hypervisor and hardware KVM"]
 async fn real_ch_boots_busybox_and_powers_off() {
     let backend = real_ch("real_ch_boots_busybox_and_powers_off");
-    let _slot = support::vm_slot();
+    let _slot = support::vm::vm_slot();
     let vm = real_vm(&format!("/bin/busybox echo MARKER-$((6*7))\n{POWEROFF}"));
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = backend
@@ -926,7 +926,7 @@ async fn real_ch_boots_busybox_and_powers_off() {
 #[ignore = "needs cloud-hypervisor and hardware KVM"]
 async fn real_ch_deadline_stops_a_running_guest() {
     let backend = real_ch("real_ch_deadline_stops_a_running_guest");
-    let _slot = support::vm_slot();
+    let _slot = support::vm::vm_slot();
     let mut vm = real_vm("/bin/busybox echo STARTED\nwhile :; do /bin/busybox sleep 1000; done");
     vm.config.vsock = Some(HybridVsock {
         guest_cid: 3,
@@ -960,13 +960,13 @@ async fn real_ch_deadline_stops_a_running_guest() {
 async fn real_ch_guest_talks_to_the_host_over_vsock() {
     const PORT: u32 = 1024;
     let backend = real_ch("real_ch_guest_talks_to_the_host_over_vsock");
-    let _slot = support::vm_slot();
-    let client = support::vsock_client();
-    let initrd = support::busybox_initrd_with(
+    let _slot = support::vm::vm_slot();
+    let client = support::vm::vsock_client();
+    let initrd = support::vm::busybox_initrd_with(
         &format!("/bin/vsock-client {PORT} ping-from-guest\n{POWEROFF}"),
         &[("/bin/vsock-client", &client, 0o755)],
     );
-    let mut vm = support::TestVm::new(initrd);
+    let mut vm = support::vm::TestVm::new(initrd);
     vm.config.accel = Accel::Kvm;
     let uds = vm.path().join("vsock.sock");
     vm.config.vsock = Some(HybridVsock {
@@ -1012,7 +1012,7 @@ async fn real_ch_guest_talks_to_the_host_over_vsock() {
 #[ignore = "needs cloud-hypervisor and hardware KVM"]
 async fn real_ch_reboot_ends_the_vm() {
     let backend = real_ch("real_ch_reboot_ends_the_vm");
-    let _slot = support::vm_slot();
+    let _slot = support::vm::vm_slot();
     let vm = real_vm("/bin/busybox echo REBOOTING\n/bin/busybox reboot -f");
     let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
     let mut running = backend
@@ -1035,7 +1035,7 @@ async fn real_ch_reboot_ends_the_vm() {
 #[ignore = "needs cloud-hypervisor and hardware KVM"]
 async fn real_ch_a_vmm_that_cannot_boot_reports_why() {
     let backend = real_ch("real_ch_a_vmm_that_cannot_boot_reports_why");
-    let _slot = support::vm_slot();
+    let _slot = support::vm::vm_slot();
     let mut vm = real_vm(POWEROFF);
     vm.config.shares = vec![FsShare {
         tag: "inputs".into(),
@@ -1063,7 +1063,7 @@ async fn real_ch_twenty_boots_in_a_row() {
     let backend = real_ch("real_ch_twenty_boots_in_a_row");
     let mut times = Vec::new();
     for i in 0..20 {
-        let _slot = support::vm_slot();
+        let _slot = support::vm::vm_slot();
         let vm = real_vm(&format!("/bin/busybox echo BOOT-{i}-OK\n{POWEROFF}"));
         let spec = LaunchSpec::new(vm.config.clone()).expect("valid spec");
         let mut running = backend

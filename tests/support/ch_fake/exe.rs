@@ -1,7 +1,7 @@
 //! The fake `cloud-hypervisor` executable around [`crate::ch_fake`]: a wrapper script that
 //! re-runs the test binary with [`ENTRY_TEST`] as its only test, and that test's `main`,
 //! which parses cloud-hypervisor's arguments strictly and serves the fake API.
-//! Include with `#[path = "support/ch_fake_exe.rs"] mod ch_fake_exe;` next to `ch_fake`.
+//! Include with `#[path = "support/ch_fake/exe.rs"] mod ch_fake_exe;` next to `ch_fake`.
 #![allow(
     dead_code,
     reason = "each test crate uses a different subset of the helpers"

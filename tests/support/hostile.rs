@@ -8,7 +8,7 @@
 //!   `wait4`'s `ru_maxrss` (the largest single process of the tree the CLI reaped).
 //! - [`HostDirs`]: the CLI runs with its cwd, `TMPDIR`, `HOME` and `XDG_*` inside one fresh
 //!   directory; afterwards nothing may exist there but the initrd cache. With
-//!   [`cli_support::Env::assert_clean`] (runtime dir empty, no process left) this is "no file
+//!   [`super::cli::Env::assert_clean`] (runtime dir empty, no process left) this is "no file
 //!   written outside the runtime dir and the store".
 //! - [`Castore`]: a snapshot of the embedded store: blob digests, directory digests, files
 //!   in `blobs/tmp`. [`Castore::verify`] re-hashes every blob and directory. A failed build
@@ -16,12 +16,10 @@
 //!   ones the test names (the files a hostile guest completed before it broke the protocol:
 //!   content-addressed and unreferenced, as the harvest's docs allow).
 
-#![allow(dead_code)]
-
-use crate::cli_support::{artefact, Env, Run};
+use super::cli::{Env, Run};
+use super::{command_line, die_with_parent, hostile_agent, processes_naming};
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,11 +29,6 @@ use std::time::{Duration, Instant};
 /// How much of the CLI's stderr is kept from the start and from the end (a hostile build may
 /// write gigabytes of log through it).
 const KEEP_STDERR: usize = 256 * 1024;
-
-/// The hostile test agent (scripts/build-hostile-agent.sh).
-pub fn hostile_agent() -> PathBuf {
-    artefact("TVIX_BUILD_VM_HOSTILE_AGENT")
-}
 
 /// A copy of the hostile agent that carries `scenario` as a trailer: for the scenarios that
 /// act before the Job (which names every other scenario) arrives.
@@ -208,31 +201,11 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     }
 }
 
-/// If the test dies (a harness timeout), the process started from `cmd` dies with it (and
-/// its VMs with it, through their own parent-death signal).
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs between fork and exec and only makes the prctl syscall.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Runs `cmd` (the `build` CLI of `env`), measuring it (see the module docs).
 pub fn measured(env: &Env, mut cmd: Command) -> (Run, Cost) {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    die_with_parent(&mut cmd);
+    // If the test dies (a harness timeout), the CLI dies with it, and its VMs with it.
+    die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGKILL);
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawning tvix-build-vm");
     let pid = child.id() as i32;
@@ -359,29 +332,6 @@ fn status_kib(pid: i32, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// Pids of the processes whose command line contains `needle`.
-pub fn processes_naming(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmdline)
-            .replace('\0', " ")
-            .contains(needle)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The pid of the build process (of `env`'s runtime dir) whose command line also names
 /// `what`, waiting up to `within` for it to appear.
 pub fn wait_for_process(env: &Env, what: &str, within: Duration) -> i32 {
@@ -389,9 +339,7 @@ pub fn wait_for_process(env: &Env, what: &str, within: Duration) -> i32 {
     let started = Instant::now();
     loop {
         for pid in processes_naming(&needle) {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(what) {
+            if command_line(pid).contains(what) {
                 return pid;
             }
         }
@@ -483,39 +431,6 @@ impl Castore {
         }
         assert_eq!(self.blobs, want, "unexpected blobs after a failed build");
     }
-}
-
-/// A static guest program built from `tests/hostile_support/<name>.c` (or another C file
-/// under `tests/`, given as a relative path) with `cc -static`, cached by its source's hash.
-/// The file is named `name` so that it appears as `/nix/store/<name>` in the guest.
-pub fn static_tool(source: &str, name: &str) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join(source);
-    let text =
-        std::fs::read(&source).unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("hostile-tools")
-        .join(&blake3::hash(&text).to_hex()[..16]);
-    let out = dir.join(name);
-    if out.is_file() {
-        return out;
-    }
-    std::fs::create_dir_all(&dir).expect("tool dir");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let status = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&tmp)
-        .arg(&source)
-        .status()
-        .unwrap_or_else(|e| panic!("running cc for {}: {e}", source.display()));
-    assert!(
-        status.success(),
-        "cc -static {} failed ({status}): needs a C compiler and static libc (Debian: libc6-dev)",
-        source.display()
-    );
-    std::fs::rename(&tmp, &out).expect("rename");
-    out
 }
 
 /// `16M`, `2G` and the like as bytes (powers of 1024), as the CLI parses sizes.
