@@ -6,7 +6,7 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
-mod cli_support;
+mod support;
 
 use bytes::Bytes;
 use pb::blob_service_client::BlobServiceClient;
@@ -299,7 +299,7 @@ async fn directory_put_and_recursive_get() {
 async fn health_and_reflection() {
     let f = fixture().await;
     // Castore only: the build services are neither served nor listed.
-    cli_support::serve::assert_listed_and_serving(
+    support::serve::assert_listed_and_serving(
         f.channel.clone(),
         &[
             "tvix.castore.v1.BlobService",

@@ -8,15 +8,15 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
-mod cli_support;
+mod support;
 
 use bytes::Bytes;
-use cli_support::serve::Serve;
-use cli_support::Env;
 use prost::Message;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use support::cli::Env;
+use support::serve::Serve;
 use tonic::Code;
 use tvix_build_vm::castore::blob::{read_to_vec, GrpcBlobService, MemoryBlobService};
 use tvix_build_vm::castore::channel::channel_from_addr;
@@ -353,7 +353,7 @@ async fn put_contract_on_both_packages() {
 async fn reflection_lists_what_health_reports_serving() {
     let env = Env::new();
     let server = Serve::start(&env, &[]);
-    cli_support::serve::assert_listed_and_serving(
+    support::serve::assert_listed_and_serving(
         server.channel(),
         &[
             "tvix.castore.v1.BlobService",
