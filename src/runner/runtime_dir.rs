@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 const LOCK_FILE: &str = "owner.lock";
+/// The lock file's name until it is locked (see [`RuntimeDir::create`]).
+const PENDING_LOCK_FILE: &str = "owner.lock.new";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeDirError {
@@ -57,19 +59,24 @@ impl RuntimeDir {
             .mode(0o700)
             .create(&path)
             .map_err(|e| create_err(&path, e))?;
+        // The lock file is locked before it appears under its name: another process's sweep
+        // removes a directory whose lock file it can lock, so a lock file that existed
+        // unlocked for a moment would lose this directory to it.
         let lock_path = path.join(LOCK_FILE);
+        let pending = path.join(PENDING_LOCK_FILE);
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
             .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| create_err(&lock_path, e))?;
+            .open(&pending)
+            .map_err(|e| create_err(&pending, e))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, source)| {
             RuntimeDirError::Lock {
-                path: lock_path,
+                path: pending.clone(),
                 source,
             }
         })?;
+        fs::rename(&pending, &lock_path).map_err(|e| create_err(&lock_path, e))?;
         Ok(Self { path, _lock: lock })
     }
 
