@@ -50,6 +50,18 @@ impl Finished {
     }
 }
 
+/// The outputs of a finished build as the dialects that name their own paths answer them:
+/// one anonymous node each (the client knows the path it asked for), in request order, and
+/// the indices of the refscan needles each holds.
+pub(crate) fn anonymous_outputs(
+    f: &Finished,
+) -> impl Iterator<Item = (crate::proto::castore::Node, Vec<u64>)> + '_ {
+    f.outcome
+        .outputs
+        .iter()
+        .map(|o| (o.node.to_proto(bytes::Bytes::new()), o.needles.clone()))
+}
+
 /// Whole microseconds, saturating.
 pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)

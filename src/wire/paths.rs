@@ -3,10 +3,9 @@
 //! answered with one anonymous node per requested output, in request order, with its
 //! refscan needles and the extension fields.
 
-use super::{extensions_in, full_request, Finished};
+use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::build_vm as pb;
 use crate::request::{BuildRequest, ValidationError};
-use bytes::Bytes;
 
 /// Validates a `BuildPaths` request.
 pub fn decode(wire: pb::PathsBuildRequest) -> Result<BuildRequest, ValidationError> {
@@ -15,19 +14,13 @@ pub fn decode(wire: pb::PathsBuildRequest) -> Result<BuildRequest, ValidationErr
 
 /// The result of a finished `BuildPaths` request.
 pub fn encode(f: &Finished) -> pb::PathsBuild {
-    let outputs = &f.outcome.outputs;
+    let (outputs, outputs_needles) = anonymous_outputs(f)
+        .map(|(node, needles)| (node, pb::paths_build::OutputNeedles { needles }))
+        .unzip();
     let (exit_status, timings, log) = extensions_in!(f, crate::proto::build::build);
     pb::PathsBuild {
-        outputs: outputs
-            .iter()
-            .map(|o| o.node.to_proto(Bytes::new()))
-            .collect(),
-        outputs_needles: outputs
-            .iter()
-            .map(|o| pb::paths_build::OutputNeedles {
-                needles: o.needles.clone(),
-            })
-            .collect(),
+        outputs,
+        outputs_needles,
         exit_status,
         timings,
         log,
@@ -38,6 +31,7 @@ pub fn encode(f: &Finished) -> pb::PathsBuild {
 mod tests {
     use super::*;
     use crate::proto::build_2024 as pb2024;
+    use bytes::Bytes;
     use prost::Message;
 
     #[test]

@@ -3,10 +3,9 @@
 //! requested output, in request order, with the indices of the `refscan_needles` each holds,
 //! plus the extension fields.
 
-use super::{extensions_in, full_request, Finished};
+use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::build_2024 as pb;
 use crate::request::{BuildRequest, ValidationError};
-use bytes::Bytes;
 
 /// Validates a 2024-layout request.
 pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
@@ -15,20 +14,14 @@ pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
 
 /// The Build for a finished 2024-layout request.
 pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
-    let outputs = &f.outcome.outputs;
+    let (outputs, outputs_needles) = anonymous_outputs(f)
+        .map(|(node, needles)| (node, pb::build::OutputNeedles { needles }))
+        .unzip();
     let (exit_status, timings, log) = extensions_in!(f, crate::proto::build_2024::build);
     pb::Build {
         build_request: Some(request),
-        outputs: outputs
-            .iter()
-            .map(|o| o.node.to_proto(Bytes::new()))
-            .collect(),
-        outputs_needles: outputs
-            .iter()
-            .map(|o| pb::build::OutputNeedles {
-                needles: o.needles.clone(),
-            })
-            .collect(),
+        outputs,
+        outputs_needles,
         exit_status,
         timings,
         log,
@@ -37,6 +30,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     /// What the tvix evaluator of 2024-10 sent for a trivial derivation.
     fn tvix_hello() -> pb::BuildRequest {
