@@ -7,7 +7,9 @@
 //!   facts fill them.
 //! - [`dsse`]: the DSSE envelope, signing and verifying (Ed25519 over the PAE).
 //! - [`keys`]: loading the host's key pair, and `keygen`.
+//! - [`check`]: a signed statement against a Build's outputs or trees on disk.
 
+pub mod check;
 pub mod dsse;
 pub mod keys;
 pub mod nar;

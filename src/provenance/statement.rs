@@ -169,6 +169,15 @@ pub struct BuildFacts {
     pub vm: VmDetails,
 }
 
+/// The `type` annotation of a subject.
+pub fn kind(node: &Node) -> &'static str {
+    match node {
+        Node::Directory { .. } => "directory",
+        Node::File { .. } => "file",
+        Node::Symlink { .. } => "symlink",
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(b)
 }
@@ -183,11 +192,7 @@ impl Statement {
                 if let Some(d) = o.node.digest() {
                     digest.insert(CASTORE_BLAKE3.to_owned(), d.to_hex());
                 }
-                let kind = match o.node {
-                    Node::Directory { .. } => "directory",
-                    Node::File { .. } => "file",
-                    Node::Symlink { .. } => "symlink",
-                };
+                let kind = kind(&o.node);
                 ResourceDescriptor {
                     name: Some(o.path.clone()),
                     digest,
@@ -290,7 +295,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::castore::B3Digest;
