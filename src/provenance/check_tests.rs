@@ -66,7 +66,10 @@ async fn matching_outputs_and_paths_have_no_mismatch() {
         .map(|(n, node)| (format!("/nix/store/{n}"), node.clone()))
         .collect();
     assert_eq!(against_outputs(&f.statement, &full), []);
-    assert_eq!(against_paths(&f.statement, &[f.dir.clone(), f.link.clone()]).unwrap(), []);
+    assert_eq!(
+        against_paths(&f.statement, &[f.dir.clone(), f.link.clone()]).unwrap(),
+        []
+    );
     // A copy under another name is found by its hash.
     let copy = f._tmp.path().join("elsewhere");
     std::fs::create_dir_all(copy.join("bin")).unwrap();
@@ -92,7 +95,11 @@ async fn swapped_missing_and_extra_subjects_are_each_named() {
         matches!(&m[1], Mismatch::Digest { subject, algorithm: CASTORE_BLAKE3, .. } if subject == "nix/store/ccc-file"),
         "{m:?}"
     );
-    assert!(m[0].to_string().contains("castoreBlake3 differs"), "{}", m[0]);
+    assert!(
+        m[0].to_string().contains("castoreBlake3 differs"),
+        "{}",
+        m[0]
+    );
 
     // The directory's and the symlink's names swapped.
     let mut renamed = f.statement.clone();
@@ -100,7 +107,19 @@ async fn swapped_missing_and_extra_subjects_are_each_named() {
     renamed.subject[1].name = Some("nix/store/aaa-out".into());
     let m = against_outputs(&renamed, &f.outputs);
     assert!(
-        matches!(&m[..], [Mismatch::Kind { actual: "directory", .. }, Mismatch::Kind { actual: "symlink", .. }]),
+        matches!(
+            &m[..],
+            [
+                Mismatch::Kind {
+                    actual: "directory",
+                    ..
+                },
+                Mismatch::Kind {
+                    actual: "symlink",
+                    ..
+                }
+            ]
+        ),
         "{m:?}"
     );
 
@@ -131,7 +150,16 @@ async fn swapped_missing_and_extra_subjects_are_each_named() {
         ),
     ];
     let m = against_outputs(&f.statement, &other);
-    assert!(matches!(&m[..], [Mismatch::Digest { algorithm: NAR_SHA256, .. }]), "{m:?}");
+    assert!(
+        matches!(
+            &m[..],
+            [Mismatch::Digest {
+                algorithm: NAR_SHA256,
+                ..
+            }]
+        ),
+        "{m:?}"
+    );
 }
 
 #[tokio::test]
@@ -160,7 +188,16 @@ async fn open_checks_signature_then_statement_type() {
     other.predicate_type = "https://slsa.dev/provenance/v0.2".into();
     let env = Envelope::sign(&other.to_payload(), &key);
     let e = open(&env, &key.verifying_key()).unwrap_err();
-    assert!(matches!(e, OpenError::WrongType { field: "predicateType", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            OpenError::WrongType {
+                field: "predicateType",
+                ..
+            }
+        ),
+        "{e}"
+    );
 
     let env = Envelope::sign(b"[1,2]", &key);
     let e = open(&env, &key.verifying_key()).unwrap_err();

@@ -220,6 +220,9 @@ mod tests {
         let mut short = env;
         short.signatures[0].sig = BASE64.encode(&[0u8; 63]);
         let e = short.verify(&k.verifying_key()).unwrap_err();
-        assert!(matches!(e, DsseError::SignatureLength { len: 63, .. }), "{e}");
+        assert!(
+            matches!(e, DsseError::SignatureLength { len: 63, .. }),
+            "{e}"
+        );
     }
 }

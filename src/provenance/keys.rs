@@ -184,7 +184,10 @@ mod tests {
         let text = std::fs::read_to_string(&private).unwrap();
         assert!(text.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{text}");
         let pub_text = std::fs::read_to_string(public_path(&private)).unwrap();
-        assert!(pub_text.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pub_text}");
+        assert!(
+            pub_text.starts_with("-----BEGIN PUBLIC KEY-----\n"),
+            "{pub_text}"
+        );
         assert_eq!(load_signing_key(&private).unwrap().verifying_key(), public);
         assert_eq!(load_verifying_key(&public_path(&private)).unwrap(), public);
 
@@ -208,11 +211,18 @@ mod tests {
         keygen(&private).unwrap();
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = load_signing_key(&private).unwrap_err();
-        assert!(matches!(e, KeyError::Unprotected { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, KeyError::Unprotected { mode: 0o644, .. }),
+            "{e}"
+        );
 
         let junk = tmp.path().join("junk");
-        write_new(&junk, b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", 0o600)
-            .unwrap();
+        write_new(
+            &junk,
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            0o600,
+        )
+        .unwrap();
         let e = load_signing_key(&junk).unwrap_err();
         assert!(matches!(e, KeyError::BadPrivate { .. }), "{e}");
         let e = load_verifying_key(&junk).unwrap_err();

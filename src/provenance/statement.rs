@@ -360,7 +360,10 @@ pub(crate) mod tests {
         );
         let def = &v["predicate"]["buildDefinition"];
         assert_eq!(def["buildType"], BUILD_TYPE);
-        assert_eq!(def["externalParameters"]["requestDigest"]["sha256"], "07".repeat(32));
+        assert_eq!(
+            def["externalParameters"]["requestDigest"]["sha256"],
+            "07".repeat(32)
+        );
         assert_eq!(def["resolvedDependencies"][1]["name"], "kernel");
         let run = &v["predicate"]["runDetails"];
         assert_eq!(run["metadata"]["invocationId"], "b-1");
