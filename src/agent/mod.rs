@@ -11,6 +11,7 @@
 //! - [`harvest`]: outputs into the castore.
 //! - [`log`]: the live log sink and the bounded log tail.
 //! - [`limits`]: every bound, with defaults.
+//! - [`usage`]: the guest's resource figures, bounded.
 //! - [`error`]: the error taxonomy (build failed / guest misbehaved / infrastructure).
 
 pub mod connection;
@@ -19,6 +20,7 @@ pub mod harvest;
 pub mod limits;
 pub mod log;
 pub mod session;
+pub mod usage;
 #[cfg(test)]
 mod testing;
 
@@ -27,3 +29,4 @@ pub use harvest::HarvestedOutput;
 pub use limits::{HarvestLimits, SessionLimits};
 pub use log::{DiscardLog, LogChunk, LogRef, LogSink, LogStream, LogTail};
 pub use session::{accept_hello, AgentHello, ExitStatus, Greeted, Running};
+pub use usage::GuestUsage;

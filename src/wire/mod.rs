@@ -190,6 +190,7 @@ pub(crate) mod tests {
                     kind: ExitKind::Code(0),
                     oom_killed: false,
                     duration: Duration::from_secs(1),
+                    usage: Default::default(),
                 },
                 hello: AgentHello {
                     agent_version: "test".into(),
