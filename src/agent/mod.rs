@@ -20,9 +20,9 @@ pub mod harvest;
 pub mod limits;
 pub mod log;
 pub mod session;
-pub mod usage;
 #[cfg(test)]
 mod testing;
+pub mod usage;
 
 pub use error::{Error, ErrorClass};
 pub use harvest::HarvestedOutput;

@@ -10,12 +10,12 @@ use super::error::{
 use super::harvest::{self, HarvestedOutput};
 use super::limits::{HarvestLimits, SessionLimits};
 use super::log::{LogChunk, LogSink, LogStream, LogTail};
+use super::usage::{GuestUsage, UsageBounds};
 use crate::castore::{BlobService, DirectoryService};
 use crate::refscan::Scanner;
 use bytes::Bytes;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use super::usage::{GuestUsage, UsageBounds};
 use tokio::time::Instant;
 use tvix_build_vm_agent::proto::{
     exited, guest_message::Msg, host_message, BootTimings, Exited, HostMessage, Job, Limits, Log,

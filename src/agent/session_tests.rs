@@ -306,7 +306,10 @@ async fn the_guests_figures_are_bounded_never_refused() {
     let status = status.unwrap();
     assert_eq!(status.check(), Ok(()));
     let u = &status.usage;
-    assert_eq!(u.clamped, ["cpu_user", "cpu_system", "memory_peak", "pids_peak"]);
+    assert_eq!(
+        u.clamped,
+        ["cpu_user", "cpu_system", "memory_peak", "pids_peak"]
+    );
     // At most the time the session took, on every vCPU a VM can have.
     let most = before.elapsed() * crate::vm::MAX_VCPUS;
     assert!(u.cpu().unwrap() <= most, "{:?} > {most:?}", u.cpu());

@@ -46,8 +46,16 @@ impl UsageBounds {
         };
         Self {
             cpu: wall.saturating_mul(MAX_VCPUS),
-            memory_bytes: if memory == 0 { memory_cap } else { memory.min(memory_cap) },
-            processes: if processes == 0 { PID_MAX_LIMIT } else { processes.min(PID_MAX_LIMIT) },
+            memory_bytes: if memory == 0 {
+                memory_cap
+            } else {
+                memory.min(memory_cap)
+            },
+            processes: if processes == 0 {
+                PID_MAX_LIMIT
+            } else {
+                processes.min(PID_MAX_LIMIT)
+            },
         }
     }
 }

@@ -169,6 +169,7 @@ pub(crate) mod tests {
             path: RelativePath::parse(path).unwrap(),
             node,
             needles,
+            bytes: 1,
         };
         let file = Node::File {
             digest: B3Digest::of(b"b"),
@@ -202,6 +203,7 @@ pub(crate) mod tests {
                     harvest: Duration::from_millis(4),
                     total: Duration::from_millis(10),
                 },
+                accounting: Default::default(),
                 log_tail: String::new(),
             },
             queued: Duration::from_millis(1),
