@@ -166,7 +166,7 @@ async fn swapped_missing_and_extra_subjects_are_each_named() {
 async fn a_changed_tree_on_disk_is_named_with_both_hashes() {
     let f = fixture().await;
     std::fs::write(f.dir.join("bin/hello"), b"HELLO").unwrap();
-    let m = against_paths(&f.statement, &[f.dir.clone()]).unwrap();
+    let m = against_paths(&f.statement, std::slice::from_ref(&f.dir)).unwrap();
     assert!(
         matches!(&m[..], [Mismatch::Digest { subject, algorithm: NAR_SHA256, .. }] if subject == "nix/store/aaa-out"),
         "{m:?}"
