@@ -212,37 +212,28 @@ async fn each_tampering_is_caught_with_its_own_message() {
     use data_encoding::BASE64;
 
     // A byte of the payload.
-    let mut v = original.clone();
-    let mut payload = BASE64
-        .decode(v["payload"].as_str().unwrap().as_bytes())
-        .unwrap();
-    let at = payload.len() / 2;
-    payload[at] ^= 0x01;
-    v["payload"] = BASE64.encode(&payload).into();
-    let p = s.write("payload.json", &serde_json::to_vec(&v).unwrap());
-    let (code, text) = run(&p);
-    assert_eq!(code, 1, "{text}");
-    assert!(
-        text.contains("FAIL signature: the signature does not verify"),
-        "{text}"
-    );
-    assert!(independent_verify(&public_path(&s.key), &p).is_err());
-
-    // A byte of the signature.
-    let mut v = original.clone();
-    let mut sig = BASE64
-        .decode(v["signatures"][0]["sig"].as_str().unwrap().as_bytes())
-        .unwrap();
-    sig[5] ^= 0x80;
-    v["signatures"][0]["sig"] = BASE64.encode(&sig).into();
-    let p = s.write("sig.json", &serde_json::to_vec(&v).unwrap());
-    let (code, text) = run(&p);
-    assert_eq!(code, 1, "{text}");
-    assert!(
-        text.contains("FAIL signature: the signature does not verify"),
-        "{text}"
-    );
-    assert!(independent_verify(&public_path(&s.key), &p).is_err());
+    // Flips one bit of the base64 field at `pointer` (decoded byte `at`), and checks that
+    // both verifiers refuse the result.
+    let refused = |name: &str, pointer: &str, at: usize| {
+        let mut v = original.clone();
+        let field = v.pointer_mut(pointer).unwrap();
+        let mut raw = BASE64.decode(field.as_str().unwrap().as_bytes()).unwrap();
+        raw[at] ^= 0x01;
+        *field = BASE64.encode(&raw).into();
+        let p = s.write(name, &serde_json::to_vec(&v).unwrap());
+        let (code, text) = run(&p);
+        assert_eq!(code, 1, "{name}: {text}");
+        assert!(
+            text.contains("FAIL signature: the signature does not verify"),
+            "{name}: {text}"
+        );
+        assert!(
+            independent_verify(&public_path(&s.key), &p).is_err(),
+            "{name}"
+        );
+    };
+    refused("payload.json", "/payload", 100);
+    refused("sig.json", "/signatures/0/sig", 5);
 
     // Another key (the envelope names the real one).
     let other = s.tmp.path().join("other.key");

@@ -19,8 +19,8 @@
 //! contents.
 
 use crate::castore::directory::{Directory, Node};
+use crate::castore::export::directory_closure;
 use crate::castore::{B3Digest, BlobService, DirectoryService, Error as CastoreError};
-use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -232,15 +232,12 @@ async fn fetch_closure(
     directories: &dyn DirectoryService,
     root: &B3Digest,
 ) -> Result<HashMap<B3Digest, Directory>, NarError> {
-    let mut out = HashMap::new();
-    let mut stream = directories.get_recursive(root);
-    while let Some(d) = stream.try_next().await.map_err(|e| match e {
-        CastoreError::DirectoryNotFound(d) => NarError::DirectoryNotFound(d),
-        e => NarError::Store(e),
-    })? {
-        out.insert(d.digest(), d);
-    }
-    Ok(out)
+    directory_closure(directories, root)
+        .await
+        .map_err(|e| match e {
+            CastoreError::DirectoryNotFound(d) => NarError::DirectoryNotFound(d),
+            e => NarError::Store(e),
+        })
 }
 
 async fn write_castore<S: NarSink + Send>(
