@@ -11,6 +11,7 @@
 //! - [`fs`]: the castore-backed virtio-fs daemon that serves a build's inputs.
 //! - [`agent`]: the host side of the conversation with the guest agent, and output harvest.
 //! - [`runner`]: one request -> one VM -> one Build, with every deadline and clean-up.
+//! - [`provenance`]: signed in-toto/SLSA provenance of a build and NAR hashing.
 //! - [`nix`]: Nix's external-builders dialect (build.json, input cache, output placement).
 //! - [`cli`]: the command line.
 
@@ -22,6 +23,7 @@ pub mod fs;
 pub mod metrics;
 pub mod nix;
 pub mod proto;
+pub mod provenance;
 pub mod refscan;
 pub mod request;
 pub mod runner;

@@ -113,6 +113,7 @@ pub async fn run(env: &Env, svc: &Service, sizes: &FsSizes) -> anyhow::Result<Ve
             max_handles: daemon.max_handles,
             max_inodes: DEFAULT_MAX_INODES,
             threads: DEFAULT_THREADS,
+            stats: None,
         }
         .to_args(),
     );

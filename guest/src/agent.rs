@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use tvix_build_vm_agent::proto::{
-    exited, guest_message::Msg, host_message, BootTimings, Exited, Hello, OutputsDone,
+    exited, guest_message::Msg, host_message, BootTimings, Exited, Hello, OutputsDone, Usage,
 };
 use tvix_build_vm_agent::{frame, proto::GuestMessage, PROTOCOL_VERSION};
 use vsock::VsockStream;
@@ -186,6 +186,7 @@ fn session(
     let finished = logs::stream_until_exit(child, &mut reaper, &cgroup, conn).phase("logs")?;
     trace::mark("command exited, output drained");
     let oom_killed = cgroup.oom_killed().phase("cgroup")?;
+    let usage = cgroup.usage();
     trace::mark("oom checked");
     trace::flush();
     let status = match finished.status {
@@ -202,6 +203,12 @@ fn session(
         status: Some(status),
         oom_killed,
         duration_us: finished.duration.as_micros().min(u64::MAX as u128) as u64,
+        usage: Some(Usage {
+            cpu_user_us: usage.cpu_user_us,
+            cpu_system_us: usage.cpu_system_us,
+            memory_peak_bytes: usage.memory_peak_bytes,
+            pids_peak: usage.pids_peak,
+        }),
     }))
     .and_then(|()| conn.flush())
     .phase("exited")?;

@@ -125,14 +125,41 @@ impl BuildCgroup {
     }
 }
 
+/// What the build's cgroup used; each figure is absent if its file could not be read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_user_us: Option<u64>,
+    pub cpu_system_us: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub pids_peak: Option<u64>,
+}
+
+impl BuildCgroup {
+    /// Reads `cpu.stat`, `memory.peak` and `pids.peak`. A file the kernel lacks leaves its
+    /// figure absent: accounting never fails a build.
+    pub fn usage(&self) -> Usage {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).ok();
+        let cpu = read("cpu.stat").unwrap_or_default();
+        Usage {
+            cpu_user_us: keyed(&cpu, "user_usec"),
+            cpu_system_us: keyed(&cpu, "system_usec"),
+            memory_peak_bytes: read("memory.peak").and_then(|t| t.trim().parse().ok()),
+            pids_peak: read("pids.peak").and_then(|t| t.trim().parse().ok()),
+        }
+    }
+}
+
+/// The value of `key` in a flat keyed cgroup file (`key value` per line).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
 /// The `oom_kill` counter of a `memory.events` file (0 if absent).
 fn oom_kills(memory_events: &str) -> u64 {
-    memory_events
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .find(|(k, _)| *k == "oom_kill")
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
+    keyed(memory_events, "oom_kill").unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -145,5 +172,14 @@ mod tests {
         assert_eq!(oom_kills(text), 2);
         assert_eq!(oom_kills("low 0\noom 1\noom_kill 0\n"), 0);
         assert_eq!(oom_kills(""), 0);
+    }
+
+    #[test]
+    fn reads_cpu_stat_keys() {
+        let text = "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\nnr_periods 0\n";
+        assert_eq!(keyed(text, "user_usec"), Some(2000));
+        assert_eq!(keyed(text, "system_usec"), Some(500));
+        assert_eq!(keyed(text, "usage"), None);
+        assert_eq!(keyed("user_usec lots\n", "user_usec"), None);
     }
 }

@@ -59,6 +59,8 @@ pub struct HarvestedOutput {
     /// The indices (ascending) of the request's refscan needles that the output's file
     /// contents and symlink targets hold, found while they were received.
     pub needles: Vec<u64>,
+    /// The sum of its files' sizes.
+    pub bytes: u64,
 }
 
 /// Receives every output of the job (in order, then OutputsDone) and stores it, scanning
@@ -191,9 +193,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Harvester<'_, S> {
                 Msg::OutputStart(start) if start.missing => nodes.push(None),
                 Msg::OutputStart(_) => {
                     self.found = self.scanner.found();
+                    let before = self.bytes;
                     let (node, root) = self.tree(index).await?;
                     let needles = self.found.indices();
-                    nodes.push(Some(HarvestedOutput { node, needles }));
+                    let bytes = self.bytes.saturating_sub(before);
+                    nodes.push(Some(HarvestedOutput {
+                        node,
+                        needles,
+                        bytes,
+                    }));
                     pending.extend(root);
                 }
                 other => return Err(self.unexpected("OutputStart", &other, &[])),

@@ -11,6 +11,7 @@
 //! - [`harvest`]: outputs into the castore.
 //! - [`log`]: the live log sink and the bounded log tail.
 //! - [`limits`]: every bound, with defaults.
+//! - [`usage`]: the guest's resource figures, bounded.
 //! - [`error`]: the error taxonomy (build failed / guest misbehaved / infrastructure).
 
 pub mod connection;
@@ -21,9 +22,11 @@ pub mod log;
 pub mod session;
 #[cfg(test)]
 mod testing;
+pub mod usage;
 
 pub use error::{Error, ErrorClass};
 pub use harvest::HarvestedOutput;
 pub use limits::{HarvestLimits, SessionLimits};
 pub use log::{DiscardLog, LogChunk, LogRef, LogSink, LogStream, LogTail};
 pub use session::{accept_hello, AgentHello, ExitStatus, Greeted, Running};
+pub use usage::GuestUsage;

@@ -10,6 +10,7 @@ use super::error::{
 use super::harvest::{self, HarvestedOutput};
 use super::limits::{HarvestLimits, SessionLimits};
 use super::log::{LogChunk, LogSink, LogStream, LogTail};
+use super::usage::{GuestUsage, UsageBounds};
 use crate::castore::{BlobService, DirectoryService};
 use crate::refscan::Scanner;
 use bytes::Bytes;
@@ -17,7 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tvix_build_vm_agent::proto::{
-    exited, guest_message::Msg, host_message, BootTimings, Exited, HostMessage, Job, Log, Stream,
+    exited, guest_message::Msg, host_message, BootTimings, Exited, HostMessage, Job, Limits, Log,
+    Stream,
 };
 use tvix_build_vm_agent::PROTOCOL_VERSION;
 
@@ -102,6 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Greeted<S> {
     pub async fn send_job(mut self, job: Job) -> Result<Running<S>, Error> {
         let started = Instant::now();
         let outputs = job.outputs.clone();
+        let job_limits = job.limits;
         let msg = HostMessage {
             msg: Some(host_message::Msg::Job(job)),
         };
@@ -132,6 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Greeted<S> {
             conn: self.conn,
             tail: LogTail::new(self.limits.log_tail_bytes),
             limits: self.limits,
+            job_limits,
             outputs,
             started,
         })
@@ -142,6 +146,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Greeted<S> {
 pub struct Running<S> {
     conn: Connection<S>,
     limits: SessionLimits,
+    /// The Job's limits, which bound the guest's figures.
+    job_limits: Option<Limits>,
     outputs: Vec<String>,
     started: Instant,
     tail: LogTail,
@@ -158,6 +164,8 @@ pub struct ExitStatus {
     pub oom_killed: bool,
     /// The command's run time as the guest measured it (informational).
     pub duration: Duration,
+    /// What the guest says the build used, bounded (see [`super::usage`]).
+    pub usage: GuestUsage,
 }
 
 impl ExitStatus {
@@ -229,7 +237,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                 sink.send(chunk).await;
                 Ok(None)
             }
-            Msg::Exited(exited) => Ok(Some(exit_status(exited)?)),
+            Msg::Exited(exited) => {
+                let bounds = UsageBounds::new(self.started.elapsed(), self.job_limits.as_ref());
+                Ok(Some(exit_status(exited, bounds)?))
+            }
             Msg::Failure(f) => Err(AgentFailure::from_report(f, &self.limits).into()),
             other => Err(ProtocolError::Unexpected {
                 phase: Phase::Run,
@@ -308,7 +319,7 @@ fn after(start: Instant, limit: Duration) -> Instant {
         .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 60 * 60))
 }
 
-fn exit_status(exited: Exited) -> Result<ExitStatus, ProtocolError> {
+fn exit_status(exited: Exited, bounds: UsageBounds) -> Result<ExitStatus, ProtocolError> {
     let kind = match exited.status {
         None => return Err(ProtocolError::ExitStatusMissing),
         Some(exited::Status::Code(c)) => {
@@ -325,6 +336,7 @@ fn exit_status(exited: Exited) -> Result<ExitStatus, ProtocolError> {
         kind,
         oom_killed: exited.oom_killed,
         duration: Duration::from_micros(exited.duration_us),
+        usage: GuestUsage::bounded(exited.usage, bounds),
     })
 }
 

@@ -267,6 +267,7 @@ async fn exit_statuses_map_to_build_failures() {
         status: Some(exited::Status::Signal(9)),
         oom_killed: true,
         duration_us: 5,
+        usage: None,
     });
     let (status, _) = run_with(&[signal], false, SessionLimits::default()).await;
     let status = status.unwrap();
@@ -281,9 +282,43 @@ async fn exit_statuses_map_to_build_failures() {
         status: Some(exited::Status::Signal(15)),
         oom_killed: false,
         duration_us: 5,
+        usage: None,
     });
     let (status, _) = run_with(&[plain_signal], false, SessionLimits::default()).await;
     assert_eq!(status.unwrap().check(), Err(BuildFailure::Signal(15)));
+}
+
+#[tokio::test]
+async fn the_guests_figures_are_bounded_never_refused() {
+    let absurd = Msg::Exited(Exited {
+        status: Some(exited::Status::Code(0)),
+        oom_killed: false,
+        duration_us: u64::MAX,
+        usage: Some(tvix_build_vm_agent::proto::Usage {
+            cpu_user_us: Some(u64::MAX),
+            cpu_system_us: Some(-1i64 as u64),
+            memory_peak_bytes: Some(u64::MAX),
+            pids_peak: Some(u64::MAX),
+        }),
+    });
+    let before = std::time::Instant::now();
+    let (status, _) = run_with(&[absurd], false, SessionLimits::default()).await;
+    let status = status.unwrap();
+    assert_eq!(status.check(), Ok(()));
+    let u = &status.usage;
+    assert_eq!(
+        u.clamped,
+        ["cpu_user", "cpu_system", "memory_peak", "pids_peak"]
+    );
+    // At most the time the session took, on every vCPU a VM can have.
+    let most = before.elapsed() * crate::vm::MAX_VCPUS;
+    assert!(u.cpu().unwrap() <= most, "{:?} > {most:?}", u.cpu());
+    assert!(u.memory_peak_bytes.unwrap() <= u64::from(crate::vm::MAX_MEMORY_MIB) << 20);
+    assert!(u.pids_peak.unwrap() <= 4 << 20);
+
+    // An agent that reports nothing leaves every figure absent.
+    let (status, _) = run_with(&[exited_code(0)], false, SessionLimits::default()).await;
+    assert_eq!(status.unwrap().usage, crate::agent::GuestUsage::default());
 }
 
 #[tokio::test]
@@ -293,6 +328,7 @@ async fn invalid_exit_statuses_are_refused() {
             status,
             oom_killed: false,
             duration_us: 0,
+            usage: None,
         })
     };
     type Check = fn(&Error) -> bool;

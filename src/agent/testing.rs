@@ -38,6 +38,7 @@ pub fn exited_code(code: i32) -> Msg {
         status: Some(exited::Status::Code(code)),
         oom_killed: false,
         duration_us: 1000,
+        usage: None,
     })
 }
 

@@ -106,12 +106,22 @@ async fn fetch_closure(
     directories: &dyn DirectoryService,
     root: &B3Digest,
 ) -> Result<HashMap<B3Digest, Directory>, ExportError> {
+    directory_closure(directories, root)
+        .await
+        .map_err(|e| match e {
+            Error::DirectoryNotFound(d) => ExportError::DirectoryNotFound(d),
+            e => ExportError::Store(e),
+        })
+}
+
+/// Every directory of the tree below `root` (itself included), by digest, in one stream.
+pub(crate) async fn directory_closure(
+    directories: &dyn DirectoryService,
+    root: &B3Digest,
+) -> Result<HashMap<B3Digest, Directory>, Error> {
     let mut out = HashMap::new();
     let mut stream = directories.get_recursive(root);
-    while let Some(d) = stream.try_next().await.map_err(|e| match e {
-        Error::DirectoryNotFound(d) => ExportError::DirectoryNotFound(d),
-        e => ExportError::Store(e),
-    })? {
+    while let Some(d) = stream.try_next().await? {
         out.insert(d.digest(), d);
     }
     Ok(out)

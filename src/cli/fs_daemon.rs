@@ -13,6 +13,7 @@ use crate::fs::daemon::{self, DaemonConfig, DaemonError};
 use crate::fs::passthrough::{self, PassthroughError};
 use crate::fs::sandbox::{self, SandboxError};
 use crate::fs::spec::{DEFAULT_MAX_INODES, DEFAULT_THREADS};
+use crate::fs::stats::ReadStats;
 use crate::fs::{
     CastoreFs, CastoreSource, DaemonSpec, FsError, FsLimits, Listing, RootAssigner, RootSource,
     ShareSource,
@@ -71,6 +72,10 @@ pub struct FsDaemonArgs {
     /// virtiofsd worker threads; 0 serves requests on the queue thread.
     #[arg(long, default_value_t = DEFAULT_THREADS, value_parser = clap::value_parser!(u64).range(0..=64))]
     pub threads: u64,
+    /// Count the files opened and bytes served into this file (16 bytes, see
+    /// `fs::stats`), for the runner's accounting.
+    #[arg(long, conflicts_with = "ro_dir")]
+    pub stats_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +106,12 @@ pub enum FsDaemonError {
     Sandbox(#[source] SandboxError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot create the stats file {path}")]
+    Stats {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open the {what} service at {addr:?}")]
     Castore {
         what: &'static str,
@@ -165,6 +176,7 @@ impl TryFrom<FsDaemonArgs> for DaemonSpec {
             max_handles: args.max_handles,
             max_inodes: args.max_inodes,
             threads: args.threads,
+            stats: args.stats_file,
         })
     }
 }
@@ -204,6 +216,19 @@ fn serve(spec: DaemonSpec) -> Result<(), FsDaemonError> {
         RootSource::Stdin => None,
     };
 
+    // Before the sandbox: the one file the daemon writes besides its socket.
+    let stats = match &spec.stats {
+        Some(path) => {
+            Arc::new(
+                ReadStats::to_file(path).map_err(|source| FsDaemonError::Stats {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => Arc::default(),
+    };
+
     // While still single-threaded: capabilities are per thread.
     let fds = spec.max_handles + FD_RESERVE + 2 * spec.threads;
     sandbox::restrict(fds).map_err(FsDaemonError::Sandbox)?;
@@ -228,11 +253,11 @@ fn serve(spec: DaemonSpec) -> Result<(), FsDaemonError> {
         max_inodes: spec.max_inodes as usize,
     };
     let fs = match root {
-        Some(root) => CastoreFs::new(root, Arc::new(source), limits),
+        Some(root) => CastoreFs::new(root, Arc::new(source), limits).with_stats(stats),
         None => {
             let (fs, assigner) = CastoreFs::with_pending_root(Arc::new(source), limits);
             assign_from_stdin(assigner).map_err(FsDaemonError::Runtime)?;
-            fs
+            fs.with_stats(stats)
         }
     };
     let listener = daemon::bind(&cfg.socket).map_err(FsDaemonError::Daemon)?;
@@ -394,6 +419,7 @@ mod tests {
                 max_handles: 77,
                 max_inodes: 4096,
                 threads: 2,
+                stats: Some("/rt/fs.stats".into()),
             });
         }
         round_trip(DaemonSpec {
@@ -403,6 +429,7 @@ mod tests {
             max_handles: 1024,
             max_inodes: DEFAULT_MAX_INODES,
             threads: DEFAULT_THREADS,
+            stats: None,
         });
     }
 }

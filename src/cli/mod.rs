@@ -6,11 +6,13 @@ use std::process::ExitCode;
 pub mod build;
 pub mod fs_daemon;
 pub mod initrd;
+pub mod keygen;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
 pub mod store;
 pub mod store_args;
+pub mod verify;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +50,11 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Write the initramfs the VMs boot (the agent as /init).
     Initrd(initrd::InitrdArgs),
+    /// Generate the host's Ed25519 key pair for signing provenance.
+    Keygen(keygen::KeygenArgs),
+    /// Check a signed provenance envelope against a Build and/or output trees (see
+    /// `verify --help` for exit codes).
+    Verify(verify::VerifyArgs),
     /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
     /// the runner).
     #[command(hide = true)]
@@ -82,6 +89,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
         Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
         Command::FsDaemon(args) => fs_daemon::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Keygen(args) => match keygen::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Initrd(args) => match initrd::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

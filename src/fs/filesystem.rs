@@ -14,6 +14,7 @@ use super::listing::Listing;
 use super::log_limit::LogLimiter;
 use super::root::{RootAssigner, RootGate};
 use super::source::ContentSource;
+use super::stats::ReadStats;
 use std::ffi::CStr;
 use std::io;
 use std::sync::Arc;
@@ -60,6 +61,7 @@ pub struct CastoreFs {
     root_gate: Arc<RootGate>,
     handles: HandleTable<OpenFile>,
     log: LogLimiter,
+    stats: Arc<ReadStats>,
 }
 
 impl CastoreFs {
@@ -93,7 +95,14 @@ impl CastoreFs {
             root_gate,
             handles: HandleTable::new(limits.max_handles),
             log: LogLimiter::new(20, Duration::from_secs(10)),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts the files opened and bytes served into `stats` (see [`super::stats`]).
+    pub fn with_stats(mut self, stats: Arc<ReadStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Number of open file handles (for tests and diagnostics).
@@ -408,6 +417,7 @@ impl FileSystem for CastoreFs {
         let handle = self
             .do_open(inode, flags)
             .map_err(|e| self.fail("open", e))?;
+        self.stats.opened();
         // The content never changes: keep the guest's page cache across opens.
         Ok((Some(handle), OpenOptions::KEEP_CACHE))
     }
@@ -439,8 +449,11 @@ impl FileSystem for CastoreFs {
     ) -> io::Result<usize> {
         let file = self.handles.get(handle).map_err(|e| self.fail("read", e))?;
         let size = size.min(MAX_READ as u32);
-        file.read_to(w, offset, size)
-            .map_err(|e| self.fail("read", e))
+        let n = file
+            .read_to(w, offset, size)
+            .map_err(|e| self.fail("read", e))?;
+        self.stats.read(n);
+        Ok(n)
     }
 
     fn write<R: ZeroCopyReader>(

@@ -8,6 +8,7 @@
 //! - [`daemon`]: serving one VM over a vhost-user socket.
 //! - [`passthrough`]: the other kind of share, one host directory read-only.
 //! - [`spec`]: one daemon's configuration, as the runner passes it and the daemon parses it.
+//! - [`stats`]: what a build read from its inputs, for the runner.
 
 pub mod attr;
 pub mod blob;
@@ -24,6 +25,7 @@ pub mod sandbox;
 pub mod source;
 pub mod spec;
 mod staging;
+pub mod stats;
 
 pub use error::FsError;
 pub use filesystem::{CastoreFs, FsLimits};

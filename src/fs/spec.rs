@@ -42,6 +42,8 @@ pub struct DaemonSpec {
     pub max_inodes: u64,
     /// virtiofsd worker threads; 0 serves requests on the queue thread.
     pub threads: u64,
+    /// Where a castore share counts what it served (see [`super::stats`]).
+    pub stats: Option<PathBuf>,
 }
 
 /// Inodes a daemon tracks at once unless told otherwise.
@@ -87,6 +89,10 @@ impl DaemonSpec {
         args.push(self.max_inodes.to_string().into());
         args.push("--threads".into());
         args.push(self.threads.to_string().into());
+        if let Some(stats) = &self.stats {
+            args.push("--stats-file".into());
+            args.push(stats.clone().into());
+        }
         args
     }
 }

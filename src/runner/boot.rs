@@ -40,6 +40,8 @@ const RO_SHARE_MAX_FDS: u64 = 8192;
 /// The inputs' fs-daemon's log in a VM's runtime directory (the process group names each
 /// member's log after it).
 const FS_DAEMON_LOG: &str = "fs-daemon.log";
+/// The inputs' daemon counts what it served here, in the runtime directory.
+pub(super) const FS_STATS_FILE: &str = "fs.stats";
 /// How much of the serial console goes into an error message.
 pub(super) const SERIAL_TAIL_BYTES: u64 = 4096;
 
@@ -119,6 +121,7 @@ impl Booter {
                 max_handles: fsd.max_handles,
                 max_inodes: DEFAULT_MAX_INODES,
                 threads: DEFAULT_THREADS,
+                stats: Some(rt.join(FS_STATS_FILE)),
             }
             .to_args(),
         );
@@ -154,6 +157,7 @@ impl Booter {
                     max_handles: RO_SHARE_MAX_FDS,
                     max_inodes: DEFAULT_MAX_INODES,
                     threads: DEFAULT_THREADS,
+                    stats: None,
                 }
                 .to_args(),
             );

@@ -1,6 +1,7 @@
 //! The life of one build VM, from the request's constraints to the harvested outputs.
 
-use super::boot::{session_error, vm_died};
+use super::accounting::Accounting;
+use super::boot::{session_error, vm_died, FS_STATS_FILE};
 use super::error::RunError;
 use super::inputs;
 use super::job::job_for;
@@ -8,6 +9,7 @@ use super::policy::Decision;
 use super::Runner;
 use crate::agent::{self, AgentHello, ExitStatus, LogSink};
 use crate::castore::directory::Node;
+use crate::fs::stats::read_stats_file;
 use crate::refscan::Scanner;
 use crate::request::{BuildRequest, RelativePath};
 use crate::vm::{RunningVm, VmStatus};
@@ -39,6 +41,8 @@ pub struct Output {
     /// The indices (ascending) of the request's `refscan_needles` its file contents and
     /// symlink targets hold.
     pub needles: Vec<u64>,
+    /// The sum of its files' sizes, as received.
+    pub bytes: u64,
 }
 
 /// A successful build.
@@ -49,6 +53,8 @@ pub struct BuildOutcome {
     pub exit: ExitStatus,
     pub hello: AgentHello,
     pub timings: Timings,
+    /// What the build cost.
+    pub accounting: Accounting,
     /// The end of the build log.
     pub log_tail: String,
 }
@@ -102,7 +108,7 @@ impl Runner {
             }
         };
         let hello = booted.hello().clone();
-        let (_rt, mut vm, greeted) = booted.into_parts();
+        let (rt, mut vm, greeted) = booted.into_parts();
 
         let exec_started = Instant::now();
         let mut running = greeted
@@ -126,6 +132,9 @@ impl Runner {
             return Err(session_error(&vm, agent::Error::Build(failure), log_tail));
         }
 
+        // The command is done: everything it read has been served.
+        let input_reads = read_stats_file(&rt.join(FS_STATS_FILE));
+
         let harvest_started = Instant::now();
         let harvested = tokio::select! {
             r = running.harvest(&exit, &*self.blobs, &*self.dirs, &config.harvest_limits, &needles) => r,
@@ -139,6 +148,7 @@ impl Runner {
 
         // Everything the VM had to give is stored, and it is never used again: end it now
         // rather than wait for the guest's power-off, which the client would wait for.
+        let host_cpu = vm.host_cpu_time();
         vm.kill().await;
 
         let mut outputs = Vec::with_capacity(req.outputs.len());
@@ -148,6 +158,7 @@ impl Runner {
                     path: path.clone(),
                     node: h.node,
                     needles: h.needles,
+                    bytes: h.bytes,
                 }),
                 None => {
                     return Err(RunError::OutputMissing {
@@ -163,8 +174,21 @@ impl Runner {
             harvest,
             total: started.elapsed(),
         };
+        let accounting = Accounting {
+            guest: exit.usage.clone(),
+            host_cpu,
+            input_reads,
+            output_bytes: outputs
+                .iter()
+                .fold(0u64, |sum, o| sum.saturating_add(o.bytes)),
+        };
         info!(
             total_ms = timings.total.as_millis() as u64,
+            host_cpu_ms = accounting.host_cpu.as_millis() as u64,
+            guest_cpu_ms = accounting.guest.cpu().map(|c| c.as_millis() as u64),
+            guest_memory_peak = accounting.guest.memory_peak_bytes,
+            output_bytes = accounting.output_bytes,
+            input_bytes_read = accounting.input_reads.map(|r| r.bytes),
             "build succeeded"
         );
         Ok(BuildOutcome {
@@ -172,6 +196,7 @@ impl Runner {
             exit,
             hello,
             timings,
+            accounting,
             log_tail,
         })
     }

@@ -6,6 +6,7 @@
 //! process group are guards, so an error, a deadline or a dropped future all end the same
 //! way: every process of the build killed, its directory removed).
 
+pub mod accounting;
 mod boot;
 mod build;
 mod error;
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod pool;
 pub mod runtime_dir;
 
+pub use accounting::Accounting;
 pub use boot::BootedVm;
 pub use build::{BuildOutcome, Output, Timings};
 pub use error::{Fault, RunError, SessionFailure};

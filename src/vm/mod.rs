@@ -554,6 +554,12 @@ impl RunningVm {
         exit
     }
 
+    /// CPU time the VM's processes (the VMM and its helpers) have used on the host so far,
+    /// boot included; read before they are killed.
+    pub fn host_cpu_time(&self) -> Duration {
+        self.group.cpu_time()
+    }
+
     /// The serial log file.
     pub fn serial_log(&self) -> &Path {
         &self.serial_log

@@ -321,6 +321,24 @@ impl ProcessGroup {
         self.members.iter().map(|m| m.pid).collect()
     }
 
+    /// CPU time (user and system, with that of their reaped children) of the members not
+    /// yet reaped: what the VM has cost the host so far. A member whose pid now names
+    /// another process (reaped meanwhile) is left out.
+    pub fn cpu_time(&self) -> Duration {
+        let tick = clock_tick();
+        self.members
+            .iter()
+            .filter(|m| m.status.is_none())
+            .filter_map(|m| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).ok()?;
+                let (start, ticks) = cpu_ticks(&stat)?;
+                (m.start_time == Some(start)).then_some(ticks)
+            })
+            .fold(Duration::ZERO, |sum, ticks| {
+                sum.saturating_add(tick.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX)))
+            })
+    }
+
     /// The member's exit status if it has exited (reaps it).
     pub fn try_wait(&mut self, id: MemberId) -> std::io::Result<Option<ExitStatus>> {
         let member = &mut self.members[id.0];
@@ -460,6 +478,29 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// From a `/proc/<pid>/stat` line: the start time (field 22) and utime + stime + cutime +
+/// cstime (fields 14-17), in clock ticks.
+fn cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+    let ticks = [14, 15, 16, 17]
+        .into_iter()
+        .try_fold(0u64, |sum, n| Some(sum.saturating_add(field(n)?)))?;
+    Some((field(22)?, ticks))
+}
+
+/// The length of one clock tick (`sysconf(_SC_CLK_TCK)`, 100 Hz where it cannot be asked).
+fn clock_tick() -> Duration {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .filter(|hz| *hz > 0)
+        .unwrap_or(100);
+    Duration::from_nanos(1_000_000_000 / hz)
+}
+
 /// Whether this process may lower a nice value to `nice` (raise a priority): with
 /// `CAP_SYS_NICE`, or within `RLIMIT_NICE` (whose limit `r` allows down to `20 - r`).
 pub fn may_lower_nice(nice: i32) -> bool {
@@ -531,6 +572,45 @@ mod tests {
     fn alive(pid: u32) -> bool {
         // A zombie still has /proc/<pid>; "gone" means reaped or never ours.
         Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[test]
+    fn cpu_ticks_count_from_the_last_parenthesis() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime cstime ... starttime (22)
+        let stat = "42 (a) (b c) S 1 42 42 0 -1 4194560 10 0 0 0 7 3 20 1 20 0 1 0 12345 0 0\n";
+        assert_eq!(cpu_ticks(stat), Some((12345, 31)));
+        assert_eq!(cpu_ticks("42 (a) S 1"), None);
+    }
+
+    #[tokio::test]
+    async fn cpu_time_counts_a_member_that_burns_cpu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = ProcessGroup::new(dir.path());
+        // Busy for about 0.3 s of CPU, then idle.
+        group
+            .spawn(
+                "burn",
+                sh("i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; exec sleep 60"),
+                Stdout::Log,
+            )
+            .expect("burn");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut last = Duration::ZERO;
+        while std::time::Instant::now() < deadline {
+            last = group.cpu_time();
+            if last >= Duration::from_millis(50) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            last >= Duration::from_millis(50),
+            "only {last:?} of CPU counted"
+        );
+        group.kill_and_reap().await;
+        // Reaped members are no longer counted (their pids may name other processes).
+        assert_eq!(group.cpu_time(), Duration::ZERO);
     }
 
     #[tokio::test]

@@ -181,6 +181,7 @@ pub(crate) mod tests {
             path: RelativePath::parse(path).unwrap(),
             node,
             needles,
+            bytes: 1,
         };
         let file = Node::File {
             digest: B3Digest::of(b"b"),
@@ -202,6 +203,7 @@ pub(crate) mod tests {
                     kind: ExitKind::Code(0),
                     oom_killed: false,
                     duration: Duration::from_secs(1),
+                    usage: Default::default(),
                 },
                 hello: AgentHello {
                     agent_version: "test".into(),
@@ -213,6 +215,7 @@ pub(crate) mod tests {
                     harvest: Duration::from_millis(4),
                     total: Duration::from_millis(10),
                 },
+                accounting: Default::default(),
                 log_tail: String::new(),
             },
             queued: Duration::from_millis(1),

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tvix_build_vm_agent::frame::{self, Decoder, FILE_CHUNK_BYTES, MAX_FRAME_BYTES};
 use tvix_build_vm_agent::proto::{
     exited, guest_message::Msg, host_message, DirectoryEnd, Entry, EntryKind, Exited, FileChunk,
-    GuestMessage, Hello, HostMessage, Job, Log, OutputStart, OutputsDone,
+    GuestMessage, Hello, HostMessage, Job, Log, OutputStart, OutputsDone, Usage,
 };
 use tvix_build_vm_agent::PROTOCOL_VERSION;
 
@@ -73,6 +73,9 @@ enum Scenario {
     SuccessNoOutputs,
     /// A complete, valid conversation, but the VM never powers off afterwards.
     NoPowerOff,
+    /// Exit 0 with resource figures no VM can reach (the largest numbers, a negative one
+    /// as its two's complement), then one symlink per output. Powers off.
+    AbsurdUsage,
 }
 
 /// The bad child names of [`Scenario::BadName`].
@@ -130,6 +133,7 @@ impl Scenario {
             "wrong-version" => Self::WrongVersion,
             "success-no-outputs" => Self::SuccessNoOutputs,
             "no-power-off" => Self::NoPowerOff,
+            "absurd-usage" => Self::AbsurdUsage,
             other => return Err(format!("unknown scenario {other:?}")),
         })
     }
@@ -226,6 +230,7 @@ fn exited_ok() -> Msg {
         status: Some(exited::Status::Code(0)),
         oom_killed: false,
         duration_us: 1,
+        usage: None,
     })
 }
 
@@ -429,6 +434,26 @@ fn misbehave(conn: &mut Conn, job: &Job, scenario: Scenario) -> ! {
             conn.send(end());
             conn.send(done());
             hold()
+        }
+        Scenario::AbsurdUsage => {
+            conn.send(Msg::Exited(Exited {
+                status: Some(exited::Status::Code(0)),
+                oom_killed: false,
+                duration_us: u64::MAX,
+                usage: Some(Usage {
+                    cpu_user_us: Some(u64::MAX),
+                    cpu_system_us: Some(-5i64 as u64),
+                    memory_peak_bytes: Some(u64::MAX),
+                    pids_peak: Some(1 << 40),
+                }),
+            }));
+            for i in 0..job.outputs.len() {
+                let Ok(index) = u32::try_from(i) else { hold() };
+                conn.send(start(index));
+                conn.send(entry(b"", EntryKind::Symlink, 0, b"target"));
+            }
+            conn.send(done());
+            conn.close()
         }
         Scenario::SymlinkEscape => {
             conn.send(exited_ok());
