@@ -1,6 +1,6 @@
 //! Compiles the tvix castore and build protos (wire-identical to tvix) and snix's (the
 //! successor's packages, served beside tvix's) with tonic, adds proto3 JSON (pbjson) for
-//! the CLI, and writes a file descriptor set for gRPC reflection. The 2024 tvix layout of
+//! the CLI and the provenance statements, and writes a file descriptor set for gRPC reflection. The 2024 tvix layout of
 //! the build protos is compiled separately into `$OUT_DIR/tvix2024`.
 
 use std::path::PathBuf;
@@ -42,7 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = std::fs::read(&descriptor_path)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
-        .build(&[".tvix.castore.v1", ".tvix.build.v1"])?;
+        .build(&[
+            ".tvix.castore.v1",
+            ".tvix.build.v1",
+            ".tvix.build.vm.v1",
+            ".snix.castore.v1",
+            ".snix.build.v1",
+        ])?;
 
     // Its castore types are the ones generated above.
     let out_2024 = out_dir.join("tvix2024");
@@ -53,6 +59,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".tvix.castore.v1", "crate::proto::castore")
         .bytes(".")
         .compile_protos(PROTOS_2024, &["protos"])?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(out_2024.join("descriptor.bin"))?)?
+        .out_dir(&out_2024)
+        .extern_path(".tvix.castore.v1", "crate::proto::castore")
+        .build(&[".tvix.build.v1"])?;
 
     println!("cargo:rerun-if-changed=protos");
     Ok(())

@@ -11,6 +11,7 @@
 use crate::agent::{HarvestLimits, SessionLimits};
 use crate::castore::{BlobService, DirectoryService};
 use crate::fs::passthrough::{check_shareable, PassthroughError};
+use crate::provenance::attest::{AttestError, HostFacts};
 use crate::runner::job::BIN_SH_INITRD_PATH;
 use crate::runner::policy::HostPolicy;
 use crate::runner::runtime_dir::{self, RuntimeDir, RuntimeDirError};
@@ -176,6 +177,9 @@ fn dir_addr_is_shareable(addr: &str) -> bool {
 pub struct Assembled {
     pub runner: Arc<Runner>,
     vmm: Arc<dyn VmmBackend>,
+    /// The VMM's own version line (empty if it could not be asked).
+    vmm_version: String,
+    agent: PathBuf,
     castore: (Arc<dyn BlobService>, Arc<dyn DirectoryService>),
     /// Holds the socket that serves the castore to the helper processes; removed on drop.
     _service_dir: RuntimeDir,
@@ -189,6 +193,19 @@ impl Drop for Assembled {
 }
 
 impl Assembled {
+    /// What provenance says about every VM of this runner: the VMM and its version, the
+    /// kernel, initrd and agent by sha256.
+    pub fn host_facts(&self) -> Result<HostFacts, AttestError> {
+        let config = self.runner.config();
+        HostFacts::read(
+            self.vmm.name(),
+            self.vmm_version.clone(),
+            &config.kernel,
+            &config.initrd,
+            &self.agent,
+        )
+    }
+
     /// Another runner of the same configuration over the same castore and VMM (e.g. one
     /// with a pool of another size).
     pub fn another_runner(&self, pool_size: usize) -> Runner {
@@ -217,9 +234,11 @@ pub async fn assemble(
     })?;
 
     let accel = accel::resolve(settings.accel).map_err(AssemblyError::Accel)?;
-    let vmm: Arc<dyn VmmBackend> = match &settings.vmm {
+    let (vmm, vmm_version): (Arc<dyn VmmBackend>, String) = match &settings.vmm {
         VmmSettings::Qemu(config) => {
-            Arc::new(QemuBackend::new(config).map_err(AssemblyError::Qemu)?)
+            let qemu = QemuBackend::new(config).map_err(AssemblyError::Qemu)?;
+            let version = first_line_of(qemu.program(), "--version").await;
+            (Arc::new(qemu), version)
         }
         VmmSettings::CloudHypervisor(config) => {
             let ch = CloudHypervisorBackend::new(config).map_err(AssemblyError::CloudHypervisor)?;
@@ -229,7 +248,7 @@ pub async fn assemble(
                 .await
                 .map_err(AssemblyError::CloudHypervisor)?;
             info!(version = %ping.version, "using cloud-hypervisor");
-            Arc::new(ch)
+            (Arc::new(ch), ping.version)
         }
     };
 
@@ -307,10 +326,32 @@ pub async fn assemble(
     Ok(Assembled {
         runner: Arc::new(runner),
         vmm,
+        vmm_version,
+        agent: settings.agent,
         castore: (castore.blobs, castore.dirs),
         _service_dir: service_dir,
         castore_server,
     })
+}
+
+/// The first line `program arg` prints, e.g. a version; empty if it cannot be run.
+async fn first_line_of(program: &Path, arg: &str) -> String {
+    match tokio::process::Command::new(program)
+        .arg(arg)
+        .output()
+        .await
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        Err(e) => {
+            tracing::warn!(program = %program.display(), error = %e, "cannot ask the VMM its version");
+            String::new()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Service metrics in the Prometheus text format: builds by result, queue depth, VMs
-//! running, and histograms of the phases of a build.
+//! running, histograms of the phases of a build and of what successful builds cost (CPU
+//! time, peak memory, bytes read and written).
 
 use crate::runner::pool::PoolStats;
+use crate::runner::Accounting;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -10,6 +12,19 @@ use std::time::Duration;
 /// Bucket upper bounds in seconds: from a fast boot under KVM to a long build.
 const BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+/// Bucket upper bounds in bytes: 1 KiB to 64 GiB in steps of 8.
+const BYTE_BUCKETS: &[f64] = &[
+    1024.0,
+    8192.0,
+    65536.0,
+    524288.0,
+    4194304.0,
+    33554432.0,
+    268435456.0,
+    2147483648.0,
+    17179869184.0,
+    68719476736.0,
 ];
 
 /// How a build ended, as counted.
@@ -75,29 +90,69 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Histogram {
+    bounds: &'static [f64],
     /// Cumulative counts per bucket, then +Inf.
-    counts: [u64; BUCKETS.len() + 1],
+    counts: Vec<u64>,
     sum: f64,
 }
 
 impl Histogram {
-    fn observe(&mut self, secs: f64) {
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        for (i, bound) in self.bounds.iter().enumerate() {
+            if value <= *bound {
                 self.counts[i] += 1;
             }
         }
-        self.counts[BUCKETS.len()] += 1;
-        self.sum += secs;
+        self.counts[self.bounds.len()] += 1;
+        self.sum += value;
     }
 }
 
-#[derive(Debug, Default)]
+/// The cost histograms of successful builds, by series.
+#[derive(Debug)]
+struct Usage {
+    /// CPU seconds: the guest's word on its build, the host's VM processes.
+    cpu: [Histogram; 2],
+    memory_peak: Histogram,
+    /// Bytes: read from the inputs, written to the outputs.
+    bytes: [Histogram; 2],
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            cpu: [Histogram::new(BUCKETS), Histogram::new(BUCKETS)],
+            memory_peak: Histogram::new(BYTE_BUCKETS),
+            bytes: [Histogram::new(BYTE_BUCKETS), Histogram::new(BYTE_BUCKETS)],
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     results: [AtomicU64; BuildResult::ALL.len()],
     histograms: Mutex<[Histogram; Phase::ALL.len()]>,
+    usage: Mutex<Usage>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            results: Default::default(),
+            histograms: Mutex::new(Phase::ALL.map(|_| Histogram::new(BUCKETS))),
+            usage: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -112,6 +167,22 @@ impl Metrics {
             let mut h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
             h[i].observe(d.as_secs_f64());
         }
+    }
+
+    /// Records what a successful build cost; figures that were not measured are left out.
+    pub fn observe_usage(&self, a: &Accounting) {
+        let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cpu) = a.guest.cpu() {
+            u.cpu[0].observe(cpu.as_secs_f64());
+        }
+        u.cpu[1].observe(a.host_cpu.as_secs_f64());
+        if let Some(peak) = a.guest.memory_peak_bytes {
+            u.memory_peak.observe(peak as f64);
+        }
+        if let Some(reads) = a.input_reads {
+            u.bytes[0].observe(reads.bytes as f64);
+        }
+        u.bytes[1].observe(a.output_bytes as f64);
     }
 
     /// The text exposition, with the gauges read at the time of the scrape (`pool`: the
@@ -140,41 +211,72 @@ impl Metrics {
         if let Some(pool) = pool {
             render_pool(&mut out, &pool);
         }
-        let _ = writeln!(
-            out,
-            "# HELP tvix_build_vm_phase_seconds Duration of each phase of a build."
-        );
-        let _ = writeln!(out, "# TYPE tvix_build_vm_phase_seconds histogram");
         let h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, p) in Phase::ALL.iter().enumerate() {
-            let hist = &h[i];
-            for (b, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "tvix_build_vm_phase_seconds_bucket{{phase=\"{}\",le=\"{bound}\"}} {}",
-                    p.label(),
-                    hist.counts[b]
-                );
-            }
-            let total = hist.counts[BUCKETS.len()];
+        let phases: Vec<_> = Phase::ALL
+            .iter()
+            .zip(h.iter())
+            .map(|(p, h)| (format!("phase=\"{}\"", p.label()), h))
+            .collect();
+        render_histograms(
+            &mut out,
+            "phase_seconds",
+            "Duration of each phase of a build.",
+            &phases,
+        );
+        drop(h);
+        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        render_histograms(
+            &mut out,
+            "build_cpu_seconds",
+            "CPU time of successful builds: the build's processes in the guest (the guest's word) and the VM's processes on the host.",
+            &[
+                ("side=\"guest\"".to_owned(), &u.cpu[0]),
+                ("side=\"host\"".to_owned(), &u.cpu[1]),
+            ],
+        );
+        render_histograms(
+            &mut out,
+            "build_memory_peak_bytes",
+            "Peak memory of successful builds in the guest (the guest's word).",
+            &[(String::new(), &u.memory_peak)],
+        );
+        render_histograms(
+            &mut out,
+            "build_bytes",
+            "Bytes successful builds read from their inputs and wrote to their outputs.",
+            &[
+                ("kind=\"input_read\"".to_owned(), &u.bytes[0]),
+                ("kind=\"output\"".to_owned(), &u.bytes[1]),
+            ],
+        );
+        out
+    }
+}
+
+/// One histogram family, each series with its labels (`key="value"`, or empty).
+fn render_histograms(out: &mut String, name: &str, help: &str, series: &[(String, &Histogram)]) {
+    let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+    let _ = writeln!(out, "# TYPE tvix_build_vm_{name} histogram");
+    for (labels, h) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let total = h.counts[h.bounds.len()];
+        for (b, bound) in h.bounds.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "tvix_build_vm_phase_seconds_bucket{{phase=\"{}\",le=\"+Inf\"}} {total}",
-                p.label()
-            );
-            let _ = writeln!(
-                out,
-                "tvix_build_vm_phase_seconds_sum{{phase=\"{}\"}} {}",
-                p.label(),
-                hist.sum
-            );
-            let _ = writeln!(
-                out,
-                "tvix_build_vm_phase_seconds_count{{phase=\"{}\"}} {total}",
-                p.label()
+                "tvix_build_vm_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                h.counts[b]
             );
         }
-        out
+        let _ = writeln!(
+            out,
+            "tvix_build_vm_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}"
+        );
+        let braces = |l: &str| match l.is_empty() {
+            true => String::new(),
+            false => format!("{{{l}}}"),
+        };
+        let _ = writeln!(out, "tvix_build_vm_{name}_sum{} {}", braces(labels), h.sum);
+        let _ = writeln!(out, "tvix_build_vm_{name}_count{} {total}", braces(labels));
     }
 }
 
@@ -240,6 +342,35 @@ mod tests {
         assert!(text.contains("tvix_build_vm_phase_seconds_count{phase=\"boot\"} 2\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_count{phase=\"exec\"} 0\n"));
         assert!(!text.contains("pool"), "no pool, no pool metrics");
+    }
+
+    #[test]
+    fn renders_what_builds_cost() {
+        let m = Metrics::default();
+        let mut a = Accounting {
+            host_cpu: Duration::from_millis(1500),
+            output_bytes: 5000,
+            ..Default::default()
+        };
+        a.guest.cpu_user = Some(Duration::from_millis(700));
+        a.guest.cpu_system = Some(Duration::from_millis(100));
+        a.guest.memory_peak_bytes = Some(300 << 20);
+        m.observe_usage(&a);
+        let text = m.render(0, 0, None);
+        for line in [
+            "tvix_build_vm_build_cpu_seconds_bucket{side=\"guest\",le=\"0.5\"} 0\n",
+            "tvix_build_vm_build_cpu_seconds_bucket{side=\"guest\",le=\"1\"} 1\n",
+            "tvix_build_vm_build_cpu_seconds_bucket{side=\"host\",le=\"1\"} 0\n",
+            "tvix_build_vm_build_cpu_seconds_sum{side=\"host\"} 1.5\n",
+            "tvix_build_vm_build_memory_peak_bytes_bucket{le=\"268435456\"} 0\n",
+            "tvix_build_vm_build_memory_peak_bytes_bucket{le=\"2147483648\"} 1\n",
+            "tvix_build_vm_build_memory_peak_bytes_count 1\n",
+            "tvix_build_vm_build_bytes_bucket{kind=\"output\",le=\"8192\"} 1\n",
+            // The inputs' reads were not counted: nothing observed.
+            "tvix_build_vm_build_bytes_count{kind=\"input_read\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in:\n{text}");
+        }
     }
 
     #[test]

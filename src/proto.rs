@@ -20,6 +20,7 @@ pub mod tvix {
         pub mod vm {
             pub mod v1 {
                 include!(concat!(env!("OUT_DIR"), "/tvix.build.vm.v1.rs"));
+                include!(concat!(env!("OUT_DIR"), "/tvix.build.vm.v1.serde.rs"));
             }
         }
     }
@@ -31,11 +32,13 @@ pub mod snix {
     pub mod castore {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/snix.castore.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/snix.castore.v1.serde.rs"));
         }
     }
     pub mod build {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/snix.build.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/snix.build.v1.serde.rs"));
         }
     }
 }
@@ -44,6 +47,7 @@ pub mod snix {
 /// package and field numbers as [`build`] with different types, hence a module of its own.
 pub mod build_2024 {
     include!(concat!(env!("OUT_DIR"), "/tvix2024/tvix.build.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tvix2024/tvix.build.v1.serde.rs"));
 
     /// The file descriptor set of the 2024 layout (with the castore protos it imports).
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -8,16 +8,20 @@
 
 use super::request_args::RequestArgs;
 use super::runner_args::RunnerArgs;
+use super::signing_args::SigningArgs;
 use super::store_args::StoreArgs;
 use crate::agent::{LogChunk, LogSink};
 use crate::assembly::assemble;
 use crate::castore::import::import_path;
+use crate::provenance::attest::{Origin, Record};
 use crate::runner::{new_build_id, Fault};
 use crate::wire::{seed, Finished};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, Args)]
@@ -28,6 +32,11 @@ pub struct BuildArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub signing: SigningArgs,
+    /// Also write the signed provenance (the DSSE envelope's JSON) to this file.
+    #[arg(long, value_name = "FILE", requires = "signing_key")]
+    pub provenance_out: Option<PathBuf>,
 }
 
 /// Writes the live build log to our stderr.
@@ -52,6 +61,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     // and the request file.
     // `build` offers neither network access nor a shell (the seed layout cannot ask).
     let settings = args.runner.settings(None, false, 0)?;
+    let signing = args.signing.load()?;
     let wire = match args.request.load() {
         Ok(w) => w,
         Err(e) => {
@@ -89,11 +99,35 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     };
 
     let assembled = assemble(settings, castore).await?;
+    let attestor = signing.map(|s| s.attestor(&assembled)).transpose()?;
     let id = new_build_id();
     let mut log = StderrLog(tokio::io::stderr());
+    let started = SystemTime::now();
     match assembled.runner.build(&id, &req, &decision, &mut log).await {
         Ok(outcome) => {
-            let build = seed::encode(wire, &Finished::direct(id, outcome));
+            let mut finished = Finished::direct(id, outcome);
+            if let Some(attestor) = &attestor {
+                let origin = Origin::of(seed::DIALECT, &wire);
+                let record = Record {
+                    id: &finished.id,
+                    origin: &origin,
+                    request: &req,
+                    decision: &decision,
+                    outcome: &finished.outcome,
+                    started,
+                    finished: SystemTime::now(),
+                };
+                let attested = attestor
+                    .attest(&assembled.runner, record)
+                    .await
+                    .context("signing the build's provenance")?;
+                if let Some(path) = &args.provenance_out {
+                    std::fs::write(path, &attested.json)
+                        .with_context(|| format!("writing --provenance-out {}", path.display()))?;
+                }
+                finished.provenance = Some(attested.stored);
+            }
+            let build = seed::encode(wire, &finished);
             println!("{}", serde_json::to_string(&build)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -10,6 +10,7 @@ pub mod keygen;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
+pub mod signing_args;
 pub mod store;
 pub mod store_args;
 pub mod verify;

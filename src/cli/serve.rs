@@ -5,6 +5,7 @@
 //! and an example systemd unit.
 
 use super::runner_args::RunnerArgs;
+use super::signing_args::SigningArgs;
 use super::store_args::StoreArgs;
 use crate::assembly::assemble;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct ServeArgs {
     /// The VM options; without --kernel and --agent only the castore is served.
     #[command(flatten)]
     pub runner: Box<RunnerArgs>,
+    #[command(flatten)]
+    pub signing: SigningArgs,
 }
 
 /// Total memory of this host, from /proc/meminfo (0 if unreadable).
@@ -84,6 +87,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )?),
         false => None,
     };
+    let signing = args.signing.load()?;
+    anyhow::ensure!(
+        signing.is_none() || settings.is_some(),
+        "--signing-key signs builds: it needs --kernel and --agent"
+    );
     let castore = args.store.castore().context("opening the store")?;
     let metrics = Arc::new(Metrics::default());
 
@@ -92,11 +100,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let host = match settings {
         Some(settings) => {
             let assembled = assemble(settings, castore.clone()).await?;
-            let host = Arc::new(BuildHost::new(
-                Arc::clone(&assembled.runner),
-                Admission::new(config.max_vms, config.max_queue),
-                Arc::clone(&metrics),
-            ));
+            let attestor = signing.map(|s| s.attestor(&assembled)).transpose()?;
+            if let Some(a) = &attestor {
+                info!(key_id = a.key_id(), "signing the provenance of every build");
+            }
+            let host = Arc::new(
+                BuildHost::new(
+                    Arc::clone(&assembled.runner),
+                    Admission::new(config.max_vms, config.max_queue),
+                    Arc::clone(&metrics),
+                )
+                .with_attestor(attestor),
+            );
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");
             Some(host)

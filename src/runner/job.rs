@@ -1,6 +1,6 @@
 //! Translating a validated request into the Job the guest agent runs.
 
-use super::policy::Decision;
+use super::policy::{BootShape, Decision};
 use crate::request::BuildRequest;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tvix_build_vm_agent::proto::{AdditionalFile, EnvVar, Job, Limits, Mount};
@@ -19,7 +19,12 @@ pub const BIN_SH_INITRD_PATH: &str = "/tvix-build-vm/sh";
 /// can report it.
 const AGENT_RESERVE_MIB: u32 = 48;
 /// Processes in one build's cgroup: generous for parallel builds, fatal to a fork bomb.
-const MAX_PROCESSES: u64 = 4096;
+pub const MAX_PROCESSES: u64 = 4096;
+
+/// The memory limit of the build's cgroup in a VM of this shape.
+pub fn build_memory_bytes(shape: &BootShape) -> u64 {
+    u64::from(shape.memory_mib.saturating_sub(AGENT_RESERVE_MIB)) * 1024 * 1024
+}
 
 /// The virtio-fs tag of the `index`th read-only host path of a VM (`ro0`, `ro1`, ...): short
 /// (a tag has at most 36 bytes) and never the inputs' tag.
@@ -74,9 +79,7 @@ pub fn job_for(req: &BuildRequest, decision: &Decision) -> Job {
         scratch_device: String::new(),
         network: shape.network,
         limits: Some(Limits {
-            memory_bytes: u64::from(shape.memory_mib.saturating_sub(AGENT_RESERVE_MIB))
-                * 1024
-                * 1024,
+            memory_bytes: build_memory_bytes(shape),
             max_processes: MAX_PROCESSES,
             tmpfs_bytes: 0,
         }),

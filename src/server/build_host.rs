@@ -15,11 +15,12 @@ use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogChunk;
 use crate::metrics::{BuildResult, Metrics, Phase};
+use crate::provenance::attest::{Attestor, Origin, Record};
 use crate::request::BuildRequest;
 use crate::runner::{new_build_id, Runner};
 use crate::wire::Finished;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,8 @@ pub struct BuildHost {
     metrics: Arc<Metrics>,
     draining: CancellationToken,
     cancel: CancellationToken,
+    /// Signs every successful build, when the host has a key.
+    attestor: Option<Attestor>,
 }
 
 impl BuildHost {
@@ -58,7 +61,23 @@ impl BuildHost {
             metrics,
             draining: CancellationToken::new(),
             cancel: CancellationToken::new(),
+            attestor: None,
         }
+    }
+
+    /// The request as the client sent it, kept for its provenance when this host signs.
+    pub fn origin<M: prost::Message + serde::Serialize>(
+        &self,
+        dialect: &'static str,
+        wire: &M,
+    ) -> Option<Origin> {
+        self.attestor.as_ref().map(|_| Origin::of(dialect, wire))
+    }
+
+    /// Signs every successful build with `attestor`'s key.
+    pub fn with_attestor(mut self, attestor: Option<Attestor>) -> Self {
+        self.attestor = attestor;
+        self
     }
 
     pub fn runner(&self) -> &Arc<Runner> {
@@ -106,6 +125,7 @@ impl BuildHost {
     pub fn start(
         self: &Arc<Self>,
         req: BuildRequest,
+        origin: Option<Origin>,
         peer: &Peer,
         live: Option<mpsc::Sender<Event>>,
     ) -> BuildHandle {
@@ -115,7 +135,7 @@ impl BuildHost {
         let task_id = id.clone();
         let task = tokio::spawn(
             async move {
-                let result = host.run(task_id, req, live).await;
+                let result = host.run(task_id, req, origin, live).await;
                 match &result {
                     Ok(f) => {
                         host.metrics.count(BuildResult::Success);
@@ -142,9 +162,11 @@ impl BuildHost {
         &self,
         id: String,
         req: BuildRequest,
+        origin: Option<Origin>,
         live: Option<mpsc::Sender<Event>>,
     ) -> Result<Finished, BuildError> {
         let accepted = Instant::now();
+        let accepted_at = SystemTime::now();
         if self.draining.is_cancelled() {
             return Err(BuildError::ShuttingDown);
         }
@@ -186,12 +208,32 @@ impl BuildHost {
                 self.metrics.observe(Phase::Exec, outcome.timings.exec);
                 self.metrics
                     .observe(Phase::Harvest, outcome.timings.harvest);
+                self.metrics.observe_usage(&outcome.accounting);
+                let provenance = match (&self.attestor, &origin) {
+                    (Some(attestor), Some(origin)) => {
+                        let record = Record {
+                            id: &id,
+                            origin,
+                            request: &req,
+                            decision: &decision,
+                            outcome: &outcome,
+                            started: accepted_at,
+                            finished: SystemTime::now(),
+                        };
+                        match attestor.attest(&self.runner, record).await {
+                            Ok(a) => Some(a.stored),
+                            Err(error) => return Err(BuildError::Attest { id, error, log }),
+                        }
+                    }
+                    _ => None,
+                };
                 Ok(Finished {
                     id,
                     outcome,
                     queued,
                     total: accepted.elapsed(),
                     log,
+                    provenance,
                 })
             }
             Some(Err(error)) => Err(BuildError::Run { id, error, log }),

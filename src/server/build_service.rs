@@ -10,6 +10,7 @@ use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogStream;
 use crate::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm};
+use crate::provenance::attest::Origin;
 use crate::wire::{paths, seed, tvix2024};
 use futures::Stream;
 use std::pin::Pin;
@@ -51,7 +52,8 @@ impl pb::build_service_server::BuildService for SeedBuildService {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
         let req = validated(&self.host, seed::decode(wire.clone()))?;
-        let finished = self.host.start(req, &peer, None).finish().await?;
+        let origin = self.host.origin(seed::DIALECT, &wire);
+        let finished = self.host.start(req, origin, &peer, None).finish().await?;
         Ok(Response::new(seed::encode(wire, &finished)))
     }
 }
@@ -76,7 +78,8 @@ impl pb2024::build_service_server::BuildService for Tvix2024BuildService {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
         let req = validated(&self.host, tvix2024::decode(wire.clone()))?;
-        let finished = self.host.start(req, &peer, None).finish().await?;
+        let origin = self.host.origin(tvix2024::DIALECT, &wire);
+        let finished = self.host.start(req, origin, &peer, None).finish().await?;
         Ok(Response::new(tvix2024::encode(wire, &finished)))
     }
 }
@@ -99,6 +102,7 @@ type EventStream<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
 fn live_stream<E: Send + 'static>(
     host: &Arc<BuildHost>,
     req: crate::request::BuildRequest,
+    origin: Option<Origin>,
     peer: &Peer,
     event: fn(Live) -> E,
     last: impl FnOnce(&crate::wire::Finished) -> E + Send + 'static,
@@ -106,7 +110,7 @@ fn live_stream<E: Send + 'static>(
     let (tx, mut rx) = mpsc::channel(LIVE_LOG_BUFFER);
     // The handle moves into the stream: when the client goes away, tonic drops the
     // stream, the handle with it, and the build's VM is killed.
-    let handle = host.start(req, peer, Some(tx));
+    let handle = host.start(req, origin, peer, Some(tx));
     Box::pin(async_stream::stream! {
         while let Some(e) = rx.recv().await {
             yield Ok(event(match e {
@@ -150,6 +154,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
         let peer = Peer::of(&request);
         let wire = request.into_inner();
         let req = validated(&self.host, seed::decode(wire.clone()))?;
+        let origin = self.host.origin(seed::DIALECT, &wire);
         let event = |e| pbvm::BuildEvent {
             event: Some(match e {
                 Live::Started(s) => E::Started(s),
@@ -160,7 +165,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
             event: Some(E::Build(seed::encode(wire, f))),
         };
         Ok(Response::new(live_stream(
-            &self.host, req, &peer, event, last,
+            &self.host, req, origin, &peer, event, last,
         )))
     }
 
@@ -170,7 +175,9 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
     ) -> Result<Response<Self::BuildPathsStream>, Status> {
         use pbvm::paths_build_event::Event as E;
         let peer = Peer::of(&request);
-        let req = validated(&self.host, paths::decode(request.into_inner()))?;
+        let wire = request.into_inner();
+        let origin = self.host.origin(paths::DIALECT, &wire);
+        let req = validated(&self.host, paths::decode(wire))?;
         let event = |e| pbvm::PathsBuildEvent {
             event: Some(match e {
                 Live::Started(s) => E::Started(s),
@@ -181,7 +188,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
             event: Some(E::Build(paths::encode(f))),
         };
         Ok(Response::new(live_stream(
-            &self.host, req, &peer, event, last,
+            &self.host, req, origin, &peer, event, last,
         )))
     }
 }

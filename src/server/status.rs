@@ -18,6 +18,7 @@
 use super::admission::QueueFull;
 use crate::agent::LogRef;
 use crate::metrics::BuildResult;
+use crate::provenance::attest::AttestError;
 use crate::request::ValidationError;
 use crate::runner::{Fault, RunError, Unsatisfiable};
 use std::fmt::Write;
@@ -54,6 +55,13 @@ pub enum BuildError {
     Cancelled { id: String },
     #[error("build {id}: the build task failed: {reason}")]
     Task { id: String, reason: String },
+    #[error("build {id}: signing its provenance: {error}")]
+    Attest {
+        id: String,
+        #[source]
+        error: AttestError,
+        log: Option<LogRef>,
+    },
 }
 
 impl BuildError {
@@ -64,7 +72,7 @@ impl BuildError {
             BuildError::Unsatisfiable(_) => Code::FailedPrecondition,
             BuildError::QueueFull(_) => Code::ResourceExhausted,
             BuildError::ShuttingDown | BuildError::Cancelled { .. } => Code::Unavailable,
-            BuildError::Task { .. } => Code::Internal,
+            BuildError::Task { .. } | BuildError::Attest { .. } => Code::Internal,
             BuildError::Run { error, .. } => run_error_code(error),
         }
     }
@@ -77,7 +85,7 @@ impl BuildError {
             | BuildError::QueueFull(_)
             | BuildError::ShuttingDown => BuildResult::Refused,
             BuildError::Cancelled { .. } => BuildResult::Cancelled,
-            BuildError::Task { .. } => BuildResult::InternalError,
+            BuildError::Task { .. } | BuildError::Attest { .. } => BuildResult::InternalError,
             BuildError::Run { error, .. } => match error.fault() {
                 Fault::Precondition => BuildResult::Refused,
                 Fault::Build if error.is_timeout() => BuildResult::Timeout,
@@ -91,6 +99,7 @@ impl BuildError {
     fn build_id(&self) -> Option<&str> {
         match self {
             BuildError::Run { id, .. }
+            | BuildError::Attest { id, .. }
             | BuildError::Cancelled { id }
             | BuildError::Task { id, .. } => Some(id),
             _ => None,
@@ -99,7 +108,7 @@ impl BuildError {
 
     fn log(&self) -> Option<&LogRef> {
         match self {
-            BuildError::Run { log, .. } => log.as_ref(),
+            BuildError::Run { log, .. } | BuildError::Attest { log, .. } => log.as_ref(),
             _ => None,
         }
     }

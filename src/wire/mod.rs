@@ -19,6 +19,7 @@ pub mod seed;
 pub mod tvix2024;
 
 use crate::agent::LogRef;
+use crate::provenance::EnvelopeRef;
 use crate::runner::BuildOutcome;
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub struct Finished {
     pub total: Duration,
     /// The whole build log, where it was stored.
     pub log: Option<LogRef>,
+    /// The host's signed provenance of the build, where it was stored (`None` when the
+    /// host does not sign).
+    pub provenance: Option<EnvelopeRef>,
 }
 
 impl Finished {
@@ -46,6 +50,7 @@ impl Finished {
             queued: Duration::ZERO,
             total,
             log: None,
+            provenance: None,
         }
     }
 }
@@ -124,9 +129,9 @@ macro_rules! full_request {
     }};
 }
 
-/// The extension fields of `Build` (exit status, timings, log) of a finished build, in the
-/// types of one dialect's `build` module (the tvix layouts share the shape, not the Rust
-/// types): `(exit_status, timings, log)`.
+/// The extension fields of `Build` (exit status, timings, log, usage, provenance) of a
+/// finished build, in the types of one dialect's `build` module (the tvix layouts share the
+/// shape, not the Rust types): `(exit_status, timings, log, usage, provenance)`.
 macro_rules! extensions_in {
     ($f:expr, $($m:ident)::+) => {{
         let f: &$crate::wire::Finished = $f;
@@ -140,6 +145,7 @@ macro_rules! extensions_in {
             }
         };
         let t = &f.outcome.timings;
+        let a = &f.outcome.accounting;
         let micros = $crate::wire::micros;
         (
             Some($($m)::+::ExitStatus {
@@ -158,6 +164,22 @@ macro_rules! extensions_in {
                 size: l.size,
                 truncated: l.truncated,
             }),
+            Some($($m)::+::Usage {
+                guest_cpu_user_us: a.guest.cpu_user.map(micros),
+                guest_cpu_system_us: a.guest.cpu_system.map(micros),
+                guest_memory_peak_bytes: a.guest.memory_peak_bytes,
+                guest_pids_peak: a.guest.pids_peak,
+                guest_clamped: a.guest.clamped.iter().map(|c| (*c).to_owned()).collect(),
+                host_cpu_us: micros(a.host_cpu),
+                input_bytes_read: a.input_reads.map(|r| r.bytes),
+                input_files_opened: a.input_reads.map(|r| r.files),
+                output_bytes: a.output_bytes,
+            }),
+            f.provenance.as_ref().map(|p| $($m)::+::Provenance {
+                envelope_digest: bytes::Bytes::copy_from_slice(p.digest.as_bytes()),
+                envelope_size: p.size,
+                key_id: p.key_id.clone(),
+            }),
         )
     }};
 }
@@ -168,11 +190,12 @@ pub(crate) use {constraints, env_vars, extensions_in, full_request};
 pub(crate) mod tests {
     use super::*;
     use crate::agent::error::ExitKind;
+    use crate::agent::GuestUsage;
     use crate::agent::{AgentHello, ExitStatus};
     use crate::castore::directory::{Node, SymlinkTarget};
     use crate::castore::B3Digest;
     use crate::request::RelativePath;
-    use crate::runner::{Output, Timings};
+    use crate::runner::{Accounting, Output, Timings};
 
     /// A finished build with three outputs, in request order: `nix/store/b-out` (a file
     /// holding needle 1), `nix/store/a-out` (a symlink holding none), `nix/store/c-out`.
@@ -215,7 +238,18 @@ pub(crate) mod tests {
                     harvest: Duration::from_millis(4),
                     total: Duration::from_millis(10),
                 },
-                accounting: Default::default(),
+                accounting: Accounting {
+                    guest: GuestUsage {
+                        cpu_user: Some(Duration::from_millis(5)),
+                        cpu_system: None,
+                        memory_peak_bytes: Some(1 << 20),
+                        pids_peak: Some(3),
+                        clamped: vec!["pids.peak"],
+                    },
+                    host_cpu: Duration::from_millis(7),
+                    input_reads: None,
+                    output_bytes: 2,
+                },
                 log_tail: String::new(),
             },
             queued: Duration::from_millis(1),
@@ -224,6 +258,11 @@ pub(crate) mod tests {
                 digest: B3Digest::of(b"log"),
                 size: 3,
                 truncated: true,
+            }),
+            provenance: Some(EnvelopeRef {
+                digest: B3Digest::of(b"envelope"),
+                size: 8,
+                key_id: "k1".into(),
             }),
         }
     }

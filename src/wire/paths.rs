@@ -7,6 +7,9 @@ use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::build_vm as pb;
 use crate::request::{BuildRequest, ValidationError};
 
+/// How provenance names this dialect.
+pub const DIALECT: &str = "tvix.build.vm.v1 BuildPaths";
+
 /// Validates a `BuildPaths` request.
 pub fn decode(wire: pb::PathsBuildRequest) -> Result<BuildRequest, ValidationError> {
     full_request!(wire).validate()
@@ -17,13 +20,16 @@ pub fn encode(f: &Finished) -> pb::PathsBuild {
     let (outputs, outputs_needles) = anonymous_outputs(f)
         .map(|(node, needles)| (node, pb::paths_build::OutputNeedles { needles }))
         .unzip();
-    let (exit_status, timings, log) = extensions_in!(f, crate::proto::build::build);
+    let (exit_status, timings, log, usage, provenance) =
+        extensions_in!(f, crate::proto::build::build);
     pb::PathsBuild {
         outputs,
         outputs_needles,
         exit_status,
         timings,
         log,
+        usage,
+        provenance,
     }
 }
 

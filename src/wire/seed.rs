@@ -14,6 +14,9 @@ pub const NIX_STORE_DIR: &str = "nix/store";
 /// `working_dir` of the seed layout.
 pub const BUILD_DIR: &str = "build";
 
+/// How provenance names this dialect.
+pub const DIALECT: &str = "tvix.build.v1 (seed layout)";
+
 /// Validates a seed-layout request.
 pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
     let mut outputs = Vec::with_capacity(wire.outputs.len());
@@ -51,13 +54,16 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
         })
         .collect();
     outputs.sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
-    let (exit_status, timings, log) = extensions_in!(f, crate::proto::build::build);
+    let (exit_status, timings, log, usage, provenance) =
+        extensions_in!(f, crate::proto::build::build);
     pb::Build {
         build_request: Some(request),
         outputs,
         exit_status,
         timings,
         log,
+        usage,
+        provenance,
     }
 }
 
@@ -65,6 +71,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
 mod tests {
     use super::*;
     use crate::castore::directory::Node;
+    use crate::castore::B3Digest;
     use crate::proto::build::build::exit_status::Kind;
 
     #[test]
@@ -81,6 +88,16 @@ mod tests {
         assert_eq!((t.queued_us, t.boot_us, t.total_us), (1000, 2000, 11_000));
         let log = build.log.unwrap();
         assert_eq!((log.size, log.truncated), (3, true));
+        let usage = build.usage.unwrap();
+        assert_eq!(usage.guest_cpu_user_us, Some(5000));
+        assert_eq!(usage.guest_cpu_system_us, None, "not measured is not zero");
+        assert_eq!(usage.guest_memory_peak_bytes, Some(1 << 20));
+        assert_eq!(usage.guest_clamped, ["pids.peak"]);
+        assert_eq!((usage.host_cpu_us, usage.output_bytes), (7000, 2));
+        assert_eq!(usage.input_bytes_read, None);
+        let p = build.provenance.unwrap();
+        assert_eq!(&p.envelope_digest[..], B3Digest::of(b"envelope").as_bytes());
+        assert_eq!((p.envelope_size, p.key_id.as_str()), (8, "k1"));
         assert!(build.build_request.is_some());
     }
 }

@@ -7,6 +7,9 @@ use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::build_2024 as pb;
 use crate::request::{BuildRequest, ValidationError};
 
+/// How provenance names this dialect.
+pub const DIALECT: &str = "tvix.build.v1 (2024 layout)";
+
 /// Validates a 2024-layout request.
 pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
     full_request!(wire).validate()
@@ -17,7 +20,8 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
     let (outputs, outputs_needles) = anonymous_outputs(f)
         .map(|(node, needles)| (node, pb::build::OutputNeedles { needles }))
         .unzip();
-    let (exit_status, timings, log) = extensions_in!(f, crate::proto::build_2024::build);
+    let (exit_status, timings, log, usage, provenance) =
+        extensions_in!(f, crate::proto::build_2024::build);
     pb::Build {
         build_request: Some(request),
         outputs,
@@ -25,6 +29,8 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
         exit_status,
         timings,
         log,
+        usage,
+        provenance,
     }
 }
 #[cfg(test)]
