@@ -39,6 +39,8 @@ cargo_install() { # crate version binary
 }
 cargo_install vhost-device-vsock 0.3.0 vhost-device-vsock
 command -v cargo-nextest >/dev/null || cargo install --locked --quiet cargo-nextest >&2
+# The provenance tests' independent DSSE verifier.
+python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography >&2
 
 kernel_dir=$(kernel-config/build.sh)
 agent=$(scripts/build-agent.sh)

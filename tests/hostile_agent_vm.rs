@@ -426,3 +426,32 @@ fn a_guest_that_never_powers_off_does_not_hold_the_build() {
     assert!(o.cost.wall < Duration::from_secs(8), "{:?}", o.cost);
     let _ = &o.env;
 }
+
+#[test]
+fn absurd_usage_figures_are_cut_to_their_bounds_and_named() {
+    let o = hostile(&["--memory", "512M"], &["absurd-usage"]);
+    let build = o.run.build_json();
+    let u = &build["usage"];
+    let figure = |k: &str| -> u64 { u[k].as_str().unwrap().parse().unwrap() };
+    assert_eq!(
+        u["guestClamped"],
+        serde_json::json!(["cpu_user", "cpu_system", "memory_peak", "pids_peak"]),
+        "{u}"
+    );
+    // Cut to what the host allowed: the build's memory limit, its process limit, and CPU
+    // time no more than the command's wall time on the most vCPUs a VM may have.
+    assert!(figure("guestMemoryPeakBytes") <= 512 << 20, "{u}");
+    assert!(figure("guestPidsPeak") <= 4096, "{u}");
+    let exec_us = figure_of(&build["timings"], "execUs");
+    let cpu = figure("guestCpuUserUs") + figure("guestCpuSystemUs");
+    assert!(
+        cpu <= exec_us * u64::from(tvix_build_vm::vm::MAX_VCPUS),
+        "{u}"
+    );
+    // The host's own figures are the host's.
+    assert!(figure("hostCpuUs") > 0, "{u}");
+}
+
+fn figure_of(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_str().unwrap().parse().unwrap()
+}

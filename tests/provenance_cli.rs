@@ -7,15 +7,15 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
-mod provenance_support;
+mod support;
 
-use provenance_support::{independent_verify, nix_store_dump_sha256, python_loads_private_key};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+use support::provenance::{independent_verify, nix_store_dump_sha256, python_loads_private_key};
 use tvix_build_vm::castore::blob::MemoryBlobService;
 use tvix_build_vm::castore::directory_service::MemoryDirectoryService;
 use tvix_build_vm::castore::import::import_path;

@@ -54,8 +54,25 @@ impl pb::build_service_server::BuildService for SeedBuildService {
         let req = validated(&self.host, seed::decode(wire.clone()))?;
         let origin = self.host.origin(seed::DIALECT, &wire);
         let finished = self.host.start(req, origin, &peer, None).finish().await?;
-        Ok(Response::new(seed::encode(wire, &finished)))
+        Ok(with_provenance(
+            Response::new(seed::encode(wire, &finished)),
+            &finished,
+        ))
     }
+}
+
+/// The response metadata key holding the signed provenance's castore digest (hex).
+pub const PROVENANCE_METADATA: &str = "tvix-build-vm-provenance";
+
+/// A unary reply with its build's provenance digest in the metadata, where there is one.
+fn with_provenance<T>(mut response: Response<T>, f: &crate::wire::Finished) -> Response<T> {
+    if let Some(p) = &f.provenance {
+        // Lowercase hex is always a valid ASCII metadata value.
+        if let Ok(value) = p.digest.to_hex().parse() {
+            response.metadata_mut().insert(PROVENANCE_METADATA, value);
+        }
+    }
+    response
 }
 
 /// `DoBuild` in the 2024 tvix layout.
@@ -80,7 +97,10 @@ impl pb2024::build_service_server::BuildService for Tvix2024BuildService {
         let req = validated(&self.host, tvix2024::decode(wire.clone()))?;
         let origin = self.host.origin(tvix2024::DIALECT, &wire);
         let finished = self.host.start(req, origin, &peer, None).finish().await?;
-        Ok(Response::new(tvix2024::encode(wire, &finished)))
+        Ok(with_provenance(
+            Response::new(tvix2024::encode(wire, &finished)),
+            &finished,
+        ))
     }
 }
 
