@@ -432,7 +432,9 @@ fn absurd_usage_figures_are_cut_to_their_bounds_and_named() {
     let o = hostile(&["--memory", "512M"], &["absurd-usage"]);
     let build = o.run.build_json();
     let u = &build["usage"];
-    let figure = |k: &str| -> u64 { u[k].as_str().unwrap().parse().unwrap() };
+    let figure_of =
+        |v: &serde_json::Value, k: &str| -> u64 { v[k].as_str().unwrap().parse().unwrap() };
+    let figure = |k: &str| figure_of(u, k);
     assert_eq!(
         u["guestClamped"],
         serde_json::json!(["cpu_user", "cpu_system", "memory_peak", "pids_peak"]),
@@ -450,8 +452,4 @@ fn absurd_usage_figures_are_cut_to_their_bounds_and_named() {
     );
     // The host's own figures are the host's.
     assert!(figure("hostCpuUs") > 0, "{u}");
-}
-
-fn figure_of(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_str().unwrap().parse().unwrap()
 }
