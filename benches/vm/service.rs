@@ -30,6 +30,8 @@ impl LogSink for NullSink {
 
 /// A validated request and what the host policy decided for it.
 pub struct Planned {
+    /// The request as a client would send it.
+    pub wire: pb::BuildRequest,
     pub req: BuildRequest,
     pub decision: Decision,
 }
@@ -137,14 +139,18 @@ impl Service {
                 available_ro_paths: vec![],
             }),
         };
-        let req =
-            tvix_build_vm::wire::seed::decode(wire).context("the bench's request is invalid")?;
+        let req = tvix_build_vm::wire::seed::decode(wire.clone())
+            .context("the bench's request is invalid")?;
         let decision = self
             .runner
             .policy()
             .decide(&req)
             .context("the bench's request cannot run on this host")?;
-        Ok(Planned { req, decision })
+        Ok(Planned {
+            wire,
+            req,
+            decision,
+        })
     }
 
     /// Runs one build to its end.
@@ -152,6 +158,11 @@ impl Service {
         self.runner
             .build(&new_build_id(), &p.req, &p.decision, &mut NullSink)
             .await
+    }
+
+    /// What provenance says about this service's VMs.
+    pub fn host_facts(&self) -> anyhow::Result<tvix_build_vm::provenance::attest::HostFacts> {
+        Ok(self.assembled.host_facts()?)
     }
 
     /// A second runner over the same store and configuration that keeps `size` VMs booted
