@@ -69,5 +69,7 @@ pub async fn run(svc: &Service, reps: usize) -> anyhow::Result<Vec<Row>> {
     .peer("unsigned", &plain)
     .ratio(&ratios(&signed, &plain))
     .target(Target::RatioAtMost(1.02))
-    .note("the same runner and request, interleaved; signing as serve --signing-key does it")])
+    .note(
+        "the same runner and request, interleaved; signing as serve --signing-key does it",
+    )])
 }
