@@ -122,7 +122,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
                     .await
                     .context("signing the build's provenance")?;
                 if let Some(path) = &args.provenance_out {
-                    std::fs::write(path, &attested.json)
+                    write_whole(path, &attested.json)
                         .with_context(|| format!("writing --provenance-out {}", path.display()))?;
                 }
                 finished.provenance = Some(attested.stored);
@@ -151,4 +151,17 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
     }
+}
+
+/// Writes `bytes` to `path` under a temporary name first: `path` holds the whole of them or
+/// is untouched.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
