@@ -279,10 +279,10 @@ fn a_killed_virtio_fs_daemon_ends_the_build_and_is_named() {
 }
 
 /// With a remote castore, whose blob sizes the host cannot check without reading them, an
-/// input that declares more bytes than its blob has boots, the guest reads EIO and the
-/// build fails; the failure says why, in the inputs' fs-daemon's own words.
+/// input that declares more or fewer bytes than its blob has boots, the guest reads EIO and
+/// the build fails; the failure says why, in the inputs' fs-daemon's own words.
 #[test]
-fn a_remote_input_shorter_than_declared_fails_with_the_fs_daemons_error() {
+fn a_remote_input_of_another_size_than_declared_fails_with_the_fs_daemons_error() {
     let env = Env::new();
     let dir = tempfile::Builder::new()
         .prefix("tbv-cs-")
@@ -337,25 +337,28 @@ fn a_remote_input_shorter_than_declared_fails_with_the_fs_daemons_error() {
     let busybox = import(BUSYBOX);
     let data = import(data.to_str().unwrap());
 
-    let mut short = data["file"].clone();
-    short["size"] = "1000000000".into();
-    let request = serde_json::json!({
-        "inputs": [busybox, {"file": short}],
-        "commandArgs": [SH, "cat", "/nix/store/data"],
-        "constraints": {"system": "x86_64-linux"},
-    });
-    let file = dir.path().join("request.json");
-    std::fs::write(&file, request.to_string()).unwrap();
-    let mut args = remote.to_vec();
-    args.extend(["-q", "--request", file.to_str().unwrap()]);
-    let run = env.build(&args);
-    run.assert_failed(1, "--- the inputs' fs-daemon ---");
-    assert!(
-        run.stderr
-            .contains("ends at byte 100000, but its file node says 1000000000 bytes"),
-        "{}",
-        run.stderr
-    );
+    for (declared, says) in [
+        (
+            "1000000000",
+            "ends at byte 100000, but its file node says 1000000000 bytes",
+        ),
+        ("10", "holds more than the 10 bytes its file node says"),
+    ] {
+        let mut node = data["file"].clone();
+        node["size"] = declared.into();
+        let request = serde_json::json!({
+            "inputs": [busybox, {"file": node}],
+            "commandArgs": [SH, "cat", "/nix/store/data"],
+            "constraints": {"system": "x86_64-linux"},
+        });
+        let file = dir.path().join("request.json");
+        std::fs::write(&file, request.to_string()).unwrap();
+        let mut args = remote.to_vec();
+        args.extend(["-q", "--request", file.to_str().unwrap()]);
+        let run = env.build(&args);
+        run.assert_failed(1, "--- the inputs' fs-daemon ---");
+        assert!(run.stderr.contains(says), "{declared}: {}", run.stderr);
+    }
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server.id() as i32),

@@ -76,6 +76,9 @@ impl OpenFile {
                         size,
                     });
                 }
+                if len > size {
+                    return Err(FsError::BlobLonger { digest, size });
+                }
                 Body::File(file)
             }
             BlobBody::Stream(reader) => Body::Stream {
@@ -153,9 +156,30 @@ impl OpenFile {
             }
             Ok(filled)
         });
+        let end = offset.saturating_add(buf.len() as u64);
         match result {
+            Ok(filled) if filled == buf.len() && end == self.size => {
+                // The last bytes the node declares: the blob must end here too, or the guest
+                // would see a prefix of another file as this one, without an error.
+                let mut probe = [0u8; 1];
+                match rt.block_on(reader.read(&mut probe)) {
+                    Ok(0) => {
+                        state.pos = Some(end);
+                        Ok(())
+                    }
+                    Ok(_) => Err(FsError::BlobLonger {
+                        digest: self.digest,
+                        size: self.size,
+                    }),
+                    Err(source) => Err(FsError::BlobRead {
+                        digest: self.digest,
+                        offset: end,
+                        source,
+                    }),
+                }
+            }
             Ok(filled) if filled == buf.len() => {
-                state.pos = Some(offset + filled as u64);
+                state.pos = Some(end);
                 Ok(())
             }
             Ok(filled) => Err(FsError::BlobTruncated {

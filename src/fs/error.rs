@@ -35,6 +35,8 @@ pub enum FsError {
         end: u64,
         size: u64,
     },
+    #[error("blob {digest} holds more than the {size} bytes its file node says")]
+    BlobLonger { digest: B3Digest, size: u64 },
     #[error("directory {digest}: entry name {name:?} contains a NUL byte")]
     NameWithNul { digest: B3Digest, name: Vec<u8> },
     #[error("staging buffer for a streamed read failed")]
@@ -82,6 +84,7 @@ impl FsError {
             | Castore { .. }
             | BlobRead { .. }
             | BlobTruncated { .. }
+            | BlobLonger { .. }
             | NameWithNul { .. }
             | Staging(_)
             | GuestCopy { .. }
