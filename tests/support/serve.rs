@@ -229,6 +229,18 @@ pub async fn health(channel: Channel, service: &str) -> i32 {
         .status
 }
 
+/// What a default `serve` (with its build host) lists and reports serving: both castore
+/// families, tvix build in the seed layout and its streaming service, snix build.
+pub const SERVED_BY_DEFAULT: &[&str] = &[
+    "tvix.castore.v1.BlobService",
+    "tvix.castore.v1.DirectoryService",
+    "snix.castore.v1.BlobService",
+    "snix.castore.v1.DirectoryService",
+    "tvix.build.v1.BuildService",
+    "tvix.build.vm.v1.BuildVmService",
+    "snix.build.v1.BuildService",
+];
+
 /// The services gRPC reflection lists.
 pub async fn list_services(channel: impl Into<PackageChannel>) -> Vec<String> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
