@@ -5,22 +5,13 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use super::serve::SH;
+use super::BUSYBOX;
 use bytes::Bytes;
-use prost::Message;
 use tonic::transport::Channel;
-use tvix_build_vm::proto::{
-    build_vm as pbvm, castore as cpb, snix_build as sb, snix_castore as sc,
-};
-
-/// A tvix castore node as the snix `Entry` a snix client holds (wire-identical).
-pub fn entry(node: &cpb::Node) -> sc::Entry {
-    sc::Entry::decode(node.encode_to_vec().as_slice()).unwrap()
-}
-
-/// A snix `Entry` as the tvix node our castore clients read.
-pub fn node(entry: &sc::Entry) -> cpb::Node {
-    cpb::Node::decode(entry.encode_to_vec().as_slice()).unwrap()
-}
+use tvix_build_vm::castore::blob::{put_bytes, read_to_vec, GrpcBlobService};
+use tvix_build_vm::castore::package::{Package, PackageChannel};
+use tvix_build_vm::castore::B3Digest;
+use tvix_build_vm::proto::{build_vm as pbvm, snix_build as sb, snix_castore as sc};
 
 pub fn var(k: &str, v: &str) -> sb::build_request::EnvVar {
     sb::build_request::EnvVar {
@@ -31,9 +22,9 @@ pub fn var(k: &str, v: &str) -> sb::build_request::EnvVar {
 
 /// A snix request as snix's Nix glue lays it out: inputs in `nix/store`, the build in
 /// `build`, both scratch; `outputs` are store path basenames (sorted by the caller).
-pub fn request(busybox: &cpb::Node, script: &str, outputs: &[&str]) -> sb::BuildRequest {
+pub fn request(busybox: sc::Entry, script: &str, outputs: &[&str]) -> sb::BuildRequest {
     sb::BuildRequest {
-        inputs: vec![entry(busybox)],
+        inputs: vec![busybox],
         command_args: vec![SH.into(), "sh".into(), "-c".into(), script.into()],
         working_dir: "build".into(),
         scratch_paths: vec!["build".into(), "nix/store".into()],
@@ -62,4 +53,36 @@ pub async fn build_paths(
     grpc.server_streaming(tonic::Request::new(req), path, codec)
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Our castore clients speaking snix's package to `channel`.
+pub fn blobs(channel: Channel) -> GrpcBlobService {
+    GrpcBlobService::new(PackageChannel::new(channel, Package::Snix))
+}
+
+/// Uploads /bin/busybox through snix.castore.v1; the input entry named `busybox`.
+pub async fn upload_busybox(channel: Channel) -> sc::Entry {
+    let data = std::fs::read(BUSYBOX).unwrap();
+    let digest = put_bytes(&blobs(channel), &data).await.unwrap();
+    sc::Entry {
+        entry: Some(sc::entry::Entry::File(sc::FileEntry {
+            name: "busybox".into(),
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size: data.len() as u64,
+            executable: true,
+        })),
+    }
+}
+
+/// The contents of an output file entry, read through snix.castore.v1.
+pub async fn read_file(channel: Channel, entry: &sc::Entry) -> Vec<u8> {
+    let Some(sc::entry::Entry::File(f)) = &entry.entry else {
+        panic!("expected a file entry, got {entry:?}");
+    };
+    assert!(f.name.is_empty(), "anonymous: {:?}", f.name);
+    let digest = B3Digest::try_from(&f.digest[..]).unwrap();
+    read_to_vec(&blobs(channel), &digest)
+        .await
+        .unwrap()
+        .unwrap()
 }
