@@ -18,46 +18,15 @@ use tonic::Code;
 use tvix_build_vm::proto::build::build::exit_status::Kind;
 use tvix_build_vm::proto::snix_build as sb;
 
-/// Store path hash parts of the two outputs (nixbase32, 32 characters).
-const A: &str = "0c2kb8vmb6y0fp3g4n5wvzx3cbcr6j5x";
-const B: &str = "zkyx1fr2wh5pjfg7qp6l0r4d8c3a9m2v";
-
-/// Two outputs in request order; `-a` holds a reference to `-b` (needle 1), `-b` none.
-fn two_outputs(busybox: tvix_build_vm::proto::snix_castore::Entry) -> sb::BuildRequest {
-    let mut r = snix::request(
-        busybox,
-        &format!(
-            "echo building; echo /nix/store/{B}-b > /nix/store/{A}-a; \
-             echo no references here > /nix/store/{B}-b"
-        ),
-        &[&format!("{A}-a"), &format!("{B}-b")],
-    );
-    r.refscan_needles = vec![A.into(), B.into()];
-    r
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn do_build_answers_both_outputs_in_request_order_with_their_needles() {
     let env = Env::new();
     let server = Serve::start(&env, &[]);
     let channel = server.channel();
     let mut client = sb::build_service_client::BuildServiceClient::new(channel.clone());
-    let req = two_outputs(snix::upload_busybox(channel.clone()).await);
+    let req = snix::two_outputs(snix::upload_busybox(channel.clone()).await);
     let response = client.do_build(req).await.unwrap().into_inner();
-    assert_eq!(response.outputs.len(), 2, "{response:?}");
-    let mut contents = Vec::new();
-    for o in &response.outputs {
-        contents.push(snix::read_file(channel.clone(), o.output.as_ref().unwrap()).await);
-    }
-    assert_eq!(
-        contents,
-        [
-            format!("/nix/store/{B}-b\n").into_bytes(),
-            b"no references here\n".to_vec()
-        ]
-    );
-    let needles: Vec<_> = response.outputs.iter().map(|o| o.needles.clone()).collect();
-    assert_eq!(needles, [vec![1], vec![]]);
+    snix::assert_two_outputs(channel.clone(), &response).await;
 
     // A failed build: ABORTED with the exit code, the log's end and its blob, as on the
     // tvix path.
@@ -76,7 +45,7 @@ async fn build_paths_with_a_snix_request_streams_the_log_and_a_dropped_stream_ki
     let env = Env::new();
     let server = Serve::start(&env, &[]);
     let channel = server.channel();
-    let req = two_outputs(snix::upload_busybox(channel.clone()).await);
+    let req = snix::two_outputs(snix::upload_busybox(channel.clone()).await);
     let stream = snix::build_paths(channel.clone(), req).await.unwrap();
     let (started, log, build) = read_paths_stream(stream).await;
     assert!(started);

@@ -86,3 +86,41 @@ pub async fn read_file(channel: Channel, entry: &sc::Entry) -> Vec<u8> {
         .unwrap()
         .unwrap()
 }
+
+/// Store path hash parts of the two outputs of [`two_outputs`] (nixbase32, 32 characters).
+pub const A: &str = "0c2kb8vmb6y0fp3g4n5wvzx3cbcr6j5x";
+pub const B: &str = "zkyx1fr2wh5pjfg7qp6l0r4d8c3a9m2v";
+
+/// Two outputs in request order, with the hash parts of both as refscan needles: `<A>-a`
+/// holds a reference to `<B>-b` (needle 1), `<B>-b` holds none. The log says `building`.
+pub fn two_outputs(busybox: sc::Entry) -> sb::BuildRequest {
+    let mut r = request(
+        busybox,
+        &format!(
+            "echo building; echo /nix/store/{B}-b > /nix/store/{A}-a; \
+             echo no references here > /nix/store/{B}-b"
+        ),
+        &[&format!("{A}-a"), &format!("{B}-b")],
+    );
+    r.refscan_needles = vec![A.into(), B.into()];
+    r
+}
+
+/// The answer to [`two_outputs`]: both outputs in request order, anonymous, with the right
+/// contents (read through snix.castore.v1 from `castore`) and needles `[1]` and `[]`.
+pub async fn assert_two_outputs(castore: Channel, response: &sb::BuildResponse) {
+    assert_eq!(response.outputs.len(), 2, "{response:?}");
+    let mut contents = Vec::new();
+    for o in &response.outputs {
+        contents.push(read_file(castore.clone(), o.output.as_ref().unwrap()).await);
+    }
+    assert_eq!(
+        contents,
+        [
+            format!("/nix/store/{B}-b\n").into_bytes(),
+            b"no references here\n".to_vec()
+        ]
+    );
+    let needles: Vec<_> = response.outputs.iter().map(|o| o.needles.clone()).collect();
+    assert_eq!(needles, [vec![1], vec![]]);
+}
