@@ -252,7 +252,11 @@ impl RawRequest {
                     format!("key {key:?} is empty or has '=' or NUL"),
                 ));
             }
-            check_exec_string(&field, value)?;
+            // The index alone would leave the caller counting: name the variable too.
+            check_exec_string(&field, value).map_err(|e| ValidationError {
+                reason: format!("value of {key:?}: {}", e.reason),
+                ..e
+            })?;
         }
 
         let mut constraints = self.constraints;

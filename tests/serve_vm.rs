@@ -216,22 +216,7 @@ async fn refusals_have_their_codes_and_name_the_field() {
         "echo last words >&2; exit 42",
         &["out"],
     );
-    let status = client.do_build(failing).await.unwrap_err();
-    assert_eq!(status.code(), Code::Aborted, "{}", status.message());
-    assert!(
-        status.message().contains("exited with code 42"),
-        "{}",
-        status.message()
-    );
-    assert!(
-        status.message().contains("last words"),
-        "{}",
-        status.message()
-    );
-    assert!(status
-        .metadata()
-        .get("x-tvix-build-vm-log-digest")
-        .is_some());
+    assert_aborted_with_last_words(&client.do_build(failing).await.unwrap_err());
     drop(server);
     env.assert_clean();
 }
@@ -466,22 +451,10 @@ async fn build_paths_streams_the_log_answers_in_request_order_and_a_dropped_stre
          echo $greeting > /nix/store/aa-a",
         &["aa-a", "zz-b"],
     );
-    let mut stream = client.build_paths(req).await.unwrap().into_inner();
-    let (mut started, mut log, mut last) = (false, Vec::new(), None);
-    while let Some(ev) = stream.message().await.unwrap() {
-        match ev.event.unwrap() {
-            pbvm::paths_build_event::Event::Started(s) => started = !s.build_id.is_empty(),
-            pbvm::paths_build_event::Event::Log(l) => {
-                assert!(last.is_none(), "log after the result");
-                log.extend_from_slice(&l.data)
-            }
-            pbvm::paths_build_event::Event::Build(b) => last = Some(b),
-        }
-    }
+    let stream = client.build_paths(req).await.unwrap().into_inner();
+    let (started, log, build) = read_paths_stream(stream).await;
     assert!(started);
-    let log = String::from_utf8(log).unwrap();
     assert!(log.contains("one\n") && log.contains("two\n"), "{log:?}");
-    let build = last.unwrap();
     let blobs = GrpcBlobService::new(channel.clone());
     let mut contents = Vec::new();
     for n in &build.outputs {
@@ -514,25 +487,8 @@ async fn build_paths_streams_the_log_answers_in_request_order_and_a_dropped_stre
         "echo up; sleep 60",
         &[],
     );
-    let mut running = client.build_paths(req).await.unwrap().into_inner();
-    loop {
-        match running.message().await.unwrap().unwrap().event.unwrap() {
-            pbvm::paths_build_event::Event::Log(_) => break,
-            pbvm::paths_build_event::Event::Started(_) => {}
-            pbvm::paths_build_event::Event::Build(b) => panic!("finished early: {b:?}"),
-        }
-    }
-    assert_eq!(runtime_entries(&env), 1, "the build's runtime directory");
-    drop(running);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while runtime_entries(&env) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the dropped build's VM is still there:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let running = client.build_paths(req).await.unwrap().into_inner();
+    assert_dropped_paths_stream_kills_its_vm(&env, &server, running).await;
     drop(server);
     env.assert_clean();
 }

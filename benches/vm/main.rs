@@ -4,8 +4,9 @@
 //! Run it through `scripts/bench.sh [--quick]` (which installs the peers and builds what is
 //! needed), or `cargo bench --bench vm -- [--quick] [--json PATH] [--only a,b] [--reps N]`
 //! with TVIX_BUILD_VM_KERNEL, TVIX_BUILD_VM_AGENT and VIRTIOFSD set. Sections: `boot`
-//! (1, 2), `fs` (3), `harvest` (4), `memory` (5), `concurrency` (6), `provenance` (17); `micro` (7) only
-//! reads criterion's results of `cargo bench --bench castore`.
+//! (1, 2), `fs` (3), `harvest` (4), `memory` (5), `concurrency` (6), `snix` (8),
+//! `provenance` (17); `micro` (7) only reads criterion's results of `cargo bench --bench
+//! castore`.
 //!
 //! A `harness = false` bench rather than a CLI subcommand: it needs peers (virtiofsd,
 //! bubblewrap, guest C programs) that have no place in the shipped binary, it still gets
@@ -22,6 +23,7 @@ mod provenance;
 mod report;
 mod service;
 mod setup;
+mod snix;
 mod stats;
 
 use anyhow::{bail, Context};
@@ -104,7 +106,7 @@ impl Plan {
                     plan.concurrency_rounds = n;
                 }
                 other => bail!(
-                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,micro, --reps N"
+                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,snix,micro, --reps N"
                 ),
             }
         }
@@ -159,6 +161,10 @@ async fn run(plan: Plan, command: String) -> anyhow::Result<Report> {
     if plan.wants("concurrency") {
         eprintln!("bench: 6 builds per minute at 1, 2, 4 at once");
         rows.extend(concurrency::run(&svc, plan.concurrency_rounds).await?);
+    }
+    if plan.wants("snix") {
+        eprintln!("bench: 8 snix layout vs seed layout through serve");
+        rows.extend(snix::run(&env, plan.boot_reps).await?);
     }
     if plan.wants("provenance") {
         eprintln!("bench: 17 signed vs unsigned build");

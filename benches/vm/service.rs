@@ -20,6 +20,18 @@ use tvix_build_vm::runner::{Decision, HostPolicy};
 use tvix_build_vm::vm::qemu::QemuConfig;
 use tvix_build_vm::vm::AccelChoice;
 
+/// Nix's default build environment (without `out`), sorted: what the benches' trivial
+/// builds get.
+pub const NIX_ENV: [(&str, &str); 7] = [
+    ("HOME", "/homeless-shelter"),
+    ("NIX_BUILD_CORES", "1"),
+    ("NIX_BUILD_TOP", "/build"),
+    ("NIX_STORE", "/nix/store"),
+    ("PATH", "/path-not-set"),
+    ("PWD", "/build"),
+    ("TMPDIR", "/build"),
+];
+
 /// Discards the build log (the runner keeps its tail for errors).
 pub struct NullSink;
 
@@ -109,18 +121,7 @@ impl Service {
             key: k.to_owned(),
             value: Bytes::copy_from_slice(v.as_bytes()),
         };
-        let mut vars: Vec<_> = [
-            ("HOME", "/homeless-shelter"),
-            ("NIX_BUILD_CORES", "1"),
-            ("NIX_BUILD_TOP", "/build"),
-            ("NIX_STORE", "/nix/store"),
-            ("PATH", "/path-not-set"),
-            ("PWD", "/build"),
-            ("TMPDIR", "/build"),
-        ]
-        .iter()
-        .map(|(k, v)| env_var(k, v))
-        .collect();
+        let mut vars: Vec<_> = NIX_ENV.iter().map(|(k, v)| env_var(k, v)).collect();
         vars.push(env_var("out", &format!("/nix/store/{out}")));
         vars.sort_by(|a, b| a.key.cmp(&b.key));
         let wire = pb::BuildRequest {

@@ -1,17 +1,18 @@
 //! The build RPCs over a [`BuildHost`]: `tvix.build.v1.BuildService/DoBuild` in the seed
-//! layout or (with `--protocol tvix-2024`) the 2024 tvix layout, and this project's
-//! streaming `tvix.build.vm.v1.BuildVmService/Build` (seed layout) and `/BuildPaths` (the
-//! 2024 request shape), which send the live log and then the result. All share one
-//! implementation; see [`super::status`] for
-//! the status codes.
+//! layout or (with `--protocol tvix-2024`) the 2024 tvix layout, `snix.build.v1.BuildService/
+//! DoBuild` (always, beside it), and this project's streaming
+//! `tvix.build.vm.v1.BuildVmService/Build` (seed layout) and `/BuildPaths` (the 2024 and snix
+//! request shape), which send the live log and then the result. All share one
+//! implementation; see [`super::status`] for the status codes.
 
 use super::build_host::{BuildHost, Event};
 use super::peer::Peer;
 use super::status::BuildError;
 use crate::agent::LogStream;
-use crate::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm};
+use crate::proto::{build as pb, build_2024 as pb2024, build_vm as pbvm, snix_build as pbsnix};
 use crate::provenance::attest::Origin;
-use crate::wire::{paths, seed, tvix2024};
+use crate::request::{BuildRequest, ValidationError};
+use crate::wire::{paths, seed, snix, tvix2024, Finished};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,21 +22,7 @@ use tonic::{Request, Response, Status};
 /// Log chunks buffered for a streaming client before the build waits for it.
 const LIVE_LOG_BUFFER: usize = 64;
 
-/// `DoBuild` in the seed layout.
-pub struct SeedBuildService {
-    host: Arc<BuildHost>,
-}
-
-impl SeedBuildService {
-    pub fn new(host: Arc<BuildHost>) -> Self {
-        Self { host }
-    }
-}
-
-fn validated<T>(
-    host: &BuildHost,
-    r: Result<T, crate::request::ValidationError>,
-) -> Result<T, Status> {
+fn validated<T>(host: &BuildHost, r: Result<T, ValidationError>) -> Result<T, Status> {
     r.map_err(|e| {
         let e = BuildError::Invalid(e);
         host.refused(&e);
@@ -43,29 +30,36 @@ fn validated<T>(
     })
 }
 
-#[tonic::async_trait]
-impl pb::build_service_server::BuildService for SeedBuildService {
-    async fn do_build(
-        &self,
-        request: Request<pb::BuildRequest>,
-    ) -> Result<Response<pb::Build>, Status> {
-        let peer = Peer::of(&request);
-        let wire = request.into_inner();
-        let req = validated(&self.host, seed::decode(wire.clone()))?;
-        let origin = self.host.origin(seed::DIALECT, &wire);
-        let finished = self.host.start(req, origin, &peer, None).finish().await?;
-        Ok(with_provenance(
-            Response::new(seed::encode(wire, &finished)),
-            &finished,
-        ))
-    }
+/// One unary `DoBuild` of any dialect: the request's origin (for provenance, when the host
+/// signs), then decode and validate, build, encode. `decode` also returns what `encode`
+/// needs of the wire request (the dialects that echo it keep a copy; snix keeps nothing).
+async fn do_build<W, K, R>(
+    host: &Arc<BuildHost>,
+    request: Request<W>,
+    dialect: &'static str,
+    decode: impl FnOnce(W) -> (Result<BuildRequest, ValidationError>, K),
+    encode: impl FnOnce(K, &Finished) -> R,
+) -> Result<Response<R>, Status>
+where
+    W: prost::Message + serde::Serialize,
+{
+    let peer = Peer::of(&request);
+    let wire = request.into_inner();
+    let origin = host.origin(dialect, &wire);
+    let (req, kept) = decode(wire);
+    let req = validated(host, req)?;
+    let finished = host.start(req, origin, &peer, None).finish().await?;
+    Ok(with_provenance(
+        Response::new(encode(kept, &finished)),
+        &finished,
+    ))
 }
 
 /// The response metadata key holding the signed provenance's castore digest (hex).
 pub const PROVENANCE_METADATA: &str = "tvix-build-vm-provenance";
 
 /// A unary reply with its build's provenance digest in the metadata, where there is one.
-fn with_provenance<T>(mut response: Response<T>, f: &crate::wire::Finished) -> Response<T> {
+fn with_provenance<T>(mut response: Response<T>, f: &Finished) -> Response<T> {
     if let Some(p) = &f.provenance {
         // Lowercase hex is always a valid ASCII metadata value.
         if let Ok(value) = p.digest.to_hex().parse() {
@@ -75,34 +69,53 @@ fn with_provenance<T>(mut response: Response<T>, f: &crate::wire::Finished) -> R
     response
 }
 
-/// `DoBuild` in the 2024 tvix layout.
-pub struct Tvix2024BuildService {
-    host: Arc<BuildHost>,
+/// For [`do_build`]: decoders of the dialects whose answer echoes the request.
+fn echoing<W: Clone>(
+    decode: fn(W) -> Result<BuildRequest, ValidationError>,
+) -> impl FnOnce(W) -> (Result<BuildRequest, ValidationError>, W) {
+    move |w| (decode(w.clone()), w)
 }
 
-impl Tvix2024BuildService {
-    pub fn new(host: Arc<BuildHost>) -> Self {
-        Self { host }
-    }
+/// A unary `DoBuild` service of one dialect over the shared [`do_build`]: `$dialect`,
+/// `$decode` and `$encode` as [`do_build`] takes them.
+macro_rules! unary_build_service {
+    ($(#[$doc:meta])* $name:ident, $pb:ident, $reply:ident, $dialect:expr, $decode:expr, $encode:expr) => {
+        $(#[$doc])*
+        pub struct $name {
+            host: Arc<BuildHost>,
+        }
+
+        impl $name {
+            pub fn new(host: Arc<BuildHost>) -> Self {
+                Self { host }
+            }
+        }
+
+        #[tonic::async_trait]
+        impl $pb::build_service_server::BuildService for $name {
+            async fn do_build(
+                &self,
+                request: Request<$pb::BuildRequest>,
+            ) -> Result<Response<$pb::$reply>, Status> {
+                do_build(&self.host, request, $dialect, $decode, $encode).await
+            }
+        }
+    };
 }
 
-#[tonic::async_trait]
-impl pb2024::build_service_server::BuildService for Tvix2024BuildService {
-    async fn do_build(
-        &self,
-        request: Request<pb2024::BuildRequest>,
-    ) -> Result<Response<pb2024::Build>, Status> {
-        let peer = Peer::of(&request);
-        let wire = request.into_inner();
-        let req = validated(&self.host, tvix2024::decode(wire.clone()))?;
-        let origin = self.host.origin(tvix2024::DIALECT, &wire);
-        let finished = self.host.start(req, origin, &peer, None).finish().await?;
-        Ok(with_provenance(
-            Response::new(tvix2024::encode(wire, &finished)),
-            &finished,
-        ))
-    }
-}
+unary_build_service!(
+    /// `DoBuild` in the seed layout.
+    SeedBuildService, pb, Build, seed::DIALECT, echoing(seed::decode), seed::encode
+);
+unary_build_service!(
+    /// `DoBuild` in the 2024 tvix layout.
+    Tvix2024BuildService, pb2024, Build, tvix2024::DIALECT, echoing(tvix2024::decode), tvix2024::encode
+);
+// snix's reply does not echo the request: nothing is kept of it.
+unary_build_service!(
+    /// `snix.build.v1.BuildService/DoBuild`.
+    SnixBuildService, pbsnix, BuildResponse, snix::DIALECT, |w| (snix::decode(w), ()), |(), f| snix::encode(f)
+);
 
 /// The streaming build service.
 pub struct BuildVmService {
@@ -121,11 +134,11 @@ type EventStream<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
 /// Started/LogChunk, `last` encodes the finished build as the final event.
 fn live_stream<E: Send + 'static>(
     host: &Arc<BuildHost>,
-    req: crate::request::BuildRequest,
+    req: BuildRequest,
     origin: Option<Origin>,
     peer: &Peer,
     event: fn(Live) -> E,
-    last: impl FnOnce(&crate::wire::Finished) -> E + Send + 'static,
+    last: impl FnOnce(&Finished) -> E + Send + 'static,
 ) -> EventStream<E> {
     let (tx, mut rx) = mpsc::channel(LIVE_LOG_BUFFER);
     // The handle moves into the stream: when the client goes away, tonic drops the
@@ -181,7 +194,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
                 Live::Log(l) => E::Log(l),
             }),
         };
-        let last = move |f: &crate::wire::Finished| pbvm::BuildEvent {
+        let last = move |f: &Finished| pbvm::BuildEvent {
             event: Some(E::Build(seed::encode(wire, f))),
         };
         Ok(Response::new(live_stream(
@@ -204,7 +217,7 @@ impl pbvm::build_vm_service_server::BuildVmService for BuildVmService {
                 Live::Log(l) => E::Log(l),
             }),
         };
-        let last = |f: &crate::wire::Finished| pbvm::PathsBuildEvent {
+        let last = |f: &Finished| pbvm::PathsBuildEvent {
             event: Some(E::Build(paths::encode(f))),
         };
         Ok(Response::new(live_stream(

@@ -52,7 +52,8 @@ pub struct ServeOptions {
     #[arg(long, env = "TVIX_BUILD_VM_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// The layout of tvix.build.v1.BuildService/DoBuild [default: seed].
+    /// The layout of tvix.build.v1.BuildService/DoBuild [default: seed]; snix.build.v1 is
+    /// served beside either.
     #[arg(long, value_enum, env = "TVIX_BUILD_VM_PROTOCOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,

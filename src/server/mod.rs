@@ -22,7 +22,7 @@ pub mod tls;
 use crate::castore::{BlobService, DirectoryService};
 use crate::proto::castore as pb;
 use build_host::BuildHost;
-use build_service::{BuildVmService, SeedBuildService, Tvix2024BuildService};
+use build_service::{BuildVmService, SeedBuildService, SnixBuildService, Tvix2024BuildService};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,7 +70,8 @@ pub enum ServerError {
     Descriptors(#[source] prost::DecodeError),
 }
 
-/// Which wire layout `tvix.build.v1.BuildService/DoBuild` speaks.
+/// Which wire layout `tvix.build.v1.BuildService/DoBuild` speaks (`snix.build.v1` is served
+/// beside either).
 #[derive(
     Clone,
     Copy,
@@ -200,11 +201,10 @@ fn descriptors(protocol: Option<Protocol>) -> Result<prost_types::FileDescriptor
     use prost::Message;
     let mut main = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .map_err(ServerError::Descriptors)?;
-    // Reflection lists only what is served: no build protos for a castore-only server, and
-    // snix.build.v1 is not served yet.
+    // Reflection lists only what is served: no build protos for a castore-only server.
     main.file.retain(|f| {
-        !f.package().starts_with("snix.build.")
-            && (protocol.is_some() || !f.package().starts_with("tvix.build."))
+        protocol.is_some()
+            || !(f.package().starts_with("tvix.build.") || f.package().starts_with("snix.build."))
     });
     if protocol != Some(Protocol::Tvix2024) {
         return Ok(main);
@@ -269,6 +269,17 @@ pub async fn router_with(
         .add_service(blob_server)
         .add_service(SnixDirectoryServer::new(directory_server.clone()))
         .add_service(directory_server);
+    // snix.build.v1 has its own package, so it is served beside either tvix layout.
+    if let Some((_, host)) = &options.builds {
+        use crate::proto::snix_build::build_service_server::BuildServiceServer;
+        health_reporter
+            .set_serving::<BuildServiceServer<SnixBuildService>>()
+            .await;
+        router = router.add_service(limited!(
+            BuildServiceServer::new(SnixBuildService::new(Arc::clone(host))),
+            limit
+        ));
+    }
     match options.builds {
         None => {}
         Some((Protocol::Seed, host)) => {

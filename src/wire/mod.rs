@@ -8,6 +8,7 @@
 //!   the `build --request` file format).
 //! - [`tvix2024`]: `tvix.build.v1` as tvix clients of 2024 send it.
 //! - [`paths`]: the same request shape on the streaming `BuildVmService/BuildPaths`.
+//! - [`snix`]: `snix.build.v1`, the 2024 request layout with snix's `BuildResponse`.
 //!
 //! A new dialect is a module here: its decoder uses [`env_vars!`] and [`constraints!`] (or
 //! maps a dialect of the full shape with [`full_request!`]), its encoder reads the outcome's
@@ -16,6 +17,7 @@
 
 pub mod paths;
 pub mod seed;
+pub mod snix;
 pub mod tvix2024;
 
 use crate::agent::LogRef;
@@ -106,12 +108,16 @@ macro_rules! constraints {
 
 /// A request of a dialect with the full shape (every field of
 /// [`RawRequest`](crate::request::RawRequest) under the same name, as the 2024 tvix layout
-/// and snix have) onto the model, unvalidated.
+/// and snix have) onto the model, unvalidated. `inputs: f` maps each input onto the tvix
+/// castore `Node` where the dialect has another Rust type for it (snix's `Entry`).
 macro_rules! full_request {
-    ($wire:expr) => {{
+    ($wire:expr) => {
+        $crate::wire::full_request!($wire; inputs: std::convert::identity)
+    };
+    ($wire:expr; inputs: $input:expr) => {{
         let w = $wire;
         $crate::request::RawRequest {
-            inputs: w.inputs,
+            inputs: w.inputs.into_iter().map($input).collect(),
             command_args: w.command_args,
             working_dir: w.working_dir,
             scratch_paths: w.scratch_paths,

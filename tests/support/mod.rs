@@ -9,6 +9,7 @@
 //! - [`cli`]: the real `tvix-build-vm` binary against a fresh store and runtime directory
 //!   ([`cli::Env`]), one `build` run ([`cli::Run`]).
 //! - [`serve`]: a real `serve` process ([`serve::Serve`]) and the requests tests send it.
+//! - [`snix`]: what snix callers send (`snix.build.v1` requests, `BuildPaths` with one).
 //! - [`hostile`]: what the adversarial tests measure around one `build` (cost, files written
 //!   outside the store, the castore before and after).
 //! - [`provenance`]: an independent DSSE verifier (Python's `cryptography`) and NAR hashes
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod hostile;
 pub mod provenance;
 pub mod serve;
+pub mod snix;
 pub mod vm;
 
 use std::os::unix::process::CommandExt;

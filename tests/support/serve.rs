@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
 use tvix_build_vm::castore::package::PackageChannel;
-use tvix_build_vm::proto::{build as pb, castore as cpb};
+use tvix_build_vm::proto::{build as pb, build_vm as pbvm, castore as cpb};
 
 pub const SH: &str = "/nix/store/busybox";
 
@@ -229,6 +229,18 @@ pub async fn health(channel: Channel, service: &str) -> i32 {
         .status
 }
 
+/// What a default `serve` (with its build host) lists and reports serving: both castore
+/// families, tvix build in the seed layout and its streaming service, snix build.
+pub const SERVED_BY_DEFAULT: &[&str] = &[
+    "tvix.castore.v1.BlobService",
+    "tvix.castore.v1.DirectoryService",
+    "snix.castore.v1.BlobService",
+    "snix.castore.v1.DirectoryService",
+    "tvix.build.v1.BuildService",
+    "tvix.build.vm.v1.BuildVmService",
+    "snix.build.v1.BuildService",
+];
+
 /// The services gRPC reflection lists.
 pub async fn list_services(channel: impl Into<PackageChannel>) -> Vec<String> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -303,4 +315,67 @@ pub fn runtime_entries(env: &Env) -> usize {
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with("svc-"))
         .count()
+}
+
+/// The client of a running `BuildPaths` build goes away once the build has logged: its VM
+/// (its runtime directory) must go within seconds, not when the build would have ended.
+pub async fn assert_dropped_paths_stream_kills_its_vm(
+    env: &Env,
+    server: &Serve,
+    mut running: tonic::Streaming<pbvm::PathsBuildEvent>,
+) {
+    loop {
+        match running.message().await.unwrap().unwrap().event.unwrap() {
+            pbvm::paths_build_event::Event::Log(_) => break,
+            pbvm::paths_build_event::Event::Started(_) => {}
+            pbvm::paths_build_event::Event::Build(b) => panic!("finished early: {b:?}"),
+        }
+    }
+    assert_eq!(runtime_entries(env), 1, "the build's runtime directory");
+    drop(running);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime_entries(env) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped build's VM is still there:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a `BuildPaths` stream to its end: whether it started with a build id, the live
+/// log (stdout and stderr as they came), and the result, which must come last.
+pub async fn read_paths_stream(
+    mut stream: tonic::Streaming<pbvm::PathsBuildEvent>,
+) -> (bool, String, pbvm::PathsBuild) {
+    let (mut started, mut log, mut last) = (false, Vec::new(), None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pbvm::paths_build_event::Event::Started(s) => started = !s.build_id.is_empty(),
+            pbvm::paths_build_event::Event::Log(l) => {
+                assert!(last.is_none(), "log after the result");
+                log.extend_from_slice(&l.data)
+            }
+            pbvm::paths_build_event::Event::Build(b) => last = Some(b),
+        }
+    }
+    (started, String::from_utf8(log).unwrap(), last.unwrap())
+}
+
+/// The status of a build of `echo last words >&2; exit 42`: ABORTED with the exit code, the
+/// end of the log, and the stored log's digest in the metadata.
+pub fn assert_aborted_with_last_words(status: &tonic::Status) {
+    assert_eq!(status.code(), tonic::Code::Aborted, "{}", status.message());
+    for want in ["exited with code 42", "last words"] {
+        assert!(
+            status.message().contains(want),
+            "{want}: {}",
+            status.message()
+        );
+    }
+    assert!(status
+        .metadata()
+        .get("x-tvix-build-vm-log-digest")
+        .is_some());
 }
