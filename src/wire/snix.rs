@@ -2,10 +2,11 @@
 //! and numbers, mapped by the same [`full_request!`], so every rule and limit of that path
 //! holds here), with snix castore `Entry`s for inputs; the answer is snix's
 //! `BuildResponse`: one anonymous entry per requested output, in request order, each with
-//! the indices of the `refscan_needles` it holds. snix's reply has no exit status, timings
-//! or log: a snix caller that wants them (or the live log) uses `BuildPaths`.
+//! the indices of the `refscan_needles` it holds, and this project's extensions (exit
+//! status, timings, log, usage, provenance) in fields 1004-1008, which snix's clients skip.
+//! A snix caller that wants the live log uses `BuildPaths`.
 
-use super::{anonymous_outputs, full_request, Finished};
+use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::{castore as cpb, snix_build as pb, snix_castore as spb};
 use crate::request::{BuildRequest, ValidationError};
 
@@ -19,6 +20,8 @@ pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
 
 /// The `BuildResponse` for a finished `snix.build.v1` request.
 pub fn encode(f: &Finished) -> pb::BuildResponse {
+    let (exit_status, timings, log, usage, provenance) =
+        extensions_in!(f, crate::proto::build::build);
     pb::BuildResponse {
         outputs: anonymous_outputs(f)
             .map(|(node, needles)| pb::build_response::Output {
@@ -26,6 +29,11 @@ pub fn encode(f: &Finished) -> pb::BuildResponse {
                 needles,
             })
             .collect(),
+        exit_status,
+        timings,
+        log,
+        usage,
+        provenance,
     }
 }
 
@@ -224,5 +232,30 @@ mod tests {
         .unwrap();
         assert!(name.is_none());
         assert_eq!(node, f.outcome.outputs[0].node);
+    }
+
+    #[test]
+    fn the_extensions_are_the_tvix_layouts_own() {
+        let f = crate::wire::tests::finished();
+        let response = encode(&f);
+        let tvix = crate::wire::seed::encode(Default::default(), &f);
+        assert_eq!(response.exit_status, tvix.exit_status);
+        assert_eq!(response.timings, tvix.timings);
+        assert_eq!(response.log, tvix.log);
+        assert!(response.usage.is_some());
+        assert_eq!(response.usage, tvix.usage);
+        assert!(response.provenance.is_some());
+        assert_eq!(response.provenance, tvix.provenance);
+        // A client built from snix's own proto sees only its outputs.
+        let bytes = response.encode_to_vec();
+        let upstream = UpstreamResponse::decode(&bytes[..]).unwrap();
+        assert_eq!(upstream.outputs.len(), 3);
+    }
+
+    /// snix's `BuildResponse` without our extensions, as snix's own clients decode it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct UpstreamResponse {
+        #[prost(message, repeated, tag = "1")]
+        outputs: Vec<pb::build_response::Output>,
     }
 }
