@@ -17,6 +17,7 @@ pub mod metrics_http;
 pub mod peer;
 pub mod run;
 pub mod status;
+pub mod tenant;
 pub mod tls;
 
 use crate::castore::{BlobService, DirectoryService};
