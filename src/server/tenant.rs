@@ -249,6 +249,10 @@ impl Authenticator {
 
     /// [`Authenticator::reload`], logged: what a SIGHUP does.
     pub fn reload_logged(&self) {
+        if self.tokens_path.is_none() {
+            info!("SIGHUP: there is no tokens file to reread");
+            return;
+        }
         match self.reload() {
             Ok(n) => info!(tokens = n, "reloaded the tokens file"),
             Err(e) => warn!(
