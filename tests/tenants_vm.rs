@@ -180,11 +180,16 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_excess_is_refused() {
     let (_, first) = first.await.unwrap();
     first.unwrap();
     let (bob_started, bob_build) = bob.await.unwrap();
-    bob_build.unwrap();
+    assert_eq!(
+        bob_build.unwrap().tenant,
+        "bob",
+        "the Build names its tenant"
+    );
     let bob_started = bob_started.unwrap();
     for (i, a) in flood.into_iter().enumerate() {
         let (started, build) = a.await.unwrap();
-        build.unwrap_or_else(|e| panic!("alice's build {}: {e}", i + 1));
+        let build = build.unwrap_or_else(|e| panic!("alice's build {}: {e}", i + 1));
+        assert_eq!(build.tenant, "alice");
         let started = started.unwrap();
         assert!(
             bob_started < started,

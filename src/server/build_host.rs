@@ -245,6 +245,7 @@ impl BuildHost {
                     total: accepted.elapsed(),
                     log,
                     provenance,
+                    tenant: tenant.to_string(),
                 })
             }
             Some(Err(error)) => Err(BuildError::Run { id, error, log }),

@@ -38,6 +38,8 @@ pub struct Finished {
     /// The host's signed provenance of the build, where it was stored (`None` when the
     /// host does not sign).
     pub provenance: Option<EnvelopeRef>,
+    /// The tenant the host ran it for (empty when run directly).
+    pub tenant: String,
 }
 
 impl Finished {
@@ -51,6 +53,7 @@ impl Finished {
             total,
             log: None,
             provenance: None,
+            tenant: String::new(),
         }
     }
 }
@@ -180,6 +183,7 @@ macro_rules! extensions_in {
                 envelope_size: p.size,
                 key_id: p.key_id.clone(),
             }),
+            f.tenant.clone(),
         )
     }};
 }
@@ -264,6 +268,7 @@ pub(crate) mod tests {
                 size: 8,
                 key_id: "k1".into(),
             }),
+            tenant: "alice".into(),
         }
     }
 
