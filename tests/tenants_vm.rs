@@ -332,3 +332,51 @@ async fn require_auth_refuses_callers_without_proof_on_every_service() {
     let known = stat(Some("tok-alice")).await.unwrap_err();
     assert_eq!(known.code(), Code::NotFound, "{known:?}");
 }
+
+/// Under mutual TLS the certificate's common name is the tenant: a usable name gets
+/// through, one that is not a tenant name is UNAUTHENTICATED (never merged into another).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_names_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::TestCa::new();
+    let mut flags = ca.server_flags(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    flags.extend([
+        "--store".to_owned(),
+        store.path().to_str().unwrap().to_owned(),
+        "--require-auth".to_owned(),
+    ]);
+    let port = free_port();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Serve::castore(&flags, Listen::Tcp(port));
+    let stat = |common_name: &str| {
+        let tls = ca.client(common_name);
+        async move {
+            let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            BlobServiceClient::new(channel)
+                .stat(cpb::StatBlobRequest {
+                    digest: vec![0u8; 32].into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        }
+    };
+    let alice = stat("alice").await;
+    assert_eq!(alice.code(), Code::NotFound, "{alice:?}");
+    let bad = stat("alice smith").await;
+    assert_eq!(bad.code(), Code::Unauthenticated, "{bad:?}");
+    assert!(bad.message().contains("common name"), "{bad:?}");
+    assert!(
+        server.log().contains("refused an unauthenticated call"),
+        "{}",
+        server.log()
+    );
+}

@@ -33,15 +33,8 @@ impl Peer {
     }
 
     fn transport_of(ext: &http::Extensions) -> Self {
-        if let Some(tcp) = ext.get::<TcpConnectInfo>() {
-            return Self::plain(tcp_label(tcp));
-        }
-        if let Some(uds) = ext.get::<UdsConnectInfo>() {
-            return Self {
-                uid: unix_uid(uds),
-                ..Self::plain(unix_label(uds))
-            };
-        }
+        // TLS first: tonic may attach the plain connection's info beside the TLS one, and
+        // the certificate is only in the latter.
         if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
             return Self {
                 transport: tcp_label(tls.get_ref()),
@@ -53,6 +46,15 @@ impl Peer {
                 transport: unix_label(tls.get_ref()),
                 uid: unix_uid(tls.get_ref()),
                 ..Self::certified(tls.peer_certs().as_deref())
+            };
+        }
+        if let Some(tcp) = ext.get::<TcpConnectInfo>() {
+            return Self::plain(tcp_label(tcp));
+        }
+        if let Some(uds) = ext.get::<UdsConnectInfo>() {
+            return Self {
+                uid: unix_uid(uds),
+                ..Self::plain(unix_label(uds))
             };
         }
         Self::default()
