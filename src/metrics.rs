@@ -10,6 +10,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The per-tenant gauges: VMs running and requests waiting by tenant label (configured
+/// tenants by name, the rest as `other`).
+pub fn render_tenant_gauges(out: &mut String, by_label: &BTreeMap<String, (usize, usize)>) {
+    if by_label.is_empty() {
+        return;
+    }
+    for (name, help, pick) in [
+        (
+            "tenant_vms_running",
+            "VMs running now, by tenant.",
+            (|v: &(usize, usize)| v.0) as fn(&(usize, usize)) -> usize,
+        ),
+        (
+            "tenant_queue_depth",
+            "Requests waiting for a VM, by tenant.",
+            |v| v.1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+        let _ = writeln!(out, "# TYPE tvix_build_vm_{name} gauge");
+        for (tenant, v) in by_label {
+            let _ = writeln!(
+                out,
+                "tvix_build_vm_{name}{{tenant=\"{tenant}\"}} {}",
+                pick(v)
+            );
+        }
+    }
+}
+
 /// Bucket upper bounds in seconds: from a fast boot under KVM to a long build.
 const BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
@@ -396,6 +426,13 @@ mod tests {
             "tvix_build_vm_tenant_builds_total{tenant=\"other\",result=\"refused\"} 1\n"
         ));
         assert!(text.contains("tvix_build_vm_queue_depth 4\n"));
+        let mut gauges = String::new();
+        render_tenant_gauges(
+            &mut gauges,
+            &BTreeMap::from([("ci".to_owned(), (2, 5)), ("other".to_owned(), (0, 1))]),
+        );
+        assert!(gauges.contains("tvix_build_vm_tenant_vms_running{tenant=\"ci\"} 2\n"));
+        assert!(gauges.contains("tvix_build_vm_tenant_queue_depth{tenant=\"other\"} 1\n"));
         assert!(text.contains("tvix_build_vm_vms_running 2\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_bucket{phase=\"boot\",le=\"0.5\"} 0\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_bucket{phase=\"boot\",le=\"1\"} 1\n"));

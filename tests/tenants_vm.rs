@@ -146,7 +146,10 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_excess_is_refused() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = reqwest_free_get(&metrics).await;
-        if m.contains("tvix_build_vm_queue_depth 2\n") {
+        if m.contains("tvix_build_vm_queue_depth 2\n")
+            && m.contains("tvix_build_vm_tenant_queue_depth{tenant=\"alice\"} 2\n")
+            && m.contains("tvix_build_vm_tenant_vms_running{tenant=\"alice\"} 1\n")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "the flood did not queue:\n{m}");

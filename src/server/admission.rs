@@ -305,6 +305,20 @@ impl Admission {
         self.inner.lock().queued
     }
 
+    /// (running, queued) by metric label ([`Shares::label`]): every configured tenant,
+    /// idle ones at 0, and `other` when an unlisted tenant is busy.
+    pub fn by_label(&self) -> BTreeMap<String, (usize, usize)> {
+        let shares = &self.inner.shares;
+        let mut out: BTreeMap<String, (usize, usize)> =
+            shares.tenants.keys().map(|t| (t.clone(), (0, 0))).collect();
+        for (tenant, c) in &self.inner.lock().tenants {
+            let e = out.entry(shares.label(tenant).to_owned()).or_default();
+            e.0 += c.running;
+            e.1 += c.queued;
+        }
+        out
+    }
+
     /// Waits for a slot for `tenant`, or fails at once when its queue or the host's is
     /// full. Dropping the future leaves the queue.
     pub async fn admit(&self, tenant: &Tenant) -> Result<Slot, QueueFull> {
@@ -535,6 +549,10 @@ mod tests {
         let _b = adm.admit(&t("b")).await.unwrap();
         assert_eq!(adm.running(), 2);
         assert!(!a2.is_finished());
+        assert_eq!(
+            adm.by_label(),
+            BTreeMap::from([("a".to_owned(), (1, 1)), ("other".to_owned(), (1, 0))])
+        );
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl BuildHost {
     /// The Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         let pool = self.runner.pool().map(|p| p.stats());
-        self.metrics.render(self.queued(), self.running(), pool)
+        let mut text = self.metrics.render(self.queued(), self.running(), pool);
+        crate::metrics::render_tenant_gauges(&mut text, &self.admission.by_label());
+        text
     }
 
     /// Refuses new builds from now on, and sends the queued ones away (`UNAVAILABLE`, so
