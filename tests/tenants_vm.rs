@@ -125,7 +125,7 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_excess_is_refused() {
     // alice floods with 4x her VM limit: one runs, two wait (her max-queue), one is refused.
     let first = tokio::spawn(timed_build(
         channel.clone(),
-        req("sleep 3; echo a0 > /nix/store/out"),
+        req("sleep 5; echo a0 > /nix/store/out"),
         "tok-alice",
         t0,
     ));
@@ -179,6 +179,22 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_excess_is_refused() {
         "tok-bob",
         t0,
     ));
+    // The measurement only means something if bob queued behind alice's two while her
+    // first build still held the one VM.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = reqwest_free_get(&metrics).await;
+        if m.contains("tvix_build_vm_tenant_queue_depth{tenant=\"bob\"} 1\n") {
+            assert!(
+                m.contains("tvix_build_vm_tenant_queue_depth{tenant=\"alice\"} 2\n")
+                    && m.contains("tvix_build_vm_tenant_vms_running{tenant=\"alice\"} 1\n"),
+                "alice's first build ended before bob queued (too slow a host?):\n{m}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's build did not queue:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (_, first) = first.await.unwrap();
     first.unwrap();

@@ -549,6 +549,16 @@ mod tests {
         let _b = adm.admit(&t("b")).await.unwrap();
         assert_eq!(adm.running(), 2);
         assert!(!a2.is_finished());
+        // An unlisted tenant's limit is named by its defaults' key.
+        let mut shares = Shares::open(1, 10);
+        shares.default.max_queue = 0;
+        let lone = Admission::with_shares(1, 10, shares);
+        let _c = lone.admit(&t("c")).await.unwrap();
+        let e = lone.admit(&t("c")).await.unwrap_err().to_string();
+        assert!(
+            e.contains("tenant-defaults.max-queue") && e.contains("tenant c"),
+            "{e}"
+        );
         assert_eq!(
             adm.by_label(),
             BTreeMap::from([("a".to_owned(), (1, 1)), ("other".to_owned(), (1, 0))])
