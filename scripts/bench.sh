@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmark harness (docs/benchmarks.md) and prints its table; the JSON goes to
 # target/bench/latest.json (or --json PATH).
-#   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,micro] [--reps N]
+#   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro] [--reps N]
 # snix (row 8): the trivial build through a real `serve` as snix.build.v1 DoBuild and as the
 # seed-layout DoBuild, interleaved; the ratio is snix over seed (target <= 1.02x).
 # Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside

@@ -4,10 +4,41 @@
 
 use crate::runner::pool::PoolStats;
 use crate::runner::Accounting;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+/// The per-tenant gauges: VMs running and requests waiting by tenant label (configured
+/// tenants by name, the rest as `other`).
+pub fn render_tenant_gauges(out: &mut String, by_label: &BTreeMap<String, (usize, usize)>) {
+    if by_label.is_empty() {
+        return;
+    }
+    for (name, help, pick) in [
+        (
+            "tenant_vms_running",
+            "VMs running now, by tenant.",
+            (|v: &(usize, usize)| v.0) as fn(&(usize, usize)) -> usize,
+        ),
+        (
+            "tenant_queue_depth",
+            "Requests waiting for a VM, by tenant.",
+            |v| v.1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+        let _ = writeln!(out, "# TYPE tvix_build_vm_{name} gauge");
+        for (tenant, v) in by_label {
+            let _ = writeln!(
+                out,
+                "tvix_build_vm_{name}{{tenant=\"{tenant}\"}} {}",
+                pick(v)
+            );
+        }
+    }
+}
 
 /// Bucket upper bounds in seconds: from a fast boot under KVM to a long build.
 const BUCKETS: &[f64] = &[
@@ -141,6 +172,8 @@ impl Default for Usage {
 #[derive(Debug)]
 pub struct Metrics {
     results: [AtomicU64; BuildResult::ALL.len()],
+    /// By tenant label: the configured tenants and `other`, so bounded by the config.
+    tenant_results: Mutex<BTreeMap<String, [u64; BuildResult::ALL.len()]>>,
     histograms: Mutex<[Histogram; Phase::ALL.len()]>,
     usage: Mutex<Usage>,
 }
@@ -149,6 +182,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             results: Default::default(),
+            tenant_results: Mutex::default(),
             histograms: Mutex::new(Phase::ALL.map(|_| Histogram::new(BUCKETS))),
             usage: Mutex::default(),
         }
@@ -159,6 +193,26 @@ impl Metrics {
     pub fn count(&self, result: BuildResult) {
         if let Some(i) = BuildResult::ALL.iter().position(|r| *r == result) {
             self.results[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a build of a tenant, in the totals and by `tenant`, a bounded label (see
+    /// [`crate::server::admission::Shares::label`]).
+    pub fn count_tenant(&self, tenant: &str, result: BuildResult) {
+        self.count(result);
+        if let Some(i) = BuildResult::ALL.iter().position(|r| *r == result) {
+            let mut t = self
+                .tenant_results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match t.get_mut(tenant) {
+                Some(counts) => counts[i] += 1,
+                None => {
+                    let mut counts = [0; BuildResult::ALL.len()];
+                    counts[i] = 1;
+                    t.insert(tenant.to_owned(), counts);
+                }
+            }
         }
     }
 
@@ -199,6 +253,27 @@ impl Metrics {
                 self.results[i].load(Ordering::Relaxed)
             );
         }
+        let t = self
+            .tenant_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !t.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP tvix_build_vm_tenant_builds_total Builds by tenant (configured tenants by name, all others as \"other\") and result."
+            );
+            let _ = writeln!(out, "# TYPE tvix_build_vm_tenant_builds_total counter");
+            for (tenant, counts) in t.iter() {
+                for (r, n) in BuildResult::ALL.iter().zip(counts) {
+                    let _ = writeln!(
+                        out,
+                        "tvix_build_vm_tenant_builds_total{{tenant=\"{tenant}\",result=\"{}\"}} {n}",
+                        r.label()
+                    );
+                }
+            }
+        }
+        drop(t);
         let _ = writeln!(
             out,
             "# HELP tvix_build_vm_queue_depth Requests waiting for a VM."
@@ -333,7 +408,31 @@ mod tests {
         assert!(text.contains("tvix_build_vm_builds_total{result=\"success\"} 2\n"));
         assert!(text.contains("tvix_build_vm_builds_total{result=\"timeout\"} 1\n"));
         assert!(text.contains("tvix_build_vm_builds_total{result=\"failed\"} 0\n"));
+        assert!(
+            !text.contains("tenant_builds_total"),
+            "no tenant, no series"
+        );
+        m.count_tenant("alice", BuildResult::Success);
+        m.count_tenant("other", BuildResult::Refused);
+        let text = m.render(4, 2, None);
+        assert!(text.contains("tvix_build_vm_builds_total{result=\"success\"} 3\n"));
+        assert!(
+            text.contains(
+                "tvix_build_vm_tenant_builds_total{tenant=\"alice\",result=\"success\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "tvix_build_vm_tenant_builds_total{tenant=\"other\",result=\"refused\"} 1\n"
+        ));
         assert!(text.contains("tvix_build_vm_queue_depth 4\n"));
+        let mut gauges = String::new();
+        render_tenant_gauges(
+            &mut gauges,
+            &BTreeMap::from([("ci".to_owned(), (2, 5)), ("other".to_owned(), (0, 1))]),
+        );
+        assert!(gauges.contains("tvix_build_vm_tenant_vms_running{tenant=\"ci\"} 2\n"));
+        assert!(gauges.contains("tvix_build_vm_tenant_queue_depth{tenant=\"other\"} 1\n"));
         assert!(text.contains("tvix_build_vm_vms_running 2\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_bucket{phase=\"boot\",le=\"0.5\"} 0\n"));
         assert!(text.contains("tvix_build_vm_phase_seconds_bucket{phase=\"boot\",le=\"1\"} 1\n"));

@@ -5,8 +5,8 @@
 //! needed), or `cargo bench --bench vm -- [--quick] [--json PATH] [--only a,b] [--reps N]`
 //! with TVIX_BUILD_VM_KERNEL, TVIX_BUILD_VM_AGENT and VIRTIOFSD set. Sections: `boot`
 //! (1, 2), `fs` (3), `harvest` (4), `memory` (5), `concurrency` (6), `snix` (8),
-//! `provenance` (17); `micro` (7) only reads criterion's results of `cargo bench --bench
-//! castore`.
+//! `provenance` (17), `tenants` (18); `micro` (7) only reads criterion's results of `cargo
+//! bench --bench castore`.
 //!
 //! A `harness = false` bench rather than a CLI subcommand: it needs peers (virtiofsd,
 //! bubblewrap, guest C programs) that have no place in the shipped binary, it still gets
@@ -25,6 +25,7 @@ mod service;
 mod setup;
 mod snix;
 mod stats;
+mod tenants;
 
 use anyhow::{bail, Context};
 use report::{loadavg, Machine, Report, Row};
@@ -106,7 +107,7 @@ impl Plan {
                     plan.concurrency_rounds = n;
                 }
                 other => bail!(
-                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,snix,micro, --reps N"
+                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro, --reps N"
                 ),
             }
         }
@@ -169,6 +170,10 @@ async fn run(plan: Plan, command: String) -> anyhow::Result<Report> {
     if plan.wants("provenance") {
         eprintln!("bench: 17 signed vs unsigned build");
         rows.extend(provenance::run(&svc, plan.boot_reps).await?);
+    }
+    if plan.wants("tenants") {
+        eprintln!("bench: 18 build for a tenant vs bare");
+        rows.extend(tenants::run(&svc, plan.boot_reps).await?);
     }
     if plan.wants("micro") {
         rows.extend(micro::rows());

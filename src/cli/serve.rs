@@ -13,6 +13,7 @@ use crate::server::admission::Admission;
 use crate::server::build_host::BuildHost;
 use crate::server::config::{ServeConfig, ServeOptions};
 use crate::server::run::{shutdown_signal, Serving};
+use crate::server::tenant::Authenticator;
 use crate::server::{self, Listener, RouterOptions};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -67,6 +68,19 @@ pub fn config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
         .resolve(default_max_vms)?)
 }
 
+/// Rereads the tokens file on every SIGHUP, for as long as the process lives; running and
+/// queued builds are not touched, and a file that does not parse keeps the old tokens.
+fn reload_on_sighup(auth: Arc<Authenticator>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            auth.reload_logged();
+        }
+    });
+    Ok(())
+}
+
 /// Runs the server.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = config(&args).context("configuration")?;
@@ -92,6 +106,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         signing.is_none() || settings.is_some(),
         "--signing-key signs builds: it needs --kernel and --agent"
     );
+    // Read now: a bad tokens file stops the start, not the first request.
+    let auth = Arc::new(Authenticator::new(
+        config.tokens.clone(),
+        config.require_auth,
+    )?);
+    if let Some(path) = &config.tokens {
+        info!(tokens = %path.display(), require_auth = config.require_auth, "bearer tokens enabled (SIGHUP rereads the file)");
+    }
+    reload_on_sighup(Arc::clone(&auth))?;
     let castore = args.store.castore().context("opening the store")?;
     let metrics = Arc::new(Metrics::default());
 
@@ -107,7 +130,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let host = Arc::new(
                 BuildHost::new(
                     Arc::clone(&assembled.runner),
-                    Admission::new(config.max_vms, config.max_queue),
+                    Admission::with_shares(config.max_vms, config.max_queue, config.shares.clone()),
                     Arc::clone(&metrics),
                 )
                 .with_attestor(attestor),
@@ -128,6 +151,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tls,
             max_message_bytes: Some(config.max_message_bytes),
             builds: host.clone().map(|h| (config.protocol, h)),
+            auth: Some(auth),
         },
         castore.blobs,
         castore.dirs,

@@ -13,6 +13,7 @@ use super::admission::Admission;
 use super::log_store::LogTee;
 use super::peer::Peer;
 use super::status::BuildError;
+use super::tenant::Tenant;
 use crate::agent::LogChunk;
 use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::provenance::attest::{Attestor, Origin, Record};
@@ -101,7 +102,9 @@ impl BuildHost {
     /// The Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         let pool = self.runner.pool().map(|p| p.stats());
-        self.metrics.render(self.queued(), self.running(), pool)
+        let mut text = self.metrics.render(self.queued(), self.running(), pool);
+        crate::metrics::render_tenant_gauges(&mut text, &self.admission.by_label());
+        text
     }
 
     /// Refuses new builds from now on, and sends the queued ones away (`UNAVAILABLE`, so
@@ -121,6 +124,11 @@ impl BuildHost {
         self.metrics.count(error.result());
     }
 
+    /// The tenant as a metric label (bounded: configured tenants, else `other`).
+    fn label(&self, tenant: &Tenant) -> String {
+        self.admission.shares().label(tenant).to_owned()
+    }
+
     /// Starts `req` in a task of its own; `live` hears the start and the log as they come.
     pub fn start(
         self: &Arc<Self>,
@@ -130,19 +138,22 @@ impl BuildHost {
         live: Option<mpsc::Sender<Event>>,
     ) -> BuildHandle {
         let id = new_build_id();
-        let span = info_span!("build", build_id = %id, peer = %peer);
+        let tenant = peer.tenant.clone();
+        let span = info_span!("build", build_id = %id, tenant = %tenant, peer = %peer);
         let host = Arc::clone(self);
         let task_id = id.clone();
+        let label = self.label(&tenant);
+        let task_label = label.clone();
         let task = tokio::spawn(
             async move {
-                let result = host.run(task_id, req, origin, live).await;
+                let result = host.run(task_id, req, origin, &tenant, live).await;
                 match &result {
                     Ok(f) => {
-                        host.metrics.count(BuildResult::Success);
+                        host.metrics.count_tenant(&task_label, BuildResult::Success);
                         info!(total_ms = f.total.as_millis() as u64, "build succeeded");
                     }
                     Err(e) => {
-                        host.metrics.count(e.result());
+                        host.metrics.count_tenant(&task_label, e.result());
                         info!(code = ?e.code(), error = %e, "build did not succeed");
                     }
                 }
@@ -154,6 +165,7 @@ impl BuildHost {
             id,
             task,
             metrics: Arc::clone(&self.metrics),
+            tenant_label: label,
             done: false,
         }
     }
@@ -163,6 +175,7 @@ impl BuildHost {
         id: String,
         req: BuildRequest,
         origin: Option<Origin>,
+        tenant: &Tenant,
         live: Option<mpsc::Sender<Event>>,
     ) -> Result<Finished, BuildError> {
         let accepted = Instant::now();
@@ -175,7 +188,7 @@ impl BuildHost {
         let decision = self.runner.policy().decide(&req)?;
 
         let slot = tokio::select! {
-            slot = self.admission.admit() => slot?,
+            slot = self.admission.admit(tenant) => slot?,
             _ = self.draining.cancelled() => return Err(BuildError::ShuttingDown),
         };
         let queued = accepted.elapsed();
@@ -234,6 +247,7 @@ impl BuildHost {
                     total: accepted.elapsed(),
                     log,
                     provenance,
+                    tenant: tenant.to_string(),
                 })
             }
             Some(Err(error)) => Err(BuildError::Run { id, error, log }),
@@ -247,6 +261,7 @@ pub struct BuildHandle {
     id: String,
     task: JoinHandle<Result<Finished, BuildError>>,
     metrics: Arc<Metrics>,
+    tenant_label: String,
     done: bool,
 }
 
@@ -270,7 +285,8 @@ impl Drop for BuildHandle {
     fn drop(&mut self) {
         if !self.done && !self.task.is_finished() {
             info!(build_id = %self.id, "the client went away: cancelling the build");
-            self.metrics.count(BuildResult::Cancelled);
+            self.metrics
+                .count_tenant(&self.tenant_label, BuildResult::Cancelled);
         }
         self.task.abort();
     }

@@ -4,9 +4,12 @@
 //! the long flag names); [`ServeOptions::resolve`] applies defaults and checks the
 //! combination once, into a [`ServeConfig`].
 
+use super::admission::{Shares, TenantLimits};
+use super::tenant::Tenant;
 use super::tls::TlsFiles;
 use super::{ListenAddr, Protocol};
 use crate::units::{parse_duration, parse_size};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +44,51 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 
 /// Idle VMs each hold their guest memory: a pool beyond this is a typo, not a plan.
 const MAX_POOL_SIZE: usize = 256;
+
+/// Configured tenants beyond this are a generated file, not a plan (each is a metric label).
+const MAX_TENANTS: usize = 256;
+/// Largest weight: a ratio beyond this is indistinguishable from "always first".
+const MAX_WEIGHT: u32 = 1000;
+
+/// One tenant's limits in the config file (`[tenants.<name>]`, `[tenant-defaults]`); what
+/// is left out comes from `[tenant-defaults]`, then from the host-wide `max-vms` and
+/// `max-queue` (weight 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TenantOptions {
+    /// VMs the tenant may run at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<usize>,
+    /// Requests the tenant may have waiting; beyond, RESOURCE_EXHAUSTED naming this key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+    /// Its share of the VMs when they are short, relative to the others' (1 to 1000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+impl TenantOptions {
+    fn resolve(&self, lower: TenantLimits, key: &str) -> Result<TenantLimits, ConfigError> {
+        let limits = TenantLimits {
+            max_vms: self.max_vms.unwrap_or(lower.max_vms),
+            max_queue: self.max_queue.unwrap_or(lower.max_queue),
+            weight: self.weight.unwrap_or(lower.weight),
+        };
+        if limits.max_vms == 0 {
+            return Err(invalid(
+                "tenants",
+                format!("{key}.max-vms must be at least 1"),
+            ));
+        }
+        if !(1..=MAX_WEIGHT).contains(&limits.weight) {
+            return Err(invalid(
+                "tenants",
+                format!("{key}.weight must be 1 to {MAX_WEIGHT}"),
+            ));
+        }
+        Ok(limits)
+    }
+}
 
 /// The options of `serve` (flags, environment, and the keys of the TOML config file).
 #[derive(
@@ -106,6 +154,23 @@ pub struct ServeOptions {
     #[arg(long, env = "TVIX_BUILD_VM_BIN_SH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bin_sh: Option<PathBuf>,
+    /// Bearer tokens: lines of `<tenant> <sha256 of the token, hex>`; reread on SIGHUP.
+    #[arg(long, env = "TVIX_BUILD_VM_TOKENS", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<PathBuf>,
+    /// Refuse callers that prove nothing (plain TCP without a token) with UNAUTHENTICATED;
+    /// without, they are the tenant "anonymous".
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "TVIX_BUILD_VM_REQUIRE_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_auth: Option<bool>,
+    /// Limits of unlisted tenants (config file only).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_defaults: Option<TenantOptions>,
+    /// Limits by tenant name (config file only): `[tenants.<name>]`.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<BTreeMap<String, TenantOptions>>,
 }
 
 /// The checked configuration.
@@ -122,6 +187,10 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub allow_network: bool,
     pub bin_sh: Option<PathBuf>,
+    pub tokens: Option<PathBuf>,
+    pub require_auth: bool,
+    /// Each tenant's limits.
+    pub shares: Shares,
 }
 
 macro_rules! overlay {
@@ -160,7 +229,11 @@ impl ServeOptions {
             tls_client_ca,
             metrics_listen,
             allow_network,
-            bin_sh
+            bin_sh,
+            tokens,
+            require_auth,
+            tenant_defaults,
+            tenants
         )
     }
 
@@ -205,12 +278,18 @@ impl ServeOptions {
                     .map_err(|e| invalid("metrics-listen", format!("{a:?}: {e}")))
             })
             .transpose()?;
+        let max_queue = self.max_queue.unwrap_or(16);
+        let shares = shares(
+            Shares::open(max_vms, max_queue).default,
+            self.tenant_defaults.as_ref(),
+            self.tenants.as_ref(),
+        )?;
         let config = ServeConfig {
             listen,
             protocol: self.protocol.unwrap_or_default(),
             max_vms,
             pool_size,
-            max_queue: self.max_queue.unwrap_or(16),
+            max_queue,
             grace_period,
             max_message_bytes: usize::try_from(max_message)
                 .map_err(|_| invalid("max-message-size", "too large for this platform"))?,
@@ -237,15 +316,57 @@ impl ServeOptions {
             metrics_listen,
             allow_network: self.allow_network.unwrap_or(false),
             bin_sh: self.bin_sh,
+            tokens: self.tokens,
+            require_auth: self.require_auth.unwrap_or(false),
+            shares,
         };
         config.validate()?;
         Ok(config)
     }
 }
 
+/// Each tenant's limits: its own table over `[tenant-defaults]` over the host's.
+fn shares(
+    host: TenantLimits,
+    defaults: Option<&TenantOptions>,
+    tenants: Option<&BTreeMap<String, TenantOptions>>,
+) -> Result<Shares, ConfigError> {
+    let default = defaults
+        .cloned()
+        .unwrap_or_default()
+        .resolve(host, "tenant-defaults")?;
+    let tenants = tenants.cloned().unwrap_or_default();
+    if tenants.len() > MAX_TENANTS {
+        return Err(invalid(
+            "tenants",
+            format!("{} tenants; at most {MAX_TENANTS}", tenants.len()),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (name, t) in &tenants {
+        Tenant::new(name).map_err(|e| invalid("tenants", e.to_string()))?;
+        out.insert(
+            name.clone(),
+            t.resolve(default, &format!("tenants.{name}"))?,
+        );
+    }
+    Ok(Shares {
+        default,
+        tenants: out,
+    })
+}
+
 impl ServeConfig {
     /// The checks that involve more than one option.
     fn validate(&self) -> Result<(), ConfigError> {
+        let tcp = matches!(self.listen, ListenAddr::Tcp(_));
+        let client_certs = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if self.require_auth && tcp && self.tokens.is_none() && !client_certs {
+            return Err(invalid(
+                "require-auth",
+                "on TCP nobody could authenticate: give tokens or tls-client-ca",
+            ));
+        }
         if let (ListenAddr::Tcp(grpc), Some(metrics)) = (&self.listen, &self.metrics_listen) {
             if grpc.port() == metrics.port() && grpc.port() != 0 {
                 return Err(invalid(
@@ -289,7 +410,25 @@ impl ServeConfig {
             metrics_listen: self.metrics_listen.map(|a| a.to_string()),
             allow_network: Some(self.allow_network),
             bin_sh: self.bin_sh.clone(),
+            tokens: self.tokens.clone(),
+            require_auth: Some(self.require_auth),
+            tenant_defaults: Some(limits_options(self.shares.default)),
+            tenants: (!self.shares.tenants.is_empty()).then(|| {
+                self.shares
+                    .tenants
+                    .iter()
+                    .map(|(name, l)| (name.clone(), limits_options(*l)))
+                    .collect()
+            }),
         }
+    }
+}
+
+fn limits_options(l: TenantLimits) -> TenantOptions {
+    TenantOptions {
+        max_vms: Some(l.max_vms),
+        max_queue: Some(l.max_queue),
+        weight: Some(l.weight),
     }
 }
 
@@ -390,8 +529,72 @@ mod tests {
     }
 
     #[test]
+    fn tenants_inherit_defaults_and_bad_ones_are_named() {
+        let file: ServeOptions = toml::from_str(
+            r#"
+            max-vms = 4
+            max-queue = 20
+            tokens = "/etc/tbv/tokens"
+            require-auth = true
+            [tenant-defaults]
+            max-vms = 2
+            [tenants.ci]
+            weight = 3
+            max-queue = 50
+            [tenants.alice]
+            max-vms = 1
+            "#,
+        )
+        .unwrap();
+        let c = file.resolve(1).unwrap();
+        assert!(c.require_auth);
+        let l = |n: &str| c.shares.limits(&Tenant::new(n).unwrap());
+        assert_eq!(
+            l("ci"),
+            TenantLimits {
+                max_vms: 2,
+                max_queue: 50,
+                weight: 3
+            }
+        );
+        assert_eq!(
+            l("alice"),
+            TenantLimits {
+                max_vms: 1,
+                max_queue: 20,
+                weight: 1
+            }
+        );
+        assert_eq!(l("bob"), c.shares.default);
+        assert_eq!(c.shares.label(&Tenant::new("bob").unwrap()), "other");
+
+        let bad = |text: &str, needle: &str| {
+            let o: ServeOptions = toml::from_str(text).unwrap();
+            let e = o.resolve(1).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        };
+        bad("[tenants.\"a b\"]\nweight = 1", "tenant name");
+        bad("[tenants.a]\nweight = 0", "tenants.a.weight");
+        bad("[tenants.a]\nmax-vms = 0", "tenants.a.max-vms");
+        bad("[tenant-defaults]\nweight = 5000", "tenant-defaults.weight");
+        bad(
+            "require-auth = true\nlisten = \"127.0.0.1:1\"",
+            "require-auth",
+        );
+        assert!(toml::from_str::<ServeOptions>("[tenants.a]\nmax-vm = 1").is_err());
+    }
+
+    #[test]
     fn printed_config_reads_back_the_same() {
         let c = ServeOptions {
+            tokens: Some("/etc/tbv/tokens".into()),
+            tenants: Some(BTreeMap::from([(
+                "ci".to_owned(),
+                TenantOptions {
+                    weight: Some(2),
+                    ..Default::default()
+                },
+            )])),
             tls_cert: Some("/etc/tbv/cert.pem".into()),
             tls_key: Some("/etc/tbv/key.pem".into()),
             metrics_listen: Some("127.0.0.1:9100".into()),

@@ -17,6 +17,7 @@ pub mod metrics_http;
 pub mod peer;
 pub mod run;
 pub mod status;
+pub mod tenant;
 pub mod tls;
 
 use crate::castore::{BlobService, DirectoryService};
@@ -113,6 +114,9 @@ pub struct RouterOptions {
     pub max_message_bytes: Option<usize>,
     /// The build services and the layout of `DoBuild`; castore only without.
     pub builds: Option<(Protocol, Arc<BuildHost>)>,
+    /// Who may call, and as which tenant; without, callers are known by their transport
+    /// and nobody is refused (a bearer token still is: no token is known).
+    pub auth: Option<Arc<tenant::Authenticator>>,
 }
 
 /// Where to listen.
@@ -168,8 +172,19 @@ fn strict_request_end(req: Req) -> Req {
     })
 }
 
-/// The layer every server here runs requests through (see [`strict_request_end`]).
-pub type StrictLayer = Stack<MapRequestLayer<fn(Req) -> Req>, Identity>;
+/// Notes the RPC path for [`tenant::AuthLayer`], which does not see the URI.
+fn note_rpc_path(mut req: Req) -> Req {
+    let path = tenant::RpcPath(req.uri().path().to_owned());
+    req.extensions_mut().insert(path);
+    req
+}
+
+/// The layers every server here runs requests through (see [`strict_request_end`], then
+/// the tenant of the request: [`tenant::AuthLayer`]).
+pub type StrictLayer = Stack<
+    tonic::service::InterceptorLayer<tenant::AuthLayer>,
+    Stack<MapRequestLayer<fn(Req) -> Req>, Stack<MapRequestLayer<fn(Req) -> Req>, Identity>>,
+>;
 
 /// The service set built by [`router`]; add more services with `add_service`.
 pub type CastoreRouter = Router<StrictLayer>;
@@ -263,6 +278,10 @@ pub async fn router_with(
     );
     let mut router = server
         .layer(MapRequestLayer::new(strict_request_end as fn(Req) -> Req))
+        .layer(MapRequestLayer::new(note_rpc_path as fn(Req) -> Req))
+        .layer(tonic::service::InterceptorLayer::new(tenant::AuthLayer(
+            options.auth.unwrap_or_default(),
+        )))
         .add_service(health)
         .add_service(reflection)
         .add_service(SnixBlobServer::new(blob_server.clone()))

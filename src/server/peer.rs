@@ -1,6 +1,8 @@
 //! Who is calling: the remote address (TCP) or the peer's credentials (unix socket), and
-//! under mutual TLS the subject of the client certificate. Recorded on every build's span.
+//! under mutual TLS the subject of the client certificate, and the tenant the request was
+//! authenticated as (see [`super::tenant`]). Recorded on every build's span.
 
+use super::tenant::Tenant;
 use std::fmt;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
@@ -11,28 +13,48 @@ pub struct Peer {
     pub transport: String,
     /// The subject of the verified client certificate (mutual TLS).
     pub cert_subject: Option<String>,
+    /// The common name of that certificate: the tenant when no token is given.
+    pub cert_common_name: Option<String>,
+    /// The unix peer's uid: the tenant (`uid-<n>`) when nothing else is proven.
+    pub uid: Option<u32>,
+    /// The tenant the request was authenticated as ([`super::tenant::AuthLayer`]).
+    pub tenant: Tenant,
 }
 
 impl Peer {
     /// Reads the connection info tonic attached to the request.
     pub fn of<T>(req: &tonic::Request<T>) -> Self {
         let ext = req.extensions();
-        if let Some(tcp) = ext.get::<TcpConnectInfo>() {
-            return Self::plain(tcp_label(tcp));
+        let mut peer = Self::transport_of(ext);
+        if let Some(tenant) = ext.get::<Tenant>() {
+            peer.tenant = tenant.clone();
         }
-        if let Some(uds) = ext.get::<UdsConnectInfo>() {
-            return Self::plain(unix_label(uds));
-        }
+        peer
+    }
+
+    fn transport_of(ext: &http::Extensions) -> Self {
+        // TLS first: tonic may attach the plain connection's info beside the TLS one, and
+        // the certificate is only in the latter.
         if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
             return Self {
                 transport: tcp_label(tls.get_ref()),
-                cert_subject: first_subject(tls.peer_certs().as_deref()),
+                ..Self::certified(tls.peer_certs().as_deref())
             };
         }
         if let Some(tls) = ext.get::<TlsConnectInfo<UdsConnectInfo>>() {
             return Self {
                 transport: unix_label(tls.get_ref()),
-                cert_subject: first_subject(tls.peer_certs().as_deref()),
+                uid: unix_uid(tls.get_ref()),
+                ..Self::certified(tls.peer_certs().as_deref())
+            };
+        }
+        if let Some(tcp) = ext.get::<TcpConnectInfo>() {
+            return Self::plain(tcp_label(tcp));
+        }
+        if let Some(uds) = ext.get::<UdsConnectInfo>() {
+            return Self {
+                uid: unix_uid(uds),
+                ..Self::plain(unix_label(uds))
             };
         }
         Self::default()
@@ -41,9 +63,25 @@ impl Peer {
     fn plain(transport: String) -> Self {
         Self {
             transport,
-            cert_subject: None,
+            ..Self::default()
         }
     }
+
+    fn certified(certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>) -> Self {
+        let (cert_subject, cert_common_name) = match first_subject(certs) {
+            Some((subject, cn)) => (Some(subject), cn),
+            None => (None, None),
+        };
+        Self {
+            cert_subject,
+            cert_common_name,
+            ..Self::default()
+        }
+    }
+}
+
+fn unix_uid(info: &UdsConnectInfo) -> Option<u32> {
+    info.peer_cred.as_ref().map(|c| c.uid())
 }
 
 impl fmt::Display for Peer {
@@ -73,12 +111,23 @@ fn unix_label(info: &UdsConnectInfo) -> String {
     }
 }
 
-/// The subject of the leaf certificate; rustls has verified the chain already.
-fn first_subject(certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>) -> Option<String> {
+/// The subject of the leaf certificate and its (first) common name; rustls has verified
+/// the chain already.
+fn first_subject(
+    certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
+) -> Option<(String, Option<String>)> {
     let leaf = certs?.first()?;
     match x509_parser::parse_x509_certificate(leaf.as_ref()) {
-        Ok((_, cert)) => Some(cert.subject().to_string()),
-        Err(e) => Some(format!("<unparseable certificate: {e}>")),
+        Ok((_, cert)) => {
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned);
+            Some((cert.subject().to_string(), cn))
+        }
+        Err(e) => Some((format!("<unparseable certificate: {e}>"), None)),
     }
 }
 
@@ -106,10 +155,13 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let der = vec![cert.der().clone()];
-        assert_eq!(first_subject(Some(&der)).as_deref(), Some("CN=alice"));
+        assert_eq!(
+            first_subject(Some(&der)),
+            Some(("CN=alice".to_owned(), Some("alice".to_owned())))
+        );
         assert_eq!(
             first_subject(Some(&vec![b"junk".to_vec().into()]))
-                .map(|s| s.starts_with("<unparseable")),
+                .map(|(s, cn)| s.starts_with("<unparseable") && cn.is_none()),
             Some(true)
         );
     }

@@ -5,7 +5,8 @@
 //! |-----------------------|--------------------------------------------------------------|
 //! | `INVALID_ARGUMENT`    | the request breaks the wire contract; the message names the field |
 //! | `FAILED_PRECONDITION` | it cannot run on this host: an unsatisfiable constraint (system, memory, a read-only path, /dev/kvm, network, /bin/sh) or an input missing from the castore |
-//! | `RESOURCE_EXHAUSTED`  | the build queue is full; retry later or elsewhere            |
+//! | `UNAUTHENTICATED`     | (any RPC) a bearer token not in the tokens file, a malformed `authorization`, or no proof at all under `--require-auth` |
+//! | `RESOURCE_EXHAUSTED`  | the build queue (the host's or the tenant's) is full; retry later or elsewhere |
 //! | `ABORTED`             | the build ran and failed: exit code, signal, OOM kill, a missing output, or the guest broke a limit or the protocol; retrying will not help |
 //! | `DEADLINE_EXCEEDED`   | the build's wall-clock or silence limit fired; the message says which and carries the partial log |
 //! | `UNAVAILABLE`         | our side could not run it right now (the VM did not start or boot, a helper died, the service is shutting down); retrying may help |
@@ -16,6 +17,7 @@
 //! `x-tvix-build-vm-log-digest` metadata. Build failures carry the end of the log.
 
 use super::admission::QueueFull;
+use super::tenant::AuthError;
 use crate::agent::LogRef;
 use crate::metrics::BuildResult;
 use crate::provenance::attest::AttestError;
@@ -169,6 +171,12 @@ fn bounded(text: String, max: usize) -> String {
     )
 }
 
+impl From<AuthError> for tonic::Status {
+    fn from(e: AuthError) -> Self {
+        tonic::Status::unauthenticated(e.to_string())
+    }
+}
+
 impl From<BuildError> for tonic::Status {
     fn from(e: BuildError) -> Self {
         let mut message = chain(&e);
@@ -314,7 +322,7 @@ mod tests {
         );
 
         assert_eq!(
-            BuildError::QueueFull(QueueFull {
+            BuildError::QueueFull(QueueFull::Host {
                 running: 1,
                 queued: 0,
                 max_queued: 0
@@ -327,6 +335,10 @@ mod tests {
             Code::FailedPrecondition
         );
         assert_eq!(BuildError::ShuttingDown.code(), Code::Unavailable);
+        assert_eq!(
+            tonic::Status::from(AuthError::UnknownToken).code(),
+            Code::Unauthenticated
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Finished {
     /// The host's signed provenance of the build, where it was stored (`None` when the
     /// host does not sign).
     pub provenance: Option<EnvelopeRef>,
+    /// The tenant the host ran it for (empty when run directly).
+    pub tenant: String,
 }
 
 impl Finished {
@@ -53,6 +55,7 @@ impl Finished {
             total,
             log: None,
             provenance: None,
+            tenant: String::new(),
         }
     }
 }
@@ -186,6 +189,7 @@ macro_rules! extensions_in {
                 envelope_size: p.size,
                 key_id: p.key_id.clone(),
             }),
+            f.tenant.clone(),
         )
     }};
 }
@@ -270,6 +274,7 @@ pub(crate) mod tests {
                 size: 8,
                 key_id: "k1".into(),
             }),
+            tenant: "alice".into(),
         }
     }
 

@@ -20,7 +20,7 @@ pub fn encode(f: &Finished) -> pb::PathsBuild {
     let (outputs, outputs_needles) = anonymous_outputs(f)
         .map(|(node, needles)| (node, pb::paths_build::OutputNeedles { needles }))
         .unzip();
-    let (exit_status, timings, log, usage, provenance) =
+    let (exit_status, timings, log, usage, provenance, tenant) =
         extensions_in!(f, crate::proto::build::build);
     pb::PathsBuild {
         outputs,
@@ -30,6 +30,7 @@ pub fn encode(f: &Finished) -> pb::PathsBuild {
         log,
         usage,
         provenance,
+        tenant,
     }
 }
 
@@ -97,6 +98,10 @@ mod tests {
         );
         assert_eq!(ours.timings.unwrap().total_us, 11_000);
         assert_eq!(ours.log.unwrap().size, 3);
+        assert_eq!(
+            (ours.tenant.as_str(), tvix.tenant.as_str()),
+            ("alice", "alice")
+        );
         assert!(ours.exit_status.is_some());
     }
 }

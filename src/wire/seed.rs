@@ -54,7 +54,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
         })
         .collect();
     outputs.sort_by(|a, b| proto_node_name(a).cmp(proto_node_name(b)));
-    let (exit_status, timings, log, usage, provenance) =
+    let (exit_status, timings, log, usage, provenance, tenant) =
         extensions_in!(f, crate::proto::build::build);
     pb::Build {
         build_request: Some(request),
@@ -64,6 +64,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
         log,
         usage,
         provenance,
+        tenant,
     }
 }
 
@@ -98,6 +99,7 @@ mod tests {
         let p = build.provenance.unwrap();
         assert_eq!(&p.envelope_digest[..], B3Digest::of(b"envelope").as_bytes());
         assert_eq!((p.envelope_size, p.key_id.as_str()), (8, "k1"));
+        assert_eq!(build.tenant, "alice");
         assert!(build.build_request.is_some());
     }
 }

@@ -3,7 +3,7 @@
 //! holds here), with snix castore `Entry`s for inputs; the answer is snix's
 //! `BuildResponse`: one anonymous entry per requested output, in request order, each with
 //! the indices of the `refscan_needles` it holds, and this project's extensions (exit
-//! status, timings, log, usage, provenance) in fields 1004-1008, which snix's clients skip.
+//! status, timings, log, usage, provenance, tenant) in fields 1004-1009, which snix's clients skip.
 //! A snix caller that wants the live log uses `BuildPaths`.
 
 use super::{anonymous_outputs, extensions_in, full_request, Finished};
@@ -20,7 +20,7 @@ pub fn decode(wire: pb::BuildRequest) -> Result<BuildRequest, ValidationError> {
 
 /// The `BuildResponse` for a finished `snix.build.v1` request.
 pub fn encode(f: &Finished) -> pb::BuildResponse {
-    let (exit_status, timings, log, usage, provenance) =
+    let (exit_status, timings, log, usage, provenance, tenant) =
         extensions_in!(f, crate::proto::build::build);
     pb::BuildResponse {
         outputs: anonymous_outputs(f)
@@ -34,6 +34,7 @@ pub fn encode(f: &Finished) -> pb::BuildResponse {
         log,
         usage,
         provenance,
+        tenant,
     }
 }
 
@@ -246,6 +247,10 @@ mod tests {
         assert_eq!(response.usage, tvix.usage);
         assert!(response.provenance.is_some());
         assert_eq!(response.provenance, tvix.provenance);
+        assert_eq!(
+            (response.tenant.as_str(), tvix.tenant.as_str()),
+            ("alice", "alice")
+        );
         // A client built from snix's own proto sees only its outputs.
         let bytes = response.encode_to_vec();
         let upstream = UpstreamResponse::decode(&bytes[..]).unwrap();

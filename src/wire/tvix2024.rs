@@ -20,7 +20,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
     let (outputs, outputs_needles) = anonymous_outputs(f)
         .map(|(node, needles)| (node, pb::build::OutputNeedles { needles }))
         .unzip();
-    let (exit_status, timings, log, usage, provenance) =
+    let (exit_status, timings, log, usage, provenance, tenant) =
         extensions_in!(f, crate::proto::build_2024::build);
     pb::Build {
         build_request: Some(request),
@@ -31,6 +31,7 @@ pub fn encode(request: pb::BuildRequest, f: &Finished) -> pb::Build {
         log,
         usage,
         provenance,
+        tenant,
     }
 }
 #[cfg(test)]
@@ -103,6 +104,7 @@ mod tests {
         assert_eq!(needles, [vec![1], vec![], vec![0, 1]]);
         assert_eq!(build.timings.unwrap().total_us, 11_000);
         assert!(build.log.is_some() && build.exit_status.is_some());
+        assert_eq!(build.tenant, "alice");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   outside the store, the castore before and after).
 //! - [`provenance`]: an independent DSSE verifier (Python's `cryptography`) and NAR hashes
 //!   by `nix-store --dump`.
+//! - [`tls`]: a throwaway CA for mutual-TLS tests ([`tls::TestCa`]).
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -28,6 +29,7 @@ pub mod hostile;
 pub mod provenance;
 pub mod serve;
 pub mod snix;
+pub mod tls;
 pub mod vm;
 
 use std::os::unix::process::CommandExt;
