@@ -3,8 +3,8 @@
 //! holds here), with snix castore `Entry`s for inputs; the answer is snix's
 //! `BuildResponse`: one anonymous entry per requested output, in request order, each with
 //! the indices of the `refscan_needles` it holds, and this project's extensions (exit
-//! status, timings, log, usage, provenance, tenant) in fields 1004-1009, which snix's clients skip.
-//! A snix caller that wants the live log uses `BuildPaths`.
+//! status, timings, log, usage, provenance, tenant) in fields 1004-1009, which snix's
+//! clients skip. A snix caller that wants the live log uses `BuildPaths`.
 
 use super::{anonymous_outputs, extensions_in, full_request, Finished};
 use crate::proto::{castore as cpb, snix_build as pb, snix_castore as spb};
