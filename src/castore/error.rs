@@ -62,6 +62,8 @@ pub enum Error {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error(transparent)]
+    NoSpace(Box<crate::castore::blob::floor::BelowFloor>),
     #[error("remote castore: {context}")]
     Remote {
         context: String,
@@ -128,6 +130,7 @@ impl From<Error> for tonic::Status {
             | Error::InvalidClosure(_)
             | Error::InvalidRequest(_) => tonic::Status::invalid_argument(msg),
             Error::DirectoryNotFound(_) => tonic::Status::not_found(msg),
+            Error::NoSpace(_) => tonic::Status::resource_exhausted(msg),
             Error::Remote { source, .. } => tonic::Status::new(source.code(), msg),
             Error::Io { .. } | Error::Database { .. } | Error::Protocol(_) => {
                 tonic::Status::internal(msg)

@@ -8,6 +8,7 @@ use super::runner_args::RunnerArgs;
 use super::signing_args::SigningArgs;
 use super::store_args::StoreArgs;
 use crate::assembly::assemble;
+use crate::castore::blob::floor::{DiskFloor, FlooredBlobService};
 use crate::metrics::Metrics;
 use crate::server::admission::Admission;
 use crate::server::build_host::BuildHost;
@@ -115,7 +116,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         info!(tokens = %path.display(), require_auth = config.require_auth, "bearer tokens enabled (SIGHUP rereads the file)");
     }
     reload_on_sighup(Arc::clone(&auth))?;
-    let castore = args.store.castore().context("opening the store")?;
+    let mut castore = args.store.castore().context("opening the store")?;
+    // The floor guards the disk of the embedded store; a remote store guards its own.
+    let disk_floor = match (config.min_free_bytes, &args.store.blob_service_addr) {
+        (0, _) | (_, Some(_)) => None,
+        (min_free_bytes, None) => Some(Arc::new(DiskFloor {
+            path: args.store.store_dir()?,
+            min_free_bytes,
+        })),
+    };
+    if let Some(floor) = &disk_floor {
+        castore.blobs = Arc::new(FlooredBlobService::new(castore.blobs, Arc::clone(floor)));
+    }
     let metrics = Arc::new(Metrics::default());
 
     // Owns the runner's private castore socket: it lives until we return.
@@ -133,7 +145,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Admission::with_shares(config.max_vms, config.max_queue, config.shares.clone()),
                     Arc::clone(&metrics),
                 )
-                .with_attestor(attestor),
+                .with_attestor(attestor)
+                .with_disk_floor(disk_floor),
             );
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");

@@ -15,6 +15,7 @@ use super::peer::Peer;
 use super::status::BuildError;
 use super::tenant::Tenant;
 use crate::agent::LogChunk;
+use crate::castore::blob::floor::DiskFloor;
 use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::provenance::attest::{Attestor, Origin, Record};
 use crate::request::BuildRequest;
@@ -52,6 +53,8 @@ pub struct BuildHost {
     cancel: CancellationToken,
     /// Signs every successful build, when the host has a key.
     attestor: Option<Attestor>,
+    /// The free space the store keeps: below it, new builds are refused.
+    disk_floor: Option<Arc<DiskFloor>>,
 }
 
 impl BuildHost {
@@ -63,6 +66,25 @@ impl BuildHost {
             draining: CancellationToken::new(),
             cancel: CancellationToken::new(),
             attestor: None,
+            disk_floor: None,
+        }
+    }
+
+    /// Refuses new builds while the store's filesystem is below `floor`.
+    pub fn with_disk_floor(mut self, floor: Option<Arc<DiskFloor>>) -> Self {
+        self.disk_floor = floor;
+        self
+    }
+
+    /// Whether a new build would be taken now: not draining, and the store above its
+    /// floor.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.draining.is_cancelled() {
+            return Err("draining: no new builds".into());
+        }
+        match &self.disk_floor {
+            Some(floor) => floor.check().map_err(|e| e.to_string()),
+            None => Ok(()),
         }
     }
 
@@ -182,6 +204,9 @@ impl BuildHost {
         let accepted_at = SystemTime::now();
         if self.draining.is_cancelled() {
             return Err(BuildError::ShuttingDown);
+        }
+        if let Some(floor) = &self.disk_floor {
+            floor.check()?;
         }
         // Decided once, at once: what can never run here is refused before it waits in
         // the queue.

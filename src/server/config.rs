@@ -124,6 +124,12 @@ pub struct ServeOptions {
     #[arg(long, env = "TVIX_BUILD_VM_GRACE_PERIOD")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_period: Option<String>,
+    /// Free space the embedded store's filesystem keeps, e.g. 2G: below it, new uploads
+    /// and builds get RESOURCE_EXHAUSTED and /readyz says not ready; 0 turns it off
+    /// [default: 1G].
+    #[arg(long, env = "TVIX_BUILD_VM_MIN_FREE_SPACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_space: Option<String>,
     /// Largest gRPC message received or sent, e.g. 64M [default: 64M].
     #[arg(long, env = "TVIX_BUILD_VM_MAX_MESSAGE_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +188,8 @@ pub struct ServeConfig {
     pub pool_size: usize,
     pub max_queue: usize,
     pub grace_period: Duration,
+    /// Bytes the embedded store's filesystem keeps free (0: no floor).
+    pub min_free_bytes: u64,
     pub max_message_bytes: usize,
     pub tls: Option<TlsFiles>,
     pub metrics_listen: Option<SocketAddr>,
@@ -223,6 +231,7 @@ impl ServeOptions {
             pool_size,
             max_queue,
             grace_period,
+            min_free_space,
             max_message_size,
             tls_cert,
             tls_key,
@@ -248,6 +257,8 @@ impl ServeOptions {
             .map_err(|e: super::ServerError| invalid("listen", e.to_string()))?;
         let grace_period = parse_duration(self.grace_period.as_deref().unwrap_or("60s"))
             .map_err(|e| invalid("grace-period", e))?;
+        let min_free_bytes = parse_size(self.min_free_space.as_deref().unwrap_or("1G"))
+            .map_err(|e| invalid("min-free-space", e))?;
         let max_message = parse_size(self.max_message_size.as_deref().unwrap_or("64M"))
             .map_err(|e| invalid("max-message-size", e))?;
         if !(MESSAGE_SIZE_RANGE.0..=MESSAGE_SIZE_RANGE.1).contains(&max_message) {
@@ -291,6 +302,7 @@ impl ServeOptions {
             pool_size,
             max_queue,
             grace_period,
+            min_free_bytes,
             max_message_bytes: usize::try_from(max_message)
                 .map_err(|_| invalid("max-message-size", "too large for this platform"))?,
             tls: match (self.tls_cert, self.tls_key) {
@@ -403,6 +415,7 @@ impl ServeConfig {
             pool_size: Some(self.pool_size),
             max_queue: Some(self.max_queue),
             grace_period: Some(format!("{}s", self.grace_period.as_secs())),
+            min_free_space: Some(self.min_free_bytes.to_string()),
             max_message_size: Some(self.max_message_bytes.to_string()),
             tls_cert,
             tls_key,

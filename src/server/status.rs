@@ -19,6 +19,7 @@
 use super::admission::QueueFull;
 use super::tenant::AuthError;
 use crate::agent::LogRef;
+use crate::castore::blob::floor::BelowFloor;
 use crate::metrics::BuildResult;
 use crate::provenance::attest::AttestError;
 use crate::request::ValidationError;
@@ -44,6 +45,8 @@ pub enum BuildError {
     Unsatisfiable(#[from] Unsatisfiable),
     #[error(transparent)]
     QueueFull(#[from] QueueFull),
+    #[error(transparent)]
+    NoSpace(#[from] BelowFloor),
     #[error("the service is shutting down")]
     ShuttingDown,
     #[error("build {id}: {error}")]
@@ -72,7 +75,7 @@ impl BuildError {
         match self {
             BuildError::Invalid(_) => Code::InvalidArgument,
             BuildError::Unsatisfiable(_) => Code::FailedPrecondition,
-            BuildError::QueueFull(_) => Code::ResourceExhausted,
+            BuildError::QueueFull(_) | BuildError::NoSpace(_) => Code::ResourceExhausted,
             BuildError::ShuttingDown | BuildError::Cancelled { .. } => Code::Unavailable,
             BuildError::Task { .. } | BuildError::Attest { .. } => Code::Internal,
             BuildError::Run { error, .. } => run_error_code(error),
@@ -85,6 +88,7 @@ impl BuildError {
             BuildError::Invalid(_)
             | BuildError::Unsatisfiable(_)
             | BuildError::QueueFull(_)
+            | BuildError::NoSpace(_)
             | BuildError::ShuttingDown => BuildResult::Refused,
             BuildError::Cancelled { .. } => BuildResult::Cancelled,
             BuildError::Task { .. } | BuildError::Attest { .. } => BuildResult::InternalError,

@@ -3,7 +3,9 @@
 //! - [`local`]: content-addressed files in a directory (the embedded default).
 //! - [`memory`]: in a hash map (tests, scratch).
 //! - [`grpc`]: a client of a remote `tvix.castore.v1.BlobService`.
+//! - [`floor`]: any of them, refusing new blobs below a free-space floor.
 
+pub mod floor;
 pub mod grpc;
 pub mod local;
 pub mod memory;
