@@ -61,7 +61,7 @@ impl DiskFloor {
 fn free_bytes(path: &Path) -> io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
     // The blocks available to unprivileged users: what is left before root's reserve.
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// Blobs of `inner`, new ones only while `floor` holds.
