@@ -6,7 +6,7 @@
 use super::build_json::{self, NixBuild};
 use super::cache::{import_inputs, InputCache};
 use super::place::place_outputs;
-use super::request::{read_tmp_dir, to_raw_request, MAX_TMP_DIR_BYTES};
+use super::request::{read_tmp_dir, to_paths_request, to_raw_request, MAX_TMP_DIR_BYTES};
 use super::NixError;
 use crate::castore::blob::MemoryBlobService;
 use crate::castore::directory_service::MemoryDirectoryService;
@@ -60,6 +60,21 @@ fn every_sample_maps_onto_a_valid_request() {
         let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
         let raw = to_raw_request(&build, inputs, Vec::new(), &[]);
         raw.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+/// What goes on `BuildPaths` decodes on the server into exactly the request validated here.
+#[test]
+fn the_wire_request_decodes_to_the_same_validated_request() {
+    for (name, text) in SAMPLES {
+        let build = build_json::parse(text.as_bytes()).unwrap();
+        let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
+        let tmp = vec![("build/.attrs.json".to_owned(), bytes::Bytes::from_static(b"{}"))];
+        let raw = to_raw_request(&build, inputs, tmp, &["kvm".to_owned()]);
+        let wire = to_paths_request(raw.clone());
+        let ours = raw.validate().unwrap();
+        let theirs = crate::wire::paths::decode(wire).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ours, theirs, "{name}");
     }
 }
 
