@@ -120,7 +120,7 @@ fn is_build_user(group: &str) -> bool {
     let (Ok(Some(group)), Ok(Some(user))) = (Group::from_name(group), User::from_uid(uid)) else {
         return false;
     };
-    user.gid == group.gid || group.mem.iter().any(|m| *m == user.name)
+    user.gid == group.gid || group.mem.contains(&user.name)
 }
 
 /// A file name for the input cache of one server address: the cache maps store paths to
@@ -166,10 +166,9 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
             let program = std::env::current_exe().context("finding our own executable")?;
             let serve_args = args.serve_args.clone();
             let ensured = local.clone();
-            let socket =
-                tokio::task::spawn_blocking(move || ensured.ensure(&program, &serve_args))
-                    .await
-                    .context("starting the local server")??;
+            let socket = tokio::task::spawn_blocking(move || ensured.ensure(&program, &serve_args))
+                .await
+                .context("starting the local server")??;
             (
                 format!("grpc+unix://{}", socket.display()),
                 local.input_cache_dir(),
@@ -197,8 +196,7 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
     stderr.flush().await?;
 
     let channel = channel_from_addr(&addr)?;
-    let mut client =
-        BuildVmServiceClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
+    let mut client = BuildVmServiceClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
     let result = match stream_build(&mut client, request).await {
         Ok(r) => r,
         Err(status) => {
@@ -291,7 +289,7 @@ fn output_nodes(build: &NixBuild, result: &PathsBuild) -> anyhow::Result<Vec<(St
         .into_iter()
         .zip(&result.outputs)
         .map(|((_, name), proto)| {
-            let (_, node) = Node::from_proto(proto.clone())
+            let (_, node) = Node::from_proto_anonymous(proto.clone())
                 .with_context(|| format!("the server's node for output {name}"))?;
             Ok((name.clone(), node))
         })

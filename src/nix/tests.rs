@@ -69,7 +69,10 @@ fn the_wire_request_decodes_to_the_same_validated_request() {
     for (name, text) in SAMPLES {
         let build = build_json::parse(text.as_bytes()).unwrap();
         let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
-        let tmp = vec![("build/.attrs.json".to_owned(), bytes::Bytes::from_static(b"{}"))];
+        let tmp = vec![(
+            "build/.attrs.json".to_owned(),
+            bytes::Bytes::from_static(b"{}"),
+        )];
         let raw = to_raw_request(&build, inputs, tmp, &["kvm".to_owned()]);
         let wire = to_paths_request(raw.clone());
         let ours = raw.validate().unwrap();

@@ -11,6 +11,8 @@
 //! - [`serve`]: a real `serve` process ([`serve::Serve`]) and the requests tests send it.
 //! - [`hostile`]: what the adversarial tests measure around one `build` (cost, files written
 //!   outside the store, the castore before and after).
+//! - [`nix_chroot`]: a real Nix in the chroot `scripts/nix-chroot.sh` builds, with our
+//!   binary as its `external-builders` program.
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -22,6 +24,7 @@
 
 pub mod cli;
 pub mod hostile;
+pub mod nix_chroot;
 pub mod serve;
 pub mod vm;
 
