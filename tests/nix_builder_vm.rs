@@ -58,6 +58,7 @@ in rec {
     ${b} ln -s d/f $out/link
   '' {};
   slow = drv "slow" "echo sleeping; ${b} sleep 120" {};
+  outside = drv "outside" "echo hi > $out" { builder = "/bin/busybox"; };
 }
 "#;
 
@@ -235,6 +236,22 @@ fn a_failing_builder_fails_the_nix_build_with_our_log() {
         assert!(err.contains("builder failed with exit code"), "{err}");
         assert!(err.contains("exited with code 3"), "{err}");
         assert!(nix.records().is_empty(), "nothing was placed");
+    });
+}
+
+/// A build.json we refuse (here: a builder outside the store, which a VM cannot have):
+/// Nix shows our message and fails the build.
+#[test]
+fn a_refused_build_is_reported_by_nix_with_our_message() {
+    with_nix(|t| {
+        let run = t.build("outside", &[]);
+        assert!(!run.0.status.success());
+        let err = run.stderr();
+        assert!(
+            err.contains("tvix-build-vm: build.json builder: \"/bin/busybox\" is not inside"),
+            "{err}"
+        );
+        assert!(t.nix.records().is_empty());
     });
 }
 
