@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# The nix-builder rows of the benchmark (docs/benchmarks.md, docs/nix.md), run by
+# scripts/bench.sh (`--only nix`) or alone:
+#   scripts/bench-nix.sh [--reps N] [--big-mib N] [--big-files N] [--json PATH]
+# Needs TVIX_BUILD_VM_KERNEL/AGENT (scripts/install-deps.sh --print-env) and, for the rows
+# against Nix itself, the chroot of scripts/nix-chroot.sh (root: it mounts and chroots).
+# TVIX_BUILD_VM_BIN picks the binary (default: target/release, else target/debug).
+#
+# Rows (variants interleaved, medians over --reps):
+#   nix_builder_vs_build  a trivial build through `nix-builder` (local server already up,
+#                         inputs cached) / the same command by `build` (embedded store,
+#                         inputs already in it); target <= 1.1
+#   nix_first_import      first import of a --big-mib MiB, --big-files file input into an
+#                         empty castore, MB/s (page cache warm); target >= 100
+#   nix_repeat_import     bytes read from the store path by a repeated build; target 0
+#   nix_vs_nix_sandbox    `nix build` of a trivial derivation through us / the same by
+#                         Nix's own builder (sandbox on), per build, in the test chroot
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+reps=5 big_mib=400 big_files=20000
+json=${CARGO_TARGET_DIR:-target}/bench/nix.json
+while [ $# -gt 0 ]; do
+  case $1 in
+    --reps) reps=$2; shift 2 ;;
+    --big-mib) big_mib=$2; shift 2 ;;
+    --big-files) big_files=$2; shift 2 ;;
+    --json) json=$2; shift 2 ;;
+    *) echo "bench-nix: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+target=${CARGO_TARGET_DIR:-target}
+bin=${TVIX_BUILD_VM_BIN:-}
+if [ -z "$bin" ]; then
+  for b in "$target/release/tvix-build-vm" "$target/debug/tvix-build-vm"; do
+    [ -x "$b" ] && { bin=$b; break; }
+  done
+fi
+[ -x "${bin:-}" ] || { echo "bench-nix: no tvix-build-vm binary; set TVIX_BUILD_VM_BIN" >&2; exit 1; }
+bin=$(realpath "$bin")
+: "${TVIX_BUILD_VM_KERNEL:?set it (scripts/install-deps.sh --print-env)}"
+: "${TVIX_BUILD_VM_AGENT:?set it (scripts/install-deps.sh --print-env)}"
+
+work=$(mktemp -d /tmp/tbv-bench-nix.XXXXXX)
+pids=()
+# The pid of the process serving a unix socket (SO_PEERCRED).
+server_pid() {
+  python3 -c 'import socket,struct,sys
+s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+print(struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])' "$1" 2>/dev/null || true
+}
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The local server nix-builder started lives in its own session: stop it by its pid.
+  if [ -S "$work/state/serve.sock" ]; then
+    spid=$(server_pid "$work/state/serve.sock")
+    [ -n "$spid" ] && kill "$spid" 2>/dev/null || true
+  fi
+  sleep 0.5
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export TVIX_BUILD_VM_RUNTIME_DIR=$work/rt
+mkdir -p "$work/rt" "$work/store" "$work/state"
+
+now() { date +%s.%N; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+# A stand-in for Nix's store: busybox as one store path, the big tree as another.
+bb=9ayqmbj1zgsyllkbsbml5y79hwmmykby-bb
+mkdir -p "$work/store/$bb/bin"
+cp /bin/busybox "$work/store/$bb/bin/busybox"
+
+# build.json as Nix writes it (version 1) for output $1, input paths $2 (space separated).
+write_build_json() {
+  local out=$1 inputs=$2 top=$work/top-$1
+  mkdir -p "$top/build"
+  local list
+  list=$(for i in $inputs; do printf '"/nix/store/%s",' "$i"; done)
+  cat > "$top/build.json" <<EOF
+{"version":1,"builder":"/nix/store/$bb/bin/busybox","args":["sh","-c","echo hi > \$out"],
+ "env":{"HOME":"/homeless-shelter","NIX_BUILD_TOP":"/build","NIX_STORE":"/nix/store",
+        "PATH":"/path-not-set","PWD":"/build","TMPDIR":"/build","out":"/nix/store/$out"},
+ "topTmpDir":"$top","tmpDir":"$top/build","tmpDirInSandbox":"/build",
+ "storeDir":"/nix/store","realStoreDir":"$work/store","system":"x86_64-linux",
+ "inputPaths":[${list%,}],"outputs":{"out":"/nix/store/$out"}}
+EOF
+  echo "$top/build.json"
+}
+# A fresh valid output basename for rep $1 of row $2.
+out_name() { printf '%032d-%s-%s' 0 "$2" "$1" | tr 0 a; }
+
+nix_builder() { # state dir, build.json, extra args...
+  local state=$1 j=$2; shift 2
+  (cd "$(dirname "$j")/build" && "$bin" -q nix-builder --state-dir "$state" "$@" "$j" >/dev/null 2>"$work/nb.err") \
+    || { echo "bench-nix: nix-builder failed:" >&2; cat "$work/nb.err" >&2; exit 1; }
+}
+
+rows=()
+row() { # key, what, unit, value, target, note
+  rows+=("$(printf '{"key":"%s","what":"%s","unit":"%s","value":%s,"target":"%s","note":"%s"}' "$@")")
+  printf '| %s | %s | %s %s | %s | %s |\n' "$1" "$2" "$4" "$3" "$5" "$6" >&2
+}
+
+echo "bench-nix: binary $bin, $reps reps" >&2
+echo "| row | what | ours | target | note |" >&2
+echo "| --- | --- | --- | --- | --- |" >&2
+
+# 1. nix-builder vs build, inputs cached, the local server already running.
+nix_builder "$work/state" "$(write_build_json "$(out_name w warm)" "$bb")"
+"$bin" -q build --store "$work/bstore" --input "$work/store/$bb" --output out \
+  -- "/nix/store/$bb/bin/busybox" sh -c 'echo hi > /nix/store/out' >/dev/null 2>&1
+nb=() direct=()
+for i in $(seq 1 "$reps"); do
+  j=$(write_build_json "$(out_name "$i" cmp)" "$bb")
+  t0=$(now); nix_builder "$work/state" "$j"; t1=$(now)
+  "$bin" -q build --store "$work/bstore" --input "$work/store/$bb" --output out \
+    -- "/nix/store/$bb/bin/busybox" sh -c 'echo hi > /nix/store/out' >/dev/null 2>&1
+  t2=$(now)
+  nb+=("$(echo "$t1 - $t0" | bc -l)"); direct+=("$(echo "$t2 - $t1" | bc -l)")
+done
+m_nb=$(printf '%s\n' "${nb[@]}" | median); m_direct=$(printf '%s\n' "${direct[@]}" | median)
+row nix_builder_vs_build "trivial build: nix-builder (local server up, inputs cached) / build" \
+  ratio "$(echo "scale=3; $m_nb / $m_direct" | bc -l)" "<= 1.1" \
+  "medians ${m_nb}s / ${m_direct}s"
+
+# 2. First import of a big tree, into an empty castore (a fresh server and state dir).
+big=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab-big
+python3 - "$work/store/$big" "$big_mib" "$big_files" <<'EOF'
+import os, sys
+root, mib, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+size = mib * 1024 * 1024 // files
+for i in range(files):
+    d = os.path.join(root, "d%03d" % (i % 200))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%05d" % i), "wb") as f:
+        f.write(os.urandom(size))
+EOF
+sync
+# A host server (fresh castore) in the directory the chroot sees as /tvb (row 4).
+mkdir -p "$work/t"
+"$bin" -q serve --store "$work/sstore" --listen "unix:$work/t/s.sock" >"$work/serve.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do [ -S "$work/t/s.sock" ] && break; sleep 0.1; done
+addr="grpc+unix://$work/t/s.sock"
+nix_builder "$work/state2" "$(write_build_json "$(out_name 1 big)" "$bb $big")" --builder-addr "$addr"
+first=$(tail -1 "$work/state2/builds.jsonl")
+bytes=$(echo "$first" | python3 -c 'import json,sys; print(json.load(sys.stdin)["input_bytes_read"])')
+ms=$(echo "$first" | python3 -c 'import json,sys; print(json.load(sys.stdin)["import_ms"])')
+row nix_first_import "first import of a ${big_mib} MiB, ${big_files}-file input (+busybox), empty castore over grpc+unix" \
+  "MB/s" "$(echo "scale=1; $bytes / 1000 / $ms" | bc -l)" ">= 100" "$bytes bytes in ${ms} ms, page cache warm"
+
+# 3. The same inputs again: nothing read.
+nix_builder "$work/state2" "$(write_build_json "$(out_name 2 big)" "$bb $big")" --builder-addr "$addr"
+again=$(tail -1 "$work/state2/builds.jsonl")
+bytes2=$(echo "$again" | python3 -c 'import json,sys; print(json.load(sys.stdin)["input_bytes_read"])')
+ms2=$(echo "$again" | python3 -c 'import json,sys; print(json.load(sys.stdin)["import_ms"])')
+row nix_repeat_import "repeated build with the same inputs: bytes read from the store" \
+  bytes "$bytes2" "0" "input lookup took ${ms2} ms"
+
+# 4. Against Nix's own builder, in the test chroot (root only).
+if [ "$(id -u)" = 0 ]; then
+  root=${TVIX_BUILD_VM_NIX_CHROOT:-$(scripts/nix-chroot.sh)}
+  mkdir -p "$root/tvb" "$work/t/bb/bin" "$work/t/state"
+  cp "$root/bin/busybox" "$work/t/bb/bin/"
+  touch "$work/t/tvix-build-vm"
+  cat > "$work/t/d.nix" <<'EOF'
+{ salt }: derivation {
+  name = "trivial"; system = "x86_64-linux"; inherit salt;
+  builder = "${builtins.path { path = /tvb/bb; name = "bb"; }}/bin/busybox";
+  args = [ "sh" "-c" "echo hi > $out" ];
+}
+EOF
+  # Through the host server: the chroot has no QEMU for a local one, and a host daemon is
+  # the set-up for a multi-user Nix anyway.
+  eb='[{"systems":["x86_64-linux"],"program":"/tvb/tvix-build-vm","args":["nix-builder","--state-dir","/tvb/state","--builder-addr","grpc+unix:///tvb/s.sock"]}]'
+  in_chroot() {
+    unshare --mount --propagation private sh -c '
+      set -e; R=$1; T=$2; B=$3; shift 3
+      mount -t proc proc $R/proc; mount --rbind /dev $R/dev; mount -t sysfs sys $R/sys
+      mount --bind $T $R/tvb; mount --bind $B $R/tvb/tvix-build-vm
+      exec chroot $R "$@"' sh "$root" "$work/t" "$bin" "$@"
+  }
+  if in_chroot nix build --no-link --option external-builders "$eb" -f /tvb/d.nix --argstr salt "warm-$$" >/dev/null 2>"$work/nix.err"; then
+    ours=() theirs=()
+    for i in $(seq 1 "$reps"); do
+      t0=$(now)
+      in_chroot nix build --no-link --option external-builders "$eb" -f /tvb/d.nix --argstr salt "us-$$-$i" >/dev/null 2>>"$work/nix.err"
+      t1=$(now)
+      in_chroot nix build --no-link --option sandbox true -f /tvb/d.nix --argstr salt "nix-$$-$i" >/dev/null 2>>"$work/nix.err"
+      t2=$(now)
+      ours+=("$(echo "$t1 - $t0" | bc -l)"); theirs+=("$(echo "$t2 - $t1" | bc -l)")
+    done
+    m_ours=$(printf '%s\n' "${ours[@]}" | median); m_theirs=$(printf '%s\n' "${theirs[@]}" | median)
+    row nix_vs_nix_sandbox "nix build of a trivial derivation: through us / Nix's own sandboxed builder" \
+      ratio "$(echo "scale=2; $m_ours / $m_theirs" | bc -l)" "-" \
+      "medians ${m_ours}s / ${m_theirs}s per nix build (evaluation included in both)"
+  else
+    echo "bench-nix: nix in the chroot failed, row skipped:" >&2; tail -5 "$work/nix.err" >&2
+  fi
+fi
+
+mkdir -p "$(dirname "$json")"
+{ echo "["; (IFS=,; echo "${rows[*]}"); echo "]"; } > "$json"
+echo "bench-nix: wrote $json" >&2
