@@ -152,7 +152,10 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
     };
     let state = state_dir(&args)?;
     let (addr, cache_dir) = match &args.builder_addr {
-        Some(addr) => (addr.clone(), state.join("inputs").join(addr_key(addr))),
+        Some(addr) => (
+            addr.clone(),
+            state.join("remote-inputs").join(addr_key(addr)),
+        ),
         None => {
             if is_build_user(&args.build_users_group) {
                 return refuse(anyhow::anyhow!(
