@@ -58,6 +58,7 @@ in rec {
     ${b} ln -s d/f $out/link
   '' {};
   slow = drv "slow" "echo sleeping; ${b} sleep 120" {};
+  kvm = drv "kvm" "${b} ls -l /dev/kvm > $out" { requiredSystemFeatures = [ "kvm" ]; };
   outside = drv "outside" "echo hi > $out" { builder = "/bin/busybox"; };
 }
 "#;
@@ -251,6 +252,20 @@ fn a_refused_build_is_reported_by_nix_with_our_message() {
             err.contains("tvix-build-vm: build.json builder: \"/bin/busybox\" is not inside"),
             "{err}"
         );
+        assert!(t.nix.records().is_empty());
+    });
+}
+
+/// `requiredSystemFeatures = ["kvm"]` asks for /dev/kvm, which this server (no
+/// --allow-kvm) does not grant: refused before a VM starts, with the reason in Nix's error.
+#[test]
+fn a_kvm_feature_is_refused_by_a_server_that_does_not_allow_it() {
+    with_nix(|t| {
+        let run = t.build("kvm", &[]);
+        assert!(!run.0.status.success());
+        let err = run.stderr();
+        assert!(err.contains("/dev/kvm"), "{err}");
+        assert!(err.contains("builder failed with exit code 3"), "{err}");
         assert!(t.nix.records().is_empty());
     });
 }
