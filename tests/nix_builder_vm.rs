@@ -76,6 +76,17 @@ impl T {
     fn build(&self, attr: &str, extra: &[&str]) -> support::nix_chroot::NixRun {
         self.nix.build(&self.serve, &self.file, attr, extra)
     }
+
+    /// Builds `attr`, which must fail with nothing placed; Nix's stderr.
+    fn build_failing(&self, attr: &str, extra: &[&str]) -> String {
+        let run = self.build(attr, extra);
+        assert!(!run.0.status.success(), "{attr} built");
+        assert!(
+            self.nix.records().is_empty(),
+            "{attr}: something was placed"
+        );
+        run.stderr()
+    }
 }
 
 /// Runs `test` against a fresh host server and Nix; afterwards no VM or runtime directory
@@ -226,17 +237,13 @@ fn pass_as_file_and_structured_attrs_reach_the_build() {
 #[test]
 fn a_failing_builder_fails_the_nix_build_with_our_log() {
     with_nix(|t| {
-        let nix = &t.nix;
-        let run = t.build("failing", &[]);
-        assert!(!run.0.status.success());
-        let err = run.stderr();
+        let err = t.build_failing("failing", &[]);
         assert!(
-            err.contains(&format!("about-to-fail-{}", nix.salt)),
+            err.contains(&format!("about-to-fail-{}", t.nix.salt)),
             "the build's log is shown:\n{err}"
         );
         assert!(err.contains("builder failed with exit code"), "{err}");
         assert!(err.contains("exited with code 3"), "{err}");
-        assert!(nix.records().is_empty(), "nothing was placed");
     });
 }
 
@@ -245,14 +252,11 @@ fn a_failing_builder_fails_the_nix_build_with_our_log() {
 #[test]
 fn a_refused_build_is_reported_by_nix_with_our_message() {
     with_nix(|t| {
-        let run = t.build("outside", &[]);
-        assert!(!run.0.status.success());
-        let err = run.stderr();
+        let err = t.build_failing("outside", &[]);
         assert!(
             err.contains("tvix-build-vm: build.json builder: \"/bin/busybox\" is not inside"),
             "{err}"
         );
-        assert!(t.nix.records().is_empty());
     });
 }
 
@@ -261,12 +265,9 @@ fn a_refused_build_is_reported_by_nix_with_our_message() {
 #[test]
 fn a_kvm_feature_is_refused_by_a_server_that_does_not_allow_it() {
     with_nix(|t| {
-        let run = t.build("kvm", &[]);
-        assert!(!run.0.status.success());
-        let err = run.stderr();
+        let err = t.build_failing("kvm", &[]);
         assert!(err.contains("/dev/kvm"), "{err}");
         assert!(err.contains("builder failed with exit code 3"), "{err}");
-        assert!(t.nix.records().is_empty());
     });
 }
 
@@ -315,9 +316,8 @@ fn the_same_derivation_built_by_nix_and_by_us_has_the_same_nar_hash() {
 fn nix_timeout_ends_the_vm() {
     with_nix(|t| {
         let started = Instant::now();
-        let run = t.build("slow", &["--option", "timeout", "5"]);
-        assert!(!run.0.status.success());
-        assert!(run.stderr().contains("timed out"), "{}", run.stderr());
+        let err = t.build_failing("slow", &["--option", "timeout", "5"]);
+        assert!(err.contains("timed out"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(60));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
