@@ -11,7 +11,8 @@
 #                         inputs cached) / the same command by `build` (embedded store,
 #                         inputs already in it); target <= 1.1
 #   nix_first_import      first import of a --big-mib MiB, --big-files file input into an
-#                         empty castore, MB/s (page cache warm); target >= 100
+#                         empty castore, MB/s (page cache warm); target >= 100; by the
+#                         local server and (_grpc) by a serve given with --builder-addr
 #   nix_repeat_import     bytes read from the store path by a repeated build; target 0
 #   nix_vs_nix_sandbox    `nix build` of a trivial derivation through us / the same by
 #                         Nix's own builder (sandbox on), per build, in the test chroot
@@ -53,10 +54,12 @@ print(struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # The local server nix-builder started lives in its own session: stop it by its pid.
-  if [ -S "$work/state/serve.sock" ]; then
-    spid=$(server_pid "$work/state/serve.sock")
-    [ -n "$spid" ] && kill "$spid" 2>/dev/null || true
-  fi
+  for st in state state3; do
+    if [ -S "$work/$st/serve.sock" ]; then
+      spid=$(server_pid "$work/$st/serve.sock")
+      [ -n "$spid" ] && kill "$spid" 2>/dev/null || true
+    fi
+  done
   sleep 0.5
   rm -rf "$work"
 }
@@ -144,16 +147,23 @@ mkdir -p "$work/t"
 pids+=($!)
 for _ in $(seq 1 300); do [ -S "$work/t/s.sock" ] && break; sleep 0.1; done
 addr="grpc+unix://$work/t/s.sock"
-nix_builder "$work/state2" "$(write_build_json "$(out_name 1 big)" "$bb $big")" --builder-addr "$addr"
-first=$(tail -1 "$work/state2/builds.jsonl")
-bytes=$(echo "$first" | python3 -c 'import json,sys; print(json.load(sys.stdin)["input_bytes_read"])')
-ms=$(echo "$first" | python3 -c 'import json,sys; print(json.load(sys.stdin)["import_ms"])')
-row nix_first_import "first import of a ${big_mib} MiB, ${big_files}-file input (+busybox), empty castore over grpc+unix" \
-  "MB/s" "$(echo "scale=1; $bytes / 1000 / $ms" | bc -l)" ">= 100" "$bytes bytes in ${ms} ms, page cache warm"
+# The first import into each castore: $1 state dir, $2 row key, $3 label, extra args.
+first_import() {
+  local state=$1 key=$2 label=$3; shift 3
+  nix_builder "$state" "$(write_build_json "$(out_name 1 "$key")" "$bb $big")" "$@"
+  local rec bytes ms
+  rec=$(tail -1 "$state/builds.jsonl")
+  bytes=$(echo "$rec" | python3 -c 'import json,sys; print(json.load(sys.stdin)["input_bytes_read"])')
+  ms=$(echo "$rec" | python3 -c 'import json,sys; print(json.load(sys.stdin)["import_ms"])')
+  row "$key" "first import of a ${big_mib} MiB, ${big_files}-file input (+busybox), empty castore, $label" \
+    "MB/s" "$(echo "scale=1; $bytes / 1000 / $ms" | bc -l)" ">= 100" "$bytes bytes in ${ms} ms, page cache warm"
+}
+first_import "$work/state3" nix_first_import "local server (blobs written directly)"
+first_import "$work/state2" nix_first_import_grpc "a serve over grpc+unix (--builder-addr)" --builder-addr "$addr"
 
 # 3. The same inputs again: nothing read.
-nix_builder "$work/state2" "$(write_build_json "$(out_name 2 big)" "$bb $big")" --builder-addr "$addr"
-again=$(tail -1 "$work/state2/builds.jsonl")
+nix_builder "$work/state3" "$(write_build_json "$(out_name 2 big)" "$bb $big")"
+again=$(tail -1 "$work/state3/builds.jsonl")
 bytes2=$(echo "$again" | python3 -c 'import json,sys; print(json.load(sys.stdin)["input_bytes_read"])')
 ms2=$(echo "$again" | python3 -c 'import json,sys; print(json.load(sys.stdin)["import_ms"])')
 row nix_repeat_import "repeated build with the same inputs: bytes read from the store" \

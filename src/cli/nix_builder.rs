@@ -151,8 +151,11 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return refuse(e),
     };
     let state = state_dir(&args)?;
-    let (addr, cache_dir) = match &args.builder_addr {
+    // `blob_addr`: where input blobs go. A remote server takes them over gRPC; the local
+    // server's blob directory is written directly (see below).
+    let (addr, blob_addr, cache_dir) = match &args.builder_addr {
         Some(addr) => (
+            addr.clone(),
             addr.clone(),
             state.join("remote-inputs").join(addr_key(addr)),
         ),
@@ -172,14 +175,21 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
             let socket = tokio::task::spawn_blocking(move || ensured.ensure(&program, &serve_args))
                 .await
                 .context("starting the local server")??;
+            // The local server's blobs are files in a directory that several processes
+            // may write (temp file + rename): written here they cost one batched fsync
+            // round per input instead of the gRPC Put path's two fsyncs per blob, which
+            // dominate a tree of many small files. Directories still go to the server
+            // (its directory database is single-process).
+            let blobs_dir = local.store_dir().join(super::store_args::BLOBS_DIR);
             (
                 format!("grpc+unix://{}", socket.display()),
+                format!("objectstore+file://{}", blobs_dir.display()),
                 local.input_cache_dir(),
             )
         }
     };
 
-    let blobs = blob_service_from_addr(&addr).context("the server's blob service")?;
+    let blobs = blob_service_from_addr(&blob_addr).context("the server's blob service")?;
     let dirs = directory_service_from_addr(&addr).context("the server's directory service")?;
     let cache = InputCache::open(&cache_dir)?;
     let import_started = Instant::now();
