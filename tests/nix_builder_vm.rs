@@ -379,6 +379,9 @@ fn default_mode_starts_one_local_server_for_concurrent_builds() {
         "1vnx5sy5yvavlzh28z4s8p0kndrq8p49-two",
         "wp9hs73asc2d1lnp2gbnfj75gxrvpzpv-three",
     ];
+    // A descriptor Nix would leave open (no close-on-exec): the builders must close it
+    // before they start the server, or the server would hold it for its whole life.
+    let (leak_r, leak_w) = nix::unistd::pipe().unwrap();
     let children: Vec<_> = outs
         .iter()
         .map(|out| {
@@ -401,10 +404,18 @@ fn default_mode_starts_one_local_server_for_concurrent_builds() {
                 .unwrap()
         })
         .collect();
+    drop(leak_w);
     let results: Vec<_> = children
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
         .collect();
+    // The server is still running: the pipe reads EOF only if it closed its copy.
+    nix::fcntl::fcntl(
+        &leak_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let held = nix::unistd::read(&leak_r, &mut [0u8; 1]);
     // The server outlives the builders (its own session): stop it before asserting.
     let local = tvix_build_vm::nix::local_serve::LocalServe::new(&state);
     let server = {
@@ -430,6 +441,11 @@ fn default_mode_starts_one_local_server_for_concurrent_builds() {
     }
     let log = std::fs::read_to_string(local.log_path()).unwrap();
     assert_eq!(log.matches("serving listen=").count(), 1, "{log}");
+    assert_eq!(
+        held,
+        Ok(0),
+        "the local server holds a descriptor its starter inherited"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while support::process_exists(server.as_raw() as u32) {
         assert!(Instant::now() < deadline, "the local server did not stop");
