@@ -181,8 +181,8 @@ fn multiple_outputs_are_each_placed_and_registered() {
     });
 }
 
-/// A derivation using another's output: both built through us, the second imports the
-/// first's output from the Nix store as an input.
+/// A derivation using another's output: both built through us; the second finds the
+/// first's output (read from the Nix store and hashed) already on the server.
 #[test]
 fn a_dependency_built_through_us_is_an_input_of_the_next_build() {
     with_nix(|t| {
@@ -202,9 +202,11 @@ fn a_dependency_built_through_us_is_an_input_of_the_next_build() {
             .as_str()
             .unwrap()
             .ends_with("-user"));
-        // user's inputs: busybox (imported for base, reused) and base's output (new).
+        // user's inputs: busybox (imported for base, reused) and base's output, new to
+        // the input cache but already on the server, which harvested it: hashed, not sent.
         assert_eq!(records[1]["inputs_reused"], 1, "{records:?}");
-        assert_eq!(records[1]["inputs_imported"], 1, "{records:?}");
+        assert_eq!(records[1]["inputs_present"], 1, "{records:?}");
+        assert_eq!(records[1]["inputs_imported"], 0, "{records:?}");
         nix.assert_verified(&paths[0]);
         let info = nix.path_info(&paths[0]);
         let refs = info["references"].as_array().unwrap();
@@ -288,6 +290,14 @@ fn a_second_build_with_the_same_inputs_imports_nothing() {
         assert_eq!(records[1]["inputs_imported"], 0, "{records:?}");
         assert_eq!(records[1]["inputs_reused"], 1, "{records:?}");
         assert_eq!(records[1]["input_bytes_read"], 0, "{records:?}");
+
+        // Another client of the same server (its input cache gone, as on another machine
+        // or in another state dir): busybox is hashed, found on the server, not sent.
+        std::fs::remove_dir_all(nix.dir.path().join("state/remote-inputs")).unwrap();
+        t.build("passfile", &[]).paths();
+        let records = nix.records();
+        assert_eq!(records[2]["inputs_imported"], 0, "{records:?}");
+        assert_eq!(records[2]["inputs_present"], 1, "{records:?}");
     });
 }
 

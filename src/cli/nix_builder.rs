@@ -192,6 +192,13 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
     let blobs = blob_service_from_addr(&blob_addr).context("the server's blob service")?;
     let dirs = directory_service_from_addr(&addr).context("the server's directory service")?;
     let cache = InputCache::open(&cache_dir)?;
+    // A remote server may hold inputs this state dir has not recorded (other clients):
+    // hashing before sending costs a second read, sending what it has costs the network.
+    let cache = if args.builder_addr.is_some() {
+        cache.asking_first()
+    } else {
+        cache
+    };
     let import_started = Instant::now();
     let (inputs, stats) = import_inputs(&cache, blobs.clone(), dirs.clone(), &build)
         .await
@@ -323,6 +330,7 @@ fn record(
         "outputs": build.json.outputs,
         "inputs_reused": stats.reused,
         "inputs_imported": stats.imported,
+        "inputs_present": stats.present,
         "input_bytes_read": stats.bytes_read,
         "import_ms": import.as_millis() as u64,
         "total_ms": total.as_millis() as u64,

@@ -411,6 +411,45 @@ async fn inputs_are_imported_once_and_reused() {
     assert_eq!(third, fourth);
 }
 
+/// Imports `build`'s inputs through the asking-first cache in `dir`.
+async fn import_asking(
+    dir: &Path,
+    (blobs, dirs): &(Arc<dyn BlobService>, Arc<dyn DirectoryService>),
+    build: &NixBuild,
+) -> (Vec<(PathComponent, Node)>, super::cache::ImportStats) {
+    let cache = InputCache::open(dir).unwrap().asking_first();
+    import_inputs(&cache, blobs.clone(), dirs.clone(), build)
+        .await
+        .unwrap()
+}
+
+/// Asking first: a cache that does not know the inputs (another state dir, another
+/// machine) hashes them and uploads nothing the castore already holds whole.
+#[tokio::test]
+async fn asking_first_uploads_only_what_the_castore_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = closure_in(dir.path());
+    let store = stores();
+    let (first, stats) = import_asking(&dir.path().join("a"), &store, &build).await;
+    assert_eq!((stats.imported, stats.present), (3, 0), "{stats:?}");
+
+    let (second, stats) = import_asking(&dir.path().join("b"), &store, &build).await;
+    assert_eq!(
+        (stats.imported, stats.present, stats.reused),
+        (0, 3, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.bytes_read, 5000 + 5 + 4, "hashed, not uploaded");
+    assert_eq!(first, second);
+    // And b now knows them: the next build reads nothing.
+    let (_, stats) = import_asking(&dir.path().join("b"), &store, &build).await;
+    assert_eq!((stats.reused, stats.bytes_read), (3, 0), "{stats:?}");
+
+    // A castore that holds none of them gets them all.
+    let (_, stats) = import_asking(&dir.path().join("c"), &stores(), &build).await;
+    assert_eq!((stats.imported, stats.present), (3, 0), "{stats:?}");
+}
+
 #[tokio::test]
 async fn outputs_are_placed_whole_with_modes_nix_accepts_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
