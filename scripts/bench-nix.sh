@@ -13,6 +13,8 @@
 #   nix_first_import      first import of a --big-mib MiB, --big-files file input into an
 #                         empty castore, MB/s (page cache warm); target >= 100; by the
 #                         local server and (_grpc) by a serve given with --builder-addr
+#   nix_other_client_import  the same input by a second state dir against that serve:
+#                         hashed locally, found on the server, nothing uploaded
 #   nix_repeat_import     bytes read from the store path by a repeated build; target 0
 #   nix_vs_nix_sandbox    `nix build` of a trivial derivation through us / the same by
 #                         Nix's own builder (sandbox on), per build, in the test chroot
@@ -69,6 +71,11 @@ mkdir -p "$work/rt" "$work/store" "$work/state"
 
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+# The median of the per-pair ratios of two interleaved series (as docs/benchmarks.md takes
+# every ratio): $1 and $2 are space-separated lists of equal length.
+pair_ratio() {
+  paste -d' ' <(printf '%s\n' $1) <(printf '%s\n' $2) | awk '{ printf "%.4f\n", $1 / $2 }' | median
+}
 
 # A stand-in for Nix's store: busybox as one store path, the big tree as another.
 bb=9ayqmbj1zgsyllkbsbml5y79hwmmykby-bb
@@ -101,7 +108,8 @@ nix_builder() { # state dir, build.json, extra args...
 }
 
 rows=()
-row() { # key, what, unit, value, target, note
+row() { # key, what, unit, value (a number; bc prints .5 for 0.5), target, note
+  set -- "$1" "$2" "$3" "$(awk -v v="$4" 'BEGIN { print v + 0 }')" "$5" "$6"
   rows+=("$(printf '{"key":"%s","what":"%s","unit":"%s","value":%s,"target":"%s","note":"%s"}' "$@")")
   printf '| %s | %s | %s %s | %s | %s |\n' "$1" "$2" "$4" "$3" "$5" "$6" >&2
 }
@@ -125,7 +133,7 @@ for i in $(seq 1 "$reps"); do
 done
 m_nb=$(printf '%s\n' "${nb[@]}" | median); m_direct=$(printf '%s\n' "${direct[@]}" | median)
 row nix_builder_vs_build "trivial build: nix-builder (local server up, inputs cached) / build" \
-  ratio "$(echo "scale=3; $m_nb / $m_direct" | bc -l)" "<= 1.1" \
+  ratio "$(pair_ratio "${nb[*]}" "${direct[*]}")" "<= 1.1" \
   "medians ${m_nb}s / ${m_direct}s"
 
 # 2. First import of a big tree, into an empty castore (a fresh server and state dir).
@@ -160,6 +168,13 @@ first_import() {
 }
 first_import "$work/state3" nix_first_import "local server (blobs written directly)"
 first_import "$work/state2" nix_first_import_grpc "a serve over grpc+unix (--builder-addr)" --builder-addr "$addr"
+
+# Another client of the same server (a fresh state dir): hashed, found there, not sent.
+nix_builder "$work/state4" "$(write_build_json "$(out_name 3 big)" "$bb $big")" --builder-addr "$addr"
+other=$(tail -1 "$work/state4/builds.jsonl")
+read -r present4 imported4 bytes4 ms4 < <(echo "$other" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["inputs_present"], r["inputs_imported"], r["input_bytes_read"], r["import_ms"])')
+row nix_other_client_import "the same input by another client of that serve (empty input cache): hashed, not sent" \
+  "MB/s" "$(echo "scale=1; $bytes4 / 1000 / $ms4" | bc -l)" "-" "$present4 inputs found on the server, $imported4 uploaded; $bytes4 bytes in ${ms4} ms"
 
 # 3. The same inputs again: nothing read.
 nix_builder "$work/state3" "$(write_build_json "$(out_name 2 big)" "$bb $big")"
@@ -204,7 +219,7 @@ EOF
     done
     m_ours=$(printf '%s\n' "${ours[@]}" | median); m_theirs=$(printf '%s\n' "${theirs[@]}" | median)
     row nix_vs_nix_sandbox "nix build of a trivial derivation: through us / Nix's own sandboxed builder" \
-      ratio "$(echo "scale=2; $m_ours / $m_theirs" | bc -l)" "-" \
+      ratio "$(pair_ratio "${ours[*]}" "${theirs[*]}")" "-" \
       "medians ${m_ours}s / ${m_theirs}s per nix build (evaluation included in both)"
   else
     echo "bench-nix: nix in the chroot failed, row skipped:" >&2; tail -5 "$work/nix.err" >&2
