@@ -107,6 +107,18 @@ nix_builder() { # state dir, build.json, extra args...
     || { echo "bench-nix: nix-builder failed:" >&2; cat "$work/nb.err" >&2; exit 1; }
 }
 
+# Runs `ours $i` and `theirs $i` interleaved for i in 1..reps and adds a ratio row:
+# key, what, target, note suffix.
+interleaved_row() {
+  local key=$1 what=$2 target=$3 suffix=$4 a=() b=() t0 t1 t2 i
+  for i in $(seq 1 "$reps"); do
+    t0=$(now); ours "$i"; t1=$(now); theirs "$i"; t2=$(now)
+    a+=("$(echo "$t1 - $t0" | bc -l)"); b+=("$(echo "$t2 - $t1" | bc -l)")
+  done
+  row "$key" "$what" ratio "$(pair_ratio "${a[*]}" "${b[*]}")" "$target" \
+    "medians $(printf '%s\n' "${a[@]}" | median)s / $(printf '%s\n' "${b[@]}" | median)s$suffix"
+}
+
 rows=()
 row() { # key, what, unit, value (a number; bc prints .5 for 0.5), target, note
   set -- "$1" "$2" "$3" "$(awk -v v="$4" 'BEGIN { print v + 0 }')" "$5" "$6"
@@ -122,19 +134,13 @@ echo "| --- | --- | --- | --- | --- |" >&2
 nix_builder "$work/state" "$(write_build_json "$(out_name w warm)" "$bb")"
 "$bin" -q build --store "$work/bstore" --input "$work/store/$bb" --output out \
   -- "/nix/store/$bb/bin/busybox" sh -c 'echo hi > /nix/store/out' >/dev/null 2>&1
-nb=() direct=()
-for i in $(seq 1 "$reps"); do
-  j=$(write_build_json "$(out_name "$i" cmp)" "$bb")
-  t0=$(now); nix_builder "$work/state" "$j"; t1=$(now)
+ours() { nix_builder "$work/state" "$(write_build_json "$(out_name "$1" cmp)" "$bb")"; }
+theirs() {
   "$bin" -q build --store "$work/bstore" --input "$work/store/$bb" --output out \
     -- "/nix/store/$bb/bin/busybox" sh -c 'echo hi > /nix/store/out' >/dev/null 2>&1
-  t2=$(now)
-  nb+=("$(echo "$t1 - $t0" | bc -l)"); direct+=("$(echo "$t2 - $t1" | bc -l)")
-done
-m_nb=$(printf '%s\n' "${nb[@]}" | median); m_direct=$(printf '%s\n' "${direct[@]}" | median)
-row nix_builder_vs_build "trivial build: nix-builder (local server up, inputs cached) / build" \
-  ratio "$(pair_ratio "${nb[*]}" "${direct[*]}")" "<= 1.1" \
-  "medians ${m_nb}s / ${m_direct}s"
+}
+interleaved_row nix_builder_vs_build "trivial build: nix-builder (local server up, inputs cached) / build" \
+  "<= 1.1" ""
 
 # 2. First import of a big tree, into an empty castore (a fresh server and state dir).
 big=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab-big
@@ -208,19 +214,14 @@ EOF
       exec chroot $R "$@"' sh "$root" "$work/t" "$bin" "$@"
   }
   if in_chroot nix build --no-link --option external-builders "$eb" -f /tvb/d.nix --argstr salt "warm-$$" >/dev/null 2>"$work/nix.err"; then
-    ours=() theirs=()
-    for i in $(seq 1 "$reps"); do
-      t0=$(now)
-      in_chroot nix build --no-link --option external-builders "$eb" -f /tvb/d.nix --argstr salt "us-$$-$i" >/dev/null 2>>"$work/nix.err"
-      t1=$(now)
-      in_chroot nix build --no-link --option sandbox true -f /tvb/d.nix --argstr salt "nix-$$-$i" >/dev/null 2>>"$work/nix.err"
-      t2=$(now)
-      ours+=("$(echo "$t1 - $t0" | bc -l)"); theirs+=("$(echo "$t2 - $t1" | bc -l)")
-    done
-    m_ours=$(printf '%s\n' "${ours[@]}" | median); m_theirs=$(printf '%s\n' "${theirs[@]}" | median)
-    row nix_vs_nix_sandbox "nix build of a trivial derivation: through us / Nix's own sandboxed builder" \
-      ratio "$(pair_ratio "${ours[*]}" "${theirs[*]}")" "-" \
-      "medians ${m_ours}s / ${m_theirs}s per nix build (evaluation included in both)"
+    ours() {
+      in_chroot nix build --no-link --option external-builders "$eb" -f /tvb/d.nix --argstr salt "us-$$-$1" >/dev/null 2>>"$work/nix.err"
+    }
+    theirs() {
+      in_chroot nix build --no-link --option sandbox true -f /tvb/d.nix --argstr salt "nix-$$-$1" >/dev/null 2>>"$work/nix.err"
+    }
+    interleaved_row nix_vs_nix_sandbox "nix build of a trivial derivation: through us / Nix's own sandboxed builder" \
+      "-" " per nix build (evaluation included in both)"
   else
     echo "bench-nix: nix in the chroot failed, row skipped:" >&2; tail -5 "$work/nix.err" >&2
   fi
