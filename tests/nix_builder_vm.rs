@@ -146,9 +146,11 @@ fn nix_build_runs_in_our_microvm_and_registers_the_output() {
         let cpu = lines.next().unwrap();
         assert_ne!(cpu, host_cpu_model(), "the guest saw the host's CPU");
         assert!(cpu.contains("QEMU"), "{cpu}");
-        // The log came through Nix (-L prefixes it with the derivation's name).
+        // The log came through Nix (-L prefixes it with the derivation's name); the build ran
+        // in /build as uid 1000, gid 100, as in Nix's sandbox.
         assert!(
-            run.stderr().contains("whereami> building in /build"),
+            run.stderr()
+                .contains("whereami> building in /build as 1000:100\n"),
             "{}",
             run.stderr()
         );
