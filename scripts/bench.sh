@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmark harness (docs/benchmarks.md) and prints its table; the JSON goes to
 # target/bench/latest.json (or --json PATH).
-#   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro] [--reps N]
+#   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro,nix] [--reps N]
 # snix (row 8): the trivial build through a real `serve` as snix.build.v1 DoBuild and as the
 # seed-layout DoBuild, interleaved; the ratio is snix over seed (target <= 1.02x).
 # Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside
@@ -42,6 +42,19 @@ if [ -z "$only" ] || [[ ",$only," == *,micro,* ]]; then
   else
     cargo bench --locked --bench castore -- --noplot >&2
   fi
+fi
+# The nix-builder rows (scripts/bench-nix.sh): the release binary against a real Nix in the
+# test chroot; their own table and JSON (target/bench/nix.json).
+if [ -z "$only" ] || [[ ",$only," == *,nix,* ]]; then
+  echo "bench: scripts/bench-nix.sh (nix-builder rows)" >&2
+  cargo build --locked --release --bin tvix-build-vm >&2
+  nix_reps=5 nix_mib=400 nix_files=20000
+  [ -n "$quick" ] && { nix_reps=2; nix_mib=64; nix_files=4000; }
+  TVIX_BUILD_VM_BIN=${CARGO_TARGET_DIR:-target}/release/tvix-build-vm \
+    scripts/bench-nix.sh --reps "$nix_reps" --big-mib "$nix_mib" --big-files "$nix_files"
+  # The Rust harness does not know the nix section: stop here when it was the only one.
+  [ "$only" = nix ] && exit 0
+  set -- $(printf '%s\n' "$@" | sed 's/^\(.*\),nix$/\1/; s/^nix,//; s/,nix,/,/')
 fi
 echo "bench: cargo bench --bench vm -- $*" >&2
 exec cargo bench --locked --bench vm -- "$@"

@@ -152,7 +152,7 @@ const HASH_CHUNK: usize = 4 << 20;
 
 /// Hashes `file` to its end with plain reads (a memory map would crash the process with
 /// SIGBUS if the file shrank meanwhile); returns the digest and the size of what was read.
-fn hash_file(file: &mut std::fs::File) -> std::io::Result<(B3Digest, u64)> {
+pub(crate) fn hash_file(file: &mut std::fs::File) -> std::io::Result<(B3Digest, u64)> {
     let mut buf = vec![0u8; HASH_CHUNK];
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;

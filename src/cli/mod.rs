@@ -7,6 +7,7 @@ pub mod build;
 pub mod fs_daemon;
 pub mod initrd;
 pub mod keygen;
+pub mod nix_builder;
 pub mod request_args;
 pub mod runner_args;
 pub mod serve;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Check a signed provenance envelope against a Build and/or output trees (see
     /// `verify --help` for exit codes).
     Verify(verify::VerifyArgs),
+    /// Build one derivation for Nix's `external-builders` (Nix passes BUILD_JSON; see
+    /// docs/nix.md for the nix.conf lines and exit codes).
+    NixBuilder(nix_builder::NixBuilderArgs),
     /// Serve one build's inputs read-only to one VM over vhost-user virtio-fs (started by
     /// the runner).
     #[command(hide = true)]
@@ -90,6 +94,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Store(cmd) => run_async(store::run(cmd)).unwrap_or(ExitCode::FAILURE),
         Command::Serve(args) => run_async(serve::run(args)).unwrap_or(ExitCode::FAILURE),
         Command::FsDaemon(args) => fs_daemon::run(args),
+        Command::NixBuilder(args) => nix_builder::main(args),
         Command::Verify(args) => verify::run(args),
         Command::Keygen(args) => match keygen::run(args) {
             Ok(()) => ExitCode::SUCCESS,

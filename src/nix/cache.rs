@@ -16,7 +16,9 @@
 //! the root is still there (one `has`/`get` per input) before reusing it.
 
 use super::build_json::NixBuild;
+use super::digest_only::DigestOnly;
 use super::NixError;
+use crate::castore::directory_service::MemoryDirectoryService;
 use crate::castore::import::import_path;
 use crate::castore::{BlobService, DirectoryService, Node, PathComponent};
 use futures::{StreamExt, TryStreamExt};
@@ -65,16 +67,29 @@ impl Identity {
 pub struct ImportStats {
     /// Inputs whose cached node was reused.
     pub reused: usize,
-    /// Inputs read from the Nix store and imported.
+    /// Inputs read from the Nix store and imported (uploaded).
     pub imported: usize,
-    /// Bytes of regular files read from the Nix store.
+    /// Inputs read and hashed, and found whole in the castore: nothing uploaded (only with
+    /// [`InputCache::asking_first`]).
+    pub present: usize,
+    /// Bytes of regular files of the inputs that were read from the Nix store (an input
+    /// hashed first and then uploaded is read twice but counted once).
     pub bytes_read: u64,
+}
+
+/// What happened to one input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Reused,
+    Present,
+    Imported,
 }
 
 /// The persisted map; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct InputCache {
     dir: PathBuf,
+    ask_first: bool,
 }
 
 impl InputCache {
@@ -87,7 +102,17 @@ impl InputCache {
         })?;
         Ok(Self {
             dir: dir.to_owned(),
+            ask_first: false,
         })
+    }
+
+    /// On a cache miss, first hash the store path locally ([`DigestOnly`]) and ask the
+    /// castore for its root; upload only if it is missing. For a remote castore, where the
+    /// cache may not know what the server already holds (another state dir, another
+    /// machine) and sending costs more than reading twice.
+    pub fn asking_first(mut self) -> Self {
+        self.ask_first = true;
+        self
     }
 
     fn entry_path(&self, base: &PathComponent) -> PathBuf {
@@ -210,7 +235,7 @@ pub async fn import_inputs(
     directories: Arc<dyn DirectoryService>,
     build: &NixBuild,
 ) -> Result<(Vec<(PathComponent, Node)>, ImportStats), NixError> {
-    let results: Vec<(PathComponent, Node, bool, u64)> =
+    let results: Vec<(PathComponent, Node, Fate, u64)> =
         futures::stream::iter(build.inputs.iter().cloned())
             .map(|base| {
                 let blobs = blobs.clone();
@@ -219,7 +244,7 @@ pub async fn import_inputs(
                 async move {
                     if let Some(node) = cache.lookup(&real, &base)? {
                         if store_has(blobs.as_ref(), directories.as_ref(), &node).await? {
-                            return Ok((base, node, true, 0));
+                            return Ok((base, node, Fate::Reused, 0));
                         }
                     }
                     let before =
@@ -227,12 +252,31 @@ pub async fn import_inputs(
                             path: real.clone(),
                             source,
                         })?;
-                    let node = import_path(blobs, directories, &real)
+                    let import_err = |source| NixError::Import {
+                        path: real.clone(),
+                        source: Box::new(source),
+                    };
+                    let mut fate = Fate::Imported;
+                    let mut node = None;
+                    if cache.ask_first {
+                        let probe = import_path(
+                            Arc::new(DigestOnly),
+                            Arc::new(MemoryDirectoryService::new()),
+                            &real,
+                        )
                         .await
-                        .map_err(|source| NixError::Import {
-                            path: real.clone(),
-                            source: Box::new(source),
-                        })?;
+                        .map_err(import_err)?;
+                        if store_has(blobs.as_ref(), directories.as_ref(), &probe).await? {
+                            fate = Fate::Present;
+                            node = Some(probe);
+                        }
+                    }
+                    let node = match node {
+                        Some(n) => n,
+                        None => import_path(blobs, directories, &real)
+                            .await
+                            .map_err(import_err)?,
+                    };
                     let walk = real.clone();
                     let bytes = tokio::task::spawn_blocking(move || file_bytes(&walk))
                         .await
@@ -245,7 +289,7 @@ pub async fn import_inputs(
                             source,
                         })?;
                     cache.record(&base, &before, &node)?;
-                    Ok::<_, NixError>((base, node, false, bytes))
+                    Ok::<_, NixError>((base, node, fate, bytes))
                 }
             })
             .buffer_unordered(CONCURRENT_INPUTS)
@@ -253,13 +297,13 @@ pub async fn import_inputs(
             .await?;
     let mut stats = ImportStats::default();
     let mut nodes = Vec::with_capacity(results.len());
-    for (base, node, reused, bytes) in results {
-        if reused {
-            stats.reused += 1;
-        } else {
-            stats.imported += 1;
-            stats.bytes_read = stats.bytes_read.saturating_add(bytes);
+    for (base, node, fate, bytes) in results {
+        match fate {
+            Fate::Reused => stats.reused += 1,
+            Fate::Present => stats.present += 1,
+            Fate::Imported => stats.imported += 1,
         }
+        stats.bytes_read = stats.bytes_read.saturating_add(bytes);
         nodes.push((base, node));
     }
     nodes.sort_by(|a, b| a.0.cmp(&b.0));

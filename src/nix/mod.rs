@@ -6,11 +6,13 @@
 //! - [`build_json`]: parsing and checking build.json (version 1).
 //! - [`request`]: build.json + imported inputs -> [`RawRequest`](crate::request::RawRequest).
 //! - [`cache`]: the persisted input cache (a valid store path is read once).
+//! - [`digest_only`]: a blob service that only hashes, to ask a server before uploading.
 //! - [`local_serve`]: the shared local `serve` started on first use.
 //! - [`place`]: outputs from the castore into `realStoreDir`, whole or not at all.
 
 pub mod build_json;
 pub mod cache;
+pub mod digest_only;
 pub mod local_serve;
 pub mod place;
 pub mod request;

@@ -133,3 +133,38 @@ pub fn to_raw_request(
         refscan_needles: Vec::new(),
     }
 }
+
+/// The wire form of a Nix build for `BuildVmService/BuildPaths`, the RPC whose request names
+/// its own paths (inputs dir, working dir, additional files: what a Nix build needs). The
+/// caller validates `raw` first; this only re-encodes it field for field, so the server's
+/// `paths::decode` gives back the same validated request.
+pub fn to_paths_request(raw: RawRequest) -> crate::proto::build_vm::PathsBuildRequest {
+    use crate::proto::build_vm::paths_build_request as pb;
+    let c = raw.constraints;
+    crate::proto::build_vm::PathsBuildRequest {
+        inputs: raw.inputs,
+        command_args: raw.command_args,
+        working_dir: raw.working_dir,
+        scratch_paths: raw.scratch_paths,
+        inputs_dir: raw.inputs_dir,
+        outputs: raw.outputs,
+        environment_vars: raw
+            .environment_vars
+            .into_iter()
+            .map(|(key, value)| pb::EnvVar { key, value })
+            .collect(),
+        constraints: Some(pb::BuildConstraints {
+            system: c.system,
+            min_memory: c.min_memory,
+            available_ro_paths: c.available_ro_paths,
+            network_access: c.network_access,
+            provide_bin_sh: c.provide_bin_sh,
+        }),
+        additional_files: raw
+            .additional_files
+            .into_iter()
+            .map(|(path, contents)| pb::AdditionalFile { path, contents })
+            .collect(),
+        refscan_needles: raw.refscan_needles,
+    }
+}

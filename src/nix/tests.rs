@@ -6,7 +6,7 @@
 use super::build_json::{self, NixBuild};
 use super::cache::{import_inputs, InputCache};
 use super::place::place_outputs;
-use super::request::{read_tmp_dir, to_raw_request, MAX_TMP_DIR_BYTES};
+use super::request::{read_tmp_dir, to_paths_request, to_raw_request, MAX_TMP_DIR_BYTES};
 use super::NixError;
 use crate::castore::blob::MemoryBlobService;
 use crate::castore::directory_service::MemoryDirectoryService;
@@ -60,6 +60,24 @@ fn every_sample_maps_onto_a_valid_request() {
         let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
         let raw = to_raw_request(&build, inputs, Vec::new(), &[]);
         raw.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+/// What goes on `BuildPaths` decodes on the server into exactly the request validated here.
+#[test]
+fn the_wire_request_decodes_to_the_same_validated_request() {
+    for (name, text) in SAMPLES {
+        let build = build_json::parse(text.as_bytes()).unwrap();
+        let inputs = build.inputs.iter().map(|b| node(&b.to_string())).collect();
+        let tmp = vec![(
+            "build/.attrs.json".to_owned(),
+            bytes::Bytes::from_static(b"{}"),
+        )];
+        let raw = to_raw_request(&build, inputs, tmp, &["kvm".to_owned()]);
+        let wire = to_paths_request(raw.clone());
+        let ours = raw.validate().unwrap();
+        let theirs = crate::wire::paths::decode(wire).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ours, theirs, "{name}");
     }
 }
 
@@ -391,6 +409,45 @@ async fn inputs_are_imported_once_and_reused() {
     let (fourth, stats) = import_inputs(&cache, blobs2, dirs2, &build).await.unwrap();
     assert_eq!((stats.imported, stats.reused), (3, 0), "{stats:?}");
     assert_eq!(third, fourth);
+}
+
+/// Imports `build`'s inputs through the asking-first cache in `dir`.
+async fn import_asking(
+    dir: &Path,
+    (blobs, dirs): &(Arc<dyn BlobService>, Arc<dyn DirectoryService>),
+    build: &NixBuild,
+) -> (Vec<(PathComponent, Node)>, super::cache::ImportStats) {
+    let cache = InputCache::open(dir).unwrap().asking_first();
+    import_inputs(&cache, blobs.clone(), dirs.clone(), build)
+        .await
+        .unwrap()
+}
+
+/// Asking first: a cache that does not know the inputs (another state dir, another
+/// machine) hashes them and uploads nothing the castore already holds whole.
+#[tokio::test]
+async fn asking_first_uploads_only_what_the_castore_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = closure_in(dir.path());
+    let store = stores();
+    let (first, stats) = import_asking(&dir.path().join("a"), &store, &build).await;
+    assert_eq!((stats.imported, stats.present), (3, 0), "{stats:?}");
+
+    let (second, stats) = import_asking(&dir.path().join("b"), &store, &build).await;
+    assert_eq!(
+        (stats.imported, stats.present, stats.reused),
+        (0, 3, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.bytes_read, 5000 + 5 + 4, "hashed, not uploaded");
+    assert_eq!(first, second);
+    // And b now knows them: the next build reads nothing.
+    let (_, stats) = import_asking(&dir.path().join("b"), &store, &build).await;
+    assert_eq!((stats.reused, stats.bytes_read), (3, 0), "{stats:?}");
+
+    // A castore that holds none of them gets them all.
+    let (_, stats) = import_asking(&dir.path().join("c"), &stores(), &build).await;
+    assert_eq!((stats.imported, stats.present), (3, 0), "{stats:?}");
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@
 //! - [`provenance`]: an independent DSSE verifier (Python's `cryptography`) and NAR hashes
 //!   by `nix-store --dump`.
 //! - [`tls`]: a throwaway CA for mutual-TLS tests ([`tls::TestCa`]).
+//! - [`nix_chroot`]: a real Nix in the chroot `scripts/nix-chroot.sh` builds, with our
+//!   binary as its `external-builders` program.
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -26,6 +28,7 @@
 
 pub mod cli;
 pub mod hostile;
+pub mod nix_chroot;
 pub mod provenance;
 pub mod serve;
 pub mod snix;
