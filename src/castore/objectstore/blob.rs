@@ -1,0 +1,470 @@
+//! Blobs in an object store: FastCDC chunks, zstd-compressed, and an index object per blob
+//! (see the module above for the layout).
+
+use super::{decompress_bounded, store_error, Bucket};
+use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
+use crate::castore::{B3Digest, Error};
+use crate::proto::tvix::castore::v1 as pb;
+use bytes::Bytes;
+use object_store::PutPayload;
+use prost::Message;
+use std::io::{self, SeekFrom};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+
+/// FastCDC sizes, the same as snix-store's defaults so both cut identical chunks (and so
+/// share them in a bucket).
+pub const AVG_CHUNK: usize = 256 * 1024;
+pub const MIN_CHUNK: usize = AVG_CHUNK / 2;
+pub const MAX_CHUNK: usize = AVG_CHUNK * 2;
+
+/// The largest chunk accepted on read. Other writers may choose larger chunk sizes than
+/// ours; this bounds the memory one chunk can take.
+pub const MAX_READ_CHUNK: usize = 64 << 20;
+/// The largest blob index object accepted (about 1.5 M chunks, hundreds of GiB of blob).
+pub const MAX_INDEX_OBJECT: usize = 64 << 20;
+
+/// Blobs in a bucket; cheap to clone.
+#[derive(Clone)]
+pub struct ObjectStoreBlobService {
+    bucket: Bucket,
+}
+
+impl ObjectStoreBlobService {
+    pub fn new(bucket: Bucket) -> Self {
+        Self { bucket }
+    }
+
+    /// The chunks of a blob: `None` if absent, `Some(empty)` if stored as one chunk.
+    async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<(B3Digest, u64)>>, Error> {
+        let key = self.bucket.blob_key(digest);
+        match self.bucket.store.get(&key).await {
+            Ok(got) => {
+                if got.meta.size > MAX_INDEX_OBJECT as u64 {
+                    return Err(Error::Corrupt {
+                        what: "blob index",
+                        digest: *digest,
+                        reason: format!("{} bytes, more than {MAX_INDEX_OBJECT}", got.meta.size),
+                    });
+                }
+                let raw = got
+                    .bytes()
+                    .await
+                    .map_err(|e| store_error(format!("reading {key}"), e))?;
+                let index = pb::StatBlobResponse::decode(raw).map_err(|e| Error::Corrupt {
+                    what: "blob index",
+                    digest: *digest,
+                    reason: format!("protobuf: {e}"),
+                })?;
+                let mut out = Vec::with_capacity(index.chunks.len());
+                for c in index.chunks {
+                    let d = B3Digest::try_from(&c.digest).map_err(|_| Error::Corrupt {
+                        what: "blob index",
+                        digest: *digest,
+                        reason: format!("a chunk digest of {} bytes", c.digest.len()),
+                    })?;
+                    if c.size == 0 || c.size > MAX_READ_CHUNK as u64 {
+                        return Err(Error::Corrupt {
+                            what: "blob index",
+                            digest: *digest,
+                            reason: format!("chunk {d} has size {}", c.size),
+                        });
+                    }
+                    out.push((d, c.size));
+                }
+                Ok(Some(out))
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                match self.bucket.store.head(&self.bucket.chunk_key(digest)).await {
+                    Ok(_) => Ok(Some(Vec::new())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(store_error(format!("looking up chunk {digest}"), e)),
+                }
+            }
+            Err(e) => Err(store_error(format!("reading {key}"), e)),
+        }
+    }
+}
+
+/// Fetches one chunk, decompresses it and checks it hashes to `digest` (and has `size`
+/// bytes when the index said so).
+pub(crate) async fn fetch_chunk(
+    bucket: &Bucket,
+    digest: &B3Digest,
+    size: Option<u64>,
+) -> Result<Option<Bytes>, Error> {
+    let key = bucket.chunk_key(digest);
+    let got = match bucket.store.get(&key).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(format!("reading {key}"), e)),
+    };
+    let raw = got
+        .bytes()
+        .await
+        .map_err(|e| store_error(format!("reading {key}"), e))?;
+    let limit = size.map_or(MAX_READ_CHUNK, |s| s as usize);
+    let data = decompress_bounded(&raw, limit, "chunk", *digest)?;
+    verify_chunk(digest, size, &data)?;
+    Ok(Some(Bytes::from(data)))
+}
+
+/// Checks chunk bytes against their digest and expected size.
+pub(crate) fn verify_chunk(digest: &B3Digest, size: Option<u64>, data: &[u8]) -> Result<(), Error> {
+    if let Some(s) = size {
+        if data.len() as u64 != s {
+            return Err(Error::Corrupt {
+                what: "chunk",
+                digest: *digest,
+                reason: format!("{} bytes where the index says {s}", data.len()),
+            });
+        }
+    }
+    let actual = B3Digest::of(data);
+    if actual != *digest {
+        return Err(Error::Corrupt {
+            what: "chunk",
+            digest: *digest,
+            reason: format!("its contents hash to {actual}"),
+        });
+    }
+    Ok(())
+}
+
+/// Stores a chunk unless the bucket has it; returns once the store confirmed the put.
+async fn put_chunk(bucket: &Bucket, digest: &B3Digest, data: &[u8]) -> Result<(), Error> {
+    let key = bucket.chunk_key(digest);
+    match bucket.store.head(&key).await {
+        Ok(_) => return Ok(()),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(store_error(format!("looking up {key}"), e)),
+    }
+    let compressed = zstd::bulk::compress(data, zstd::DEFAULT_COMPRESSION_LEVEL)
+        .map_err(|e| Error::io(format!("compressing chunk {digest}"), e))?;
+    bucket
+        .store
+        .put(&key, PutPayload::from(compressed))
+        .await
+        .map_err(|e| store_error(format!("writing {key}"), e))?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl BlobService for ObjectStoreBlobService {
+    async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
+        Ok(self.chunks(digest).await?.is_some())
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        let Some(chunks) = self.chunks(digest).await? else {
+            return Ok(None);
+        };
+        let chunks = if chunks.is_empty() {
+            // One chunk: the blob itself; its size is only known after the fetch.
+            let Some(data) = fetch_chunk(&self.bucket, digest, None).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Box::new(io::Cursor::new(data))));
+        } else {
+            chunks
+        };
+        Ok(Some(Box::new(ChunkedReader::new(
+            self.bucket.clone(),
+            *digest,
+            chunks,
+        ))))
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>, Error> {
+        Ok(Box::new(ObjectStoreBlobWriter {
+            bucket: self.bucket.clone(),
+            buf: Vec::new(),
+            hasher: blake3::Hasher::new(),
+            chunks: Vec::new(),
+            pending: None,
+            closed: false,
+        }))
+    }
+}
+
+type ChunkFuture = Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send>>;
+
+/// Cuts the written bytes into chunks as they arrive and uploads each full chunk before
+/// accepting more bytes (so memory stays at about one maximal chunk); `close` uploads the
+/// rest and the index, and returns only after the store confirmed every put.
+struct ObjectStoreBlobWriter {
+    bucket: Bucket,
+    /// Bytes not yet cut into a chunk.
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    chunks: Vec<(B3Digest, u64)>,
+    /// The upload of the last chunk cut, awaited before more bytes are taken.
+    pending: Option<ChunkFuture>,
+    closed: bool,
+}
+
+/// The length of the next chunk of `buf`: final only when `buf` holds at least a maximal
+/// chunk, or at the end of the blob.
+fn next_cut(buf: &[u8]) -> usize {
+    let (_, len) = fastcdc::v2020::FastCDC::new(buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+        .cut(0, buf.len());
+    len
+}
+
+impl ObjectStoreBlobWriter {
+    /// Cuts one chunk off the front of `buf` and starts its upload.
+    fn cut_one(&mut self, len: usize) {
+        let data: Vec<u8> = self.buf.drain(..len).collect();
+        let digest = B3Digest::of(&data);
+        self.chunks.push((digest, data.len() as u64));
+        let bucket = self.bucket.clone();
+        self.pending = Some(Box::pin(async move { put_chunk(&bucket, &digest, &data).await }));
+    }
+
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(fut) = self.pending.as_mut() {
+            let res = futures::ready!(fut.as_mut().poll(cx));
+            self.pending = None;
+            res.map_err(io::Error::other)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::other("blob writer already closed")
+}
+
+impl AsyncWrite for ObjectStoreBlobWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Err(closed()));
+        }
+        futures::ready!(this.poll_pending(cx))?;
+        if this.buf.len() >= MAX_CHUNK {
+            let len = next_cut(&this.buf);
+            this.cut_one(len);
+            futures::ready!(this.poll_pending(cx))?;
+            // A later poll takes the bytes once the upload finished.
+            if this.pending.is_some() {
+                return Poll::Pending;
+            }
+        }
+        let take = data.len().min(MAX_CHUNK);
+        this.buf.extend_from_slice(&data[..take]);
+        this.hasher.update(&data[..take]);
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_pending(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_pending(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobWriter for ObjectStoreBlobWriter {
+    async fn close(&mut self) -> Result<B3Digest, Error> {
+        if self.closed {
+            return Err(Error::io("closing blob", closed()));
+        }
+        self.closed = true;
+        if let Some(fut) = self.pending.take() {
+            fut.await?;
+        }
+        while !self.buf.is_empty() {
+            let len = next_cut(&self.buf);
+            self.cut_one(len);
+            if let Some(fut) = self.pending.take() {
+                fut.await?;
+            }
+        }
+        let digest = B3Digest::from(self.hasher.finalize());
+        if self.chunks.is_empty() {
+            // The empty blob is one empty chunk.
+            put_chunk(&self.bucket, &digest, &[]).await?;
+        }
+        // A blob of one chunk is that chunk; its index lists no chunks.
+        let listed = if self.chunks.len() < 2 {
+            Vec::new()
+        } else {
+            self.chunks
+                .iter()
+                .map(|(d, s)| pb::stat_blob_response::ChunkMeta {
+                    digest: Bytes::from(*d),
+                    size: *s,
+                })
+                .collect()
+        };
+        let key = self.bucket.blob_key(&digest);
+        match self.bucket.store.head(&key).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                let index = pb::StatBlobResponse {
+                    chunks: listed,
+                    bao: Bytes::new(),
+                };
+                self.bucket
+                    .store
+                    .put(&key, PutPayload::from(index.encode_to_vec()))
+                    .await
+                    .map_err(|e| store_error(format!("writing {key}"), e))?;
+            }
+            Err(e) => return Err(store_error(format!("looking up {key}"), e)),
+        }
+        Ok(digest)
+    }
+}
+
+type FetchFuture = Pin<Box<dyn std::future::Future<Output = Result<Option<Bytes>, Error>> + Send>>;
+
+/// Reads a chunked blob, fetching the chunk under the read position on demand. Each chunk
+/// is checked against its digest; a read from the start to the end is also checked
+/// against the blob's digest (the index could list valid chunks of another blob), and a
+/// mismatch is an error at the end instead of the end of file.
+struct ChunkedReader {
+    bucket: Bucket,
+    blob: B3Digest,
+    /// (digest, size, offset of its first byte).
+    chunks: Vec<(B3Digest, u64, u64)>,
+    total: u64,
+    pos: u64,
+    /// The chunk index and bytes currently held.
+    current: Option<(usize, Bytes)>,
+    fetching: Option<(usize, FetchFuture)>,
+    /// Hash of bytes read so far, while reads have been sequential from the start.
+    sequential: Option<(blake3::Hasher, u64)>,
+}
+
+impl ChunkedReader {
+    fn new(bucket: Bucket, blob: B3Digest, list: Vec<(B3Digest, u64)>) -> Self {
+        let mut chunks = Vec::with_capacity(list.len());
+        let mut off = 0u64;
+        for (d, s) in list {
+            chunks.push((d, s, off));
+            off = off.saturating_add(s);
+        }
+        Self {
+            bucket,
+            blob,
+            chunks,
+            total: off,
+            pos: 0,
+            current: None,
+            fetching: None,
+            sequential: Some((blake3::Hasher::new(), 0)),
+        }
+    }
+
+    fn chunk_at(&self, pos: u64) -> usize {
+        self.chunks.partition_point(|(_, s, off)| off + s <= pos)
+    }
+}
+
+impl AsyncRead for ChunkedReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos >= this.total || out.remaining() == 0 {
+            if let Some((hasher, n)) = this.sequential.take() {
+                if n == this.total && B3Digest::from(hasher.finalize()) != this.blob {
+                    return Poll::Ready(Err(io::Error::other(Error::Corrupt {
+                        what: "blob",
+                        digest: this.blob,
+                        reason: "its chunks do not hash to it".into(),
+                    })));
+                }
+                if n != this.total {
+                    this.sequential = Some((hasher, n));
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let idx = this.chunk_at(this.pos);
+        let have = matches!(&this.current, Some((i, _)) if *i == idx);
+        if !have {
+            if !matches!(&this.fetching, Some((i, _)) if *i == idx) {
+                let (d, s, _) = this.chunks[idx];
+                let bucket = this.bucket.clone();
+                this.fetching = Some((
+                    idx,
+                    Box::pin(async move { fetch_chunk(&bucket, &d, Some(s)).await }),
+                ));
+            }
+            let Some((_, fut)) = this.fetching.as_mut() else {
+                return Poll::Ready(Err(io::Error::other("chunk fetch vanished")));
+            };
+            let res = futures::ready!(fut.as_mut().poll(cx));
+            this.fetching = None;
+            let d = this.chunks[idx].0;
+            match res {
+                Ok(Some(bytes)) => this.current = Some((idx, bytes)),
+                Ok(None) => {
+                    return Poll::Ready(Err(io::Error::other(Error::Corrupt {
+                        what: "blob",
+                        digest: this.blob,
+                        reason: format!("its chunk {d} is missing"),
+                    })))
+                }
+                Err(e) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+        }
+        let Some((_, bytes)) = &this.current else {
+            return Poll::Ready(Err(io::Error::other("chunk vanished")));
+        };
+        let (_, _, start) = this.chunks[idx];
+        let within = (this.pos - start) as usize;
+        let n = out.remaining().min(bytes.len() - within);
+        let slice = &bytes[within..within + n];
+        out.put_slice(slice);
+        if let Some((hasher, done)) = this.sequential.as_mut() {
+            if *done == this.pos {
+                hasher.update(slice);
+                *done += n as u64;
+            } else {
+                this.sequential = None;
+            }
+        }
+        this.pos += n as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for ChunkedReader {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        let this = self.get_mut();
+        let new = match position {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => this.total.checked_add_signed(d),
+            SeekFrom::Current(d) => this.pos.checked_add_signed(d),
+        };
+        let new = new.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the blob")
+        })?;
+        if new != this.pos {
+            if let Some((_, done)) = &this.sequential {
+                if *done != new {
+                    this.sequential = None;
+                }
+            }
+        }
+        this.pos = new;
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Poll::Ready(Ok(self.pos))
+    }
+}

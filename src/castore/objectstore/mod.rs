@@ -1,0 +1,191 @@
+//! The castore on an object store (S3-compatible buckets such as Garage, or memory for
+//! tests), in the bucket layout snix-store uses, so one bucket can be shared with it:
+//!
+//! - a blob's index object at `<base>/blobs/b3/<hex of the digest's first 2 bytes>/<hex>`:
+//!   a protobuf `StatBlobResponse` listing the blob's chunks (an empty list when the blob
+//!   is a single chunk);
+//! - chunks at `<base>/chunks/b3/<hex of the first 2 bytes>/<hex>`, zstd-compressed, cut
+//!   with FastCDC (v2020, normalisation level 1) at 128/256/512 KiB min/avg/max;
+//! - a directory closure as one object at `<base>/dirs/b3/<hex of the first 2 bytes>/<hex>`:
+//!   zstd-compressed, a sequence of frames, each a big-endian u32 length and one protobuf
+//!   `Directory`, root first.
+//!
+//! Addresses are `objectstore+<object_store URL>`, e.g.
+//! `objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:3900&region=garage&access_key_id=..&secret_access_key=..&allow_http=true`
+//! (query pairs are `object_store::parse_url_opts` options) or `objectstore+memory:///`.
+//! Every byte read is checked against the digest it is stored under before it is handed on.
+
+pub mod blob;
+pub mod directory;
+
+use crate::castore::{B3Digest, Error};
+use object_store::path::Path;
+use object_store::ObjectStore;
+use std::sync::Arc;
+
+pub use self::blob::ObjectStoreBlobService;
+pub use self::directory::ObjectStoreDirectoryService;
+
+/// The scheme prefix of object-store castore addresses.
+pub const SCHEME_PREFIX: &str = "objectstore+";
+
+/// Why an `objectstore+...` address was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AddrError {
+    #[error("address {0:?} does not start with {SCHEME_PREFIX:?}")]
+    Scheme(String),
+    #[error("address {addr:?} is not a URL")]
+    Url {
+        addr: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("object store address {addr:?}")]
+    Store {
+        addr: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+}
+
+/// A bucket (or memory) and the prefix every key lives under.
+#[derive(Clone)]
+pub struct Bucket {
+    pub store: Arc<dyn ObjectStore>,
+    pub base: Path,
+}
+
+impl Bucket {
+    /// Opens the store an `objectstore+<url>` address names. The query pairs are options
+    /// to the store (credentials among them), so they are taken off the URL first and
+    /// never appear in the base path or in errors that quote the store URL.
+    pub fn from_addr(addr: &str) -> Result<Self, AddrError> {
+        let rest = addr
+            .strip_prefix(SCHEME_PREFIX)
+            .ok_or_else(|| AddrError::Scheme(redact(addr)))?;
+        let mut url = url::Url::parse(rest).map_err(|source| AddrError::Url {
+            addr: redact(addr),
+            source,
+        })?;
+        let options: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.set_query(None);
+        let (store, base) =
+            object_store::parse_url_opts(&url, options).map_err(|source| AddrError::Store {
+                addr: redact(addr),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            store: Arc::from(store),
+            base,
+        })
+    }
+
+    pub fn new(store: Arc<dyn ObjectStore>, base: Path) -> Self {
+        Self { store, base }
+    }
+
+    /// `<base>/<kind>/b3/<hex of the first 2 bytes>/<hex>`.
+    fn key(&self, kind: &str, digest: &B3Digest) -> Path {
+        let hex = digest.to_hex();
+        // Two bytes of a digest are four hex characters.
+        let shard = hex.get(..4).unwrap_or(&hex).to_string();
+        self.base.clone().join(kind).join("b3").join(shard).join(hex)
+    }
+
+    pub fn blob_key(&self, digest: &B3Digest) -> Path {
+        self.key("blobs", digest)
+    }
+
+    pub fn chunk_key(&self, digest: &B3Digest) -> Path {
+        self.key("chunks", digest)
+    }
+
+    pub fn dirs_key(&self, digest: &B3Digest) -> Path {
+        self.key("dirs", digest)
+    }
+}
+
+/// The address without its query (which may hold secret keys), for error messages.
+fn redact(addr: &str) -> String {
+    match addr.split_once('?') {
+        Some((head, _)) => format!("{head}?<options hidden>"),
+        None => addr.to_string(),
+    }
+}
+
+fn store_error(context: impl Into<String>, source: object_store::Error) -> Error {
+    Error::ObjectStore {
+        context: context.into(),
+        source: Box::new(source),
+    }
+}
+
+/// Decompresses a zstd object, refusing more than `limit` bytes of output (a small object
+/// must not expand into unbounded memory).
+fn decompress_bounded(
+    data: &[u8],
+    limit: usize,
+    what: &'static str,
+    digest: B3Digest,
+) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let corrupt = |reason: String| Error::Corrupt {
+        what,
+        digest,
+        reason,
+    };
+    let decoder = zstd::stream::read::Decoder::new(data)
+        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    let mut out = Vec::new();
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    if out.len() > limit {
+        return Err(corrupt(format!("decompresses to more than {limit} bytes")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_shared_layout() {
+        let b = Bucket::from_addr("objectstore+memory:///").unwrap();
+        let d = B3Digest::of(b"Hello World");
+        let hex = d.to_hex();
+        assert_eq!(
+            b.blob_key(&d).to_string(),
+            format!("blobs/b3/{}/{hex}", &hex[..4])
+        );
+        assert_eq!(
+            b.chunk_key(&d).to_string(),
+            format!("chunks/b3/{}/{hex}", &hex[..4])
+        );
+        assert_eq!(
+            b.dirs_key(&d).to_string(),
+            format!("dirs/b3/{}/{hex}", &hex[..4])
+        );
+    }
+
+    #[test]
+    fn s3_addresses_parse_and_keep_secrets_out_of_errors() {
+        let b = Bucket::from_addr(
+            "objectstore+s3://castore/some/prefix?endpoint=http://127.0.0.1:3900&region=garage&access_key_id=AK&secret_access_key=SK&allow_http=true",
+        )
+        .unwrap();
+        assert_eq!(b.base.to_string(), "some/prefix");
+
+        let err = Bucket::from_addr("objectstore+nosuch://castore?secret_access_key=SK")
+            .err()
+            .unwrap();
+        let msg = crate::castore::error::error_chain(&err);
+        assert!(!msg.contains("SK"), "{msg}");
+        assert!(Bucket::from_addr("s3://castore").is_err());
+    }
+}
