@@ -1,7 +1,9 @@
 //! Blobs in an object store: FastCDC chunks, zstd-compressed, and an index object per blob
 //! (see the module above for the layout).
 
+use super::cache::ChunkCache;
 use super::{decompress_bounded, store_error, Bucket};
+use std::sync::Arc;
 use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
 use crate::proto::tvix::castore::v1 as pb;
@@ -29,11 +31,23 @@ pub const MAX_INDEX_OBJECT: usize = 64 << 20;
 #[derive(Clone)]
 pub struct ObjectStoreBlobService {
     bucket: Bucket,
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl ObjectStoreBlobService {
     pub fn new(bucket: Bucket) -> Self {
-        Self { bucket }
+        Self {
+            bucket,
+            cache: None,
+        }
+    }
+
+    /// Reads chunks through `cache` on local disk: each is fetched from the bucket once.
+    pub fn with_cache(bucket: Bucket, cache: Arc<ChunkCache>) -> Self {
+        Self {
+            bucket,
+            cache: Some(cache),
+        }
     }
 
     /// The chunks of a blob: `None` if absent, `Some(empty)` if stored as one chunk.
@@ -85,6 +99,39 @@ impl ObjectStoreBlobService {
             Err(e) => Err(store_error(format!("reading {key}"), e)),
         }
     }
+}
+
+/// One chunk, checked, from the cache if it holds it intact, else from the bucket (and
+/// then kept in the cache).
+async fn cached_chunk(
+    bucket: &Bucket,
+    cache: Option<&Arc<ChunkCache>>,
+    digest: &B3Digest,
+    size: Option<u64>,
+) -> Result<Option<Bytes>, Error> {
+    let Some(cache) = cache else {
+        return fetch_chunk(bucket, digest, size).await;
+    };
+    let (c, d) = (cache.clone(), *digest);
+    let hit = tokio::task::spawn_blocking(move || c.get(&d, size))
+        .await
+        .map_err(|e| Error::io("reading the chunk cache", io::Error::other(e)))?;
+    if hit.is_some() {
+        return Ok(hit);
+    }
+    let fetched = fetch_chunk(bucket, digest, size).await?;
+    if let Some(data) = &fetched {
+        let (c, d, data) = (cache.clone(), *digest, data.clone());
+        let kept = tokio::task::spawn_blocking(move || c.put(&d, &data))
+            .await
+            .map_err(|e| Error::io("writing the chunk cache", io::Error::other(e)))?;
+        // The chunk is good and in hand; a full or broken cache disk costs only a later
+        // refetch, so the read goes on.
+        if let Err(e) = kept {
+            tracing::warn!(chunk = %digest, error = %crate::castore::error::error_chain(&e), "chunk not cached");
+        }
+    }
+    Ok(fetched)
 }
 
 /// Fetches one chunk, decompresses it and checks it hashes to `digest` (and has `size`
@@ -162,8 +209,13 @@ impl BlobService for ObjectStoreBlobService {
         };
         let chunks = if chunks.is_empty() {
             // One chunk: the blob itself; its size is only known after the fetch.
-            let Some(data) = fetch_chunk(&self.bucket, digest, None).await? else {
-                return Ok(None);
+            let Some(data) = cached_chunk(&self.bucket, self.cache.as_ref(), digest, None).await?
+            else {
+                return Err(Error::Corrupt {
+                    what: "blob",
+                    digest: *digest,
+                    reason: "its chunk vanished".into(),
+                });
             };
             return Ok(Some(Box::new(io::Cursor::new(data))));
         } else {
@@ -171,6 +223,7 @@ impl BlobService for ObjectStoreBlobService {
         };
         Ok(Some(Box::new(ChunkedReader::new(
             self.bucket.clone(),
+            self.cache.clone(),
             *digest,
             chunks,
         ))))
@@ -333,6 +386,7 @@ type FetchFuture = Pin<Box<dyn std::future::Future<Output = Result<Option<Bytes>
 /// mismatch is an error at the end instead of the end of file.
 struct ChunkedReader {
     bucket: Bucket,
+    cache: Option<Arc<ChunkCache>>,
     blob: B3Digest,
     /// (digest, size, offset of its first byte).
     chunks: Vec<(B3Digest, u64, u64)>,
@@ -346,7 +400,12 @@ struct ChunkedReader {
 }
 
 impl ChunkedReader {
-    fn new(bucket: Bucket, blob: B3Digest, list: Vec<(B3Digest, u64)>) -> Self {
+    fn new(
+        bucket: Bucket,
+        cache: Option<Arc<ChunkCache>>,
+        blob: B3Digest,
+        list: Vec<(B3Digest, u64)>,
+    ) -> Self {
         let mut chunks = Vec::with_capacity(list.len());
         let mut off = 0u64;
         for (d, s) in list {
@@ -355,6 +414,7 @@ impl ChunkedReader {
         }
         Self {
             bucket,
+            cache,
             blob,
             chunks,
             total: off,
@@ -398,9 +458,10 @@ impl AsyncRead for ChunkedReader {
             if !matches!(&this.fetching, Some((i, _)) if *i == idx) {
                 let (d, s, _) = this.chunks[idx];
                 let bucket = this.bucket.clone();
+                let cache = this.cache.clone();
                 this.fetching = Some((
                     idx,
-                    Box::pin(async move { fetch_chunk(&bucket, &d, Some(s)).await }),
+                    Box::pin(async move { cached_chunk(&bucket, cache.as_ref(), &d, Some(s)).await }),
                 ));
             }
             let Some((_, fut)) = this.fetching.as_mut() else {
@@ -466,5 +527,113 @@ impl AsyncSeek for ChunkedReader {
 
     fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         Poll::Ready(Ok(self.pos))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::castore::blob::{put_bytes, read_to_vec};
+    use futures::TryStreamExt;
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use std::sync::Arc;
+
+    fn bucket() -> Bucket {
+        Bucket::new(Arc::new(InMemory::new()), Path::from("base"))
+    }
+
+    /// Bytes that do not repeat, so FastCDC finds content-defined cuts.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let mut h = blake3::Hasher::new().finalize_xof();
+        out.resize(len, 0);
+        h.fill(&mut out);
+        out
+    }
+
+    async fn keys(b: &Bucket, kind: &str) -> Vec<Path> {
+        b.store
+            .list(Some(&b.base.clone().join(kind)))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    /// Rewrites a chunk object with one byte of its contents flipped (validly compressed,
+    /// so only the digest check can catch it).
+    async fn flip_chunk(b: &Bucket, key: &Path) {
+        let raw = b.store.get(key).await.unwrap().bytes().await.unwrap();
+        let mut data = zstd::decode_all(&raw[..]).unwrap();
+        data[0] ^= 1;
+        let again = zstd::encode_all(&data[..], 3).unwrap();
+        b.store.put(key, PutPayload::from(again)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_large_blob_is_chunked_in_the_shared_layout() {
+        let b = bucket();
+        let svc = ObjectStoreBlobService::new(b.clone());
+        let data = noise(3 << 20);
+        let d = put_bytes(&svc, &data).await.unwrap();
+        assert_eq!(d, B3Digest::of(&data));
+        let chunks = keys(&b, "chunks").await;
+        // 3 MiB at 512 KiB at most per chunk.
+        assert!(chunks.len() >= 6, "{chunks:?}");
+        let index = b.store.get(&b.blob_key(&d)).await.unwrap().bytes().await.unwrap();
+        let index = pb::StatBlobResponse::decode(index).unwrap();
+        assert_eq!(index.chunks.len(), chunks.len());
+        assert_eq!(index.chunks.iter().map(|c| c.size).sum::<u64>(), data.len() as u64);
+        for c in &index.chunks {
+            assert!(c.size as usize <= MAX_CHUNK);
+        }
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_small_blob_is_one_chunk_under_its_own_digest() {
+        let b = bucket();
+        let svc = ObjectStoreBlobService::new(b.clone());
+        let d = put_bytes(&svc, b"Hello World").await.unwrap();
+        assert_eq!(keys(&b, "chunks").await, vec![b.chunk_key(&d)]);
+        let index = b.store.get(&b.blob_key(&d)).await.unwrap().bytes().await.unwrap();
+        assert!(pb::StatBlobResponse::decode(index).unwrap().chunks.is_empty());
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), b"Hello World");
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_in_a_chunk_is_refused_naming_the_digest() {
+        let b = bucket();
+        let svc = ObjectStoreBlobService::new(b.clone());
+        let data = noise(2 << 20);
+        let d = put_bytes(&svc, &data).await.unwrap();
+        let victim = keys(&b, "chunks").await.pop().unwrap();
+        flip_chunk(&b, &victim).await;
+        let err = read_to_vec(&svc, &d).await.unwrap_err();
+        let msg = crate::castore::error::error_chain(&err);
+        let chunk_hex = victim.filename().unwrap().to_string();
+        assert!(msg.contains(&chunk_hex), "{msg}");
+        assert!(msg.contains("corrupt"), "{msg}");
+
+        let small = put_bytes(&svc, b"small").await.unwrap();
+        flip_chunk(&b, &b.chunk_key(&small)).await;
+        let err = read_to_vec(&svc, &small).await.unwrap_err();
+        assert!(crate::castore::error::error_chain(&err).contains(&small.to_hex()));
+    }
+
+    #[tokio::test]
+    async fn an_index_listing_another_blobs_chunks_fails_a_full_read() {
+        let b = bucket();
+        let svc = ObjectStoreBlobService::new(b.clone());
+        let one = put_bytes(&svc, &noise(2 << 20)).await.unwrap();
+        let mut other_data = noise(2 << 20);
+        other_data[0] ^= 1;
+        let other = put_bytes(&svc, &other_data).await.unwrap();
+        let index = b.store.get(&b.blob_key(&other)).await.unwrap().bytes().await.unwrap();
+        b.store.put(&b.blob_key(&one), PutPayload::from(index)).await.unwrap();
+        let err = read_to_vec(&svc, &one).await.unwrap_err();
+        assert!(crate::castore::error::error_chain(&err).contains(&one.to_hex()));
     }
 }

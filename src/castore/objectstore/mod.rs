@@ -16,6 +16,7 @@
 //! Every byte read is checked against the digest it is stored under before it is handed on.
 
 pub mod blob;
+pub mod cache;
 pub mod directory;
 
 use crate::castore::{B3Digest, Error};
@@ -24,6 +25,7 @@ use object_store::ObjectStore;
 use std::sync::Arc;
 
 pub use self::blob::ObjectStoreBlobService;
+pub use self::cache::ChunkCache;
 pub use self::directory::ObjectStoreDirectoryService;
 
 /// The scheme prefix of object-store castore addresses.
