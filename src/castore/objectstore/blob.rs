@@ -8,7 +8,7 @@ use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
 use crate::proto::tvix::castore::v1 as pb;
 use bytes::Bytes;
-use object_store::PutPayload;
+use object_store::{ObjectStoreExt, PutPayload};
 use prost::Message;
 use std::io::{self, SeekFrom};
 use std::pin::Pin;
@@ -635,5 +635,34 @@ mod tests {
         b.store.put(&b.blob_key(&one), PutPayload::from(index)).await.unwrap();
         let err = read_to_vec(&svc, &one).await.unwrap_err();
         assert!(crate::castore::error::error_chain(&err).contains(&one.to_hex()));
+    }
+
+    #[tokio::test]
+    async fn a_second_read_through_the_cache_fetches_nothing_from_the_bucket() {
+        use crate::castore::objectstore::counting::CountingStore;
+        use std::sync::atomic::Ordering;
+        let counting = Arc::new(CountingStore::new(Arc::new(InMemory::new())));
+        let counts = counting.counts.clone();
+        let b = Bucket::new(counting, Path::from("base"));
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 64 << 20).unwrap());
+        let svc = ObjectStoreBlobService::with_cache(b.clone(), cache.clone());
+        let data = noise(2 << 20);
+        let d = put_bytes(&ObjectStoreBlobService::new(b.clone()), &data).await.unwrap();
+
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
+        let gets_after_first = counts.gets.load(Ordering::Relaxed);
+        assert_eq!(cache.used_bytes(), data.len() as u64);
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
+        // Only the index object is read again; no chunk is.
+        assert_eq!(counts.gets.load(Ordering::Relaxed), gets_after_first + 1);
+
+        // A cached chunk gone bad is refetched, not handed on.
+        let victim = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&victim, &bytes).unwrap();
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
+        assert_eq!(counts.gets.load(Ordering::Relaxed), gets_after_first + 3);
     }
 }

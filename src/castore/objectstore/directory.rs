@@ -13,7 +13,7 @@ use crate::castore::directory_service::{put_single, DirectoryPutter, DirectorySe
 use crate::castore::{B3Digest, Error};
 use crate::proto::tvix::castore::v1 as pb;
 use futures::stream::BoxStream;
-use object_store::PutPayload;
+use object_store::{ObjectStoreExt, PutPayload};
 use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
 

@@ -17,6 +17,7 @@
 
 pub mod blob;
 pub mod cache;
+pub mod counting;
 pub mod directory;
 
 use crate::castore::{B3Digest, Error};
