@@ -147,11 +147,19 @@ pub(crate) async fn fetch_chunk(
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(store_error(format!("reading {key}"), e)),
     };
+    // zstd never grows data by more than a little; anything larger is not a chunk of ours.
+    let limit = size.map_or(MAX_READ_CHUNK, |s| s as usize);
+    if got.meta.size > (limit as u64).saturating_mul(2).saturating_add(4096) {
+        return Err(Error::Corrupt {
+            what: "chunk",
+            digest: *digest,
+            reason: format!("a {} byte object for at most {limit} bytes", got.meta.size),
+        });
+    }
     let raw = got
         .bytes()
         .await
         .map_err(|e| store_error(format!("reading {key}"), e))?;
-    let limit = size.map_or(MAX_READ_CHUNK, |s| s as usize);
     let data = decompress_bounded(&raw, limit, "chunk", *digest)?;
     verify_chunk(digest, size, &data)?;
     Ok(Some(Bytes::from(data)))
@@ -301,13 +309,11 @@ impl AsyncWrite for ObjectStoreBlobWriter {
         }
         futures::ready!(this.poll_pending(cx))?;
         if this.buf.len() >= MAX_CHUNK {
+            // The first cut of a buffer holding a maximal chunk is final. The bytes offered
+            // now are taken once that chunk's upload is confirmed (the poll above, next time).
             let len = next_cut(&this.buf);
             this.cut_one(len);
             futures::ready!(this.poll_pending(cx))?;
-            // A later poll takes the bytes once the upload finished.
-            if this.pending.is_some() {
-                return Poll::Pending;
-            }
         }
         let take = data.len().min(MAX_CHUNK);
         this.buf.extend_from_slice(&data[..take]);

@@ -43,6 +43,13 @@ async fn read_closure(bucket: &Bucket, root: &B3Digest) -> Result<Option<Vec<Dir
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(store_error(format!("reading {key}"), e)),
     };
+    if got.meta.size > MAX_CLOSURE_OBJECT as u64 {
+        return Err(Error::Corrupt {
+            what: "directory closure",
+            digest: *root,
+            reason: format!("a {} byte object", got.meta.size),
+        });
+    }
     let raw = got
         .bytes()
         .await
