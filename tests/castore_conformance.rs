@@ -63,11 +63,17 @@ async fn grpc_blobs() -> (Arc<dyn BlobService>, Guard) {
 
 /// The object-store backends on an in-memory bucket (the same code that talks to S3).
 async fn bucket_blobs() -> (Arc<dyn BlobService>, Guard) {
-    (addr::blob_service_from_addr("objectstore+memory:///").unwrap(), Box::new(()))
+    (
+        addr::blob_service_from_addr("objectstore+memory:///").unwrap(),
+        Box::new(()),
+    )
 }
 
 async fn bucket_dirs() -> (Arc<dyn DirectoryService>, Guard) {
-    (addr::directory_service_from_addr("objectstore+memory:///").unwrap(), Box::new(()))
+    (
+        addr::directory_service_from_addr("objectstore+memory:///").unwrap(),
+        Box::new(()),
+    )
 }
 
 async fn memory_dirs() -> (Arc<dyn DirectoryService>, Guard) {

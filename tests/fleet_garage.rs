@@ -92,10 +92,16 @@ async fn garage_castore_survives_a_node_down_refuses_corruption_and_caches() {
     let (blobs0, _) = services(&cluster.addr_via(0, "fleet"));
     let big = noise(3 << 20, 1);
     let d = B3Digest::of(&big);
-    assert_eq!(read_to_vec(blobs0.as_ref(), &d).await.unwrap().unwrap(), big);
+    assert_eq!(
+        read_to_vec(blobs0.as_ref(), &d).await.unwrap().unwrap(),
+        big
+    );
     let fresh = noise(1 << 20, 3);
     let fd = put_bytes(blobs0.as_ref(), &fresh).await.unwrap();
-    assert_eq!(read_to_vec(blobs1.as_ref(), &fd).await.unwrap().unwrap(), fresh);
+    assert_eq!(
+        read_to_vec(blobs1.as_ref(), &fd).await.unwrap().unwrap(),
+        fresh
+    );
 
     // A flipped byte in a chunk object, written through the S3 API, is refused by digest.
     let bucket = Bucket::from_addr(&cluster.addr_via(0, "fleet")).unwrap();
@@ -128,7 +134,10 @@ async fn garage_castore_survives_a_node_down_refuses_corruption_and_caches() {
     );
     assert_eq!(read_to_vec(&cached, &d).await.unwrap().unwrap(), big);
     let first = counts.gets.load(Ordering::Relaxed);
-    assert!(first > 2, "the first read fetched chunks ({first} requests)");
+    assert!(
+        first > 2,
+        "the first read fetched chunks ({first} requests)"
+    );
     assert_eq!(read_to_vec(&cached, &d).await.unwrap().unwrap(), big);
     // The index object only.
     assert_eq!(counts.gets.load(Ordering::Relaxed), first + 1);
@@ -139,7 +148,11 @@ async fn garage_castore_survives_a_node_down_refuses_corruption_and_caches() {
     };
     let dirs_direct = ObjectStoreDirectoryService::new(bucket);
     use futures::TryStreamExt;
-    let closure: Vec<_> = dirs_direct.get_recursive(&root).try_collect().await.unwrap();
+    let closure: Vec<_> = dirs_direct
+        .get_recursive(&root)
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(closure.len(), 3);
 
     cluster.restart_node(2);

@@ -109,7 +109,12 @@ impl GarageCluster {
             cluster.start_node(i);
         }
         let ids: Vec<String> = (0..3)
-            .map(|i| cluster.cli_retry(i, &["node", "id", "-q"]).trim().to_string())
+            .map(|i| {
+                cluster
+                    .cli_retry(i, &["node", "id", "-q"])
+                    .trim()
+                    .to_string()
+            })
             .collect();
         for id in &ids[1..] {
             cluster.cli_retry(0, &["node", "connect", id]);
@@ -125,7 +130,9 @@ impl GarageCluster {
         cluster.secret_key = field(&key, "secret key");
         cluster.cli_retry(
             0,
-            &["bucket", "allow", "--read", "--write", BUCKET, "--key", KEY_NAME],
+            &[
+                "bucket", "allow", "--read", "--write", BUCKET, "--key", KEY_NAME,
+            ],
         );
         cluster
     }

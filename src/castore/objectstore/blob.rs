@@ -3,7 +3,6 @@
 
 use super::cache::ChunkCache;
 use super::{decompress_bounded, store_error, Bucket};
-use std::sync::Arc;
 use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
 use crate::proto::tvix::castore::v1 as pb;
@@ -12,6 +11,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use prost::Message;
 use std::io::{self, SeekFrom};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
@@ -268,8 +268,8 @@ struct ObjectStoreBlobWriter {
 /// The length of the next chunk of `buf`: final only when `buf` holds at least a maximal
 /// chunk, or at the end of the blob.
 fn next_cut(buf: &[u8]) -> usize {
-    let (_, len) = fastcdc::v2020::FastCDC::new(buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
-        .cut(0, buf.len());
+    let (_, len) =
+        fastcdc::v2020::FastCDC::new(buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).cut(0, buf.len());
     len
 }
 
@@ -280,7 +280,9 @@ impl ObjectStoreBlobWriter {
         let digest = B3Digest::of(&data);
         self.chunks.push((digest, data.len() as u64));
         let bucket = self.bucket.clone();
-        self.pending = Some(Box::pin(async move { put_chunk(&bucket, &digest, &data).await }));
+        self.pending = Some(Box::pin(
+            async move { put_chunk(&bucket, &digest, &data).await },
+        ));
     }
 
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -467,7 +469,9 @@ impl AsyncRead for ChunkedReader {
                 let cache = this.cache.clone();
                 this.fetching = Some((
                     idx,
-                    Box::pin(async move { cached_chunk(&bucket, cache.as_ref(), &d, Some(s)).await }),
+                    Box::pin(
+                        async move { cached_chunk(&bucket, cache.as_ref(), &d, Some(s)).await },
+                    ),
                 ));
             }
             let Some((_, fut)) = this.fetching.as_mut() else {
@@ -518,7 +522,10 @@ impl AsyncSeek for ChunkedReader {
             SeekFrom::Current(d) => this.pos.checked_add_signed(d),
         };
         let new = new.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the blob")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the blob",
+            )
         })?;
         if new != this.pos {
             if let Some((_, done)) = &this.sequential {
@@ -588,10 +595,20 @@ mod tests {
         let chunks = keys(&b, "chunks").await;
         // 3 MiB at 512 KiB at most per chunk.
         assert!(chunks.len() >= 6, "{chunks:?}");
-        let index = b.store.get(&b.blob_key(&d)).await.unwrap().bytes().await.unwrap();
+        let index = b
+            .store
+            .get(&b.blob_key(&d))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let index = pb::StatBlobResponse::decode(index).unwrap();
         assert_eq!(index.chunks.len(), chunks.len());
-        assert_eq!(index.chunks.iter().map(|c| c.size).sum::<u64>(), data.len() as u64);
+        assert_eq!(
+            index.chunks.iter().map(|c| c.size).sum::<u64>(),
+            data.len() as u64
+        );
         for c in &index.chunks {
             assert!(c.size as usize <= MAX_CHUNK);
         }
@@ -604,9 +621,22 @@ mod tests {
         let svc = ObjectStoreBlobService::new(b.clone());
         let d = put_bytes(&svc, b"Hello World").await.unwrap();
         assert_eq!(keys(&b, "chunks").await, vec![b.chunk_key(&d)]);
-        let index = b.store.get(&b.blob_key(&d)).await.unwrap().bytes().await.unwrap();
-        assert!(pb::StatBlobResponse::decode(index).unwrap().chunks.is_empty());
-        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), b"Hello World");
+        let index = b
+            .store
+            .get(&b.blob_key(&d))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(pb::StatBlobResponse::decode(index)
+            .unwrap()
+            .chunks
+            .is_empty());
+        assert_eq!(
+            read_to_vec(&svc, &d).await.unwrap().unwrap(),
+            b"Hello World"
+        );
     }
 
     #[tokio::test]
@@ -637,8 +667,18 @@ mod tests {
         let mut other_data = noise(2 << 20);
         other_data[0] ^= 1;
         let other = put_bytes(&svc, &other_data).await.unwrap();
-        let index = b.store.get(&b.blob_key(&other)).await.unwrap().bytes().await.unwrap();
-        b.store.put(&b.blob_key(&one), PutPayload::from(index)).await.unwrap();
+        let index = b
+            .store
+            .get(&b.blob_key(&other))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        b.store
+            .put(&b.blob_key(&one), PutPayload::from(index))
+            .await
+            .unwrap();
         let err = read_to_vec(&svc, &one).await.unwrap_err();
         assert!(crate::castore::error::error_chain(&err).contains(&one.to_hex()));
     }
@@ -654,7 +694,9 @@ mod tests {
         let cache = Arc::new(ChunkCache::open(dir.path(), 64 << 20).unwrap());
         let svc = ObjectStoreBlobService::with_cache(b.clone(), cache.clone());
         let data = noise(2 << 20);
-        let d = put_bytes(&ObjectStoreBlobService::new(b.clone()), &data).await.unwrap();
+        let d = put_bytes(&ObjectStoreBlobService::new(b.clone()), &data)
+            .await
+            .unwrap();
 
         assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
         let gets_after_first = counts.gets.load(Ordering::Relaxed);
@@ -664,7 +706,12 @@ mod tests {
         assert_eq!(counts.gets.load(Ordering::Relaxed), gets_after_first + 1);
 
         // A cached chunk gone bad is refetched, not handed on.
-        let victim = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let victim = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let mut bytes = std::fs::read(&victim).unwrap();
         bytes[0] ^= 1;
         std::fs::write(&victim, &bytes).unwrap();

@@ -71,7 +71,8 @@ impl ChunkCache {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, Error> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let mut found = Vec::new();
-        let listing = std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))?;
+        let listing =
+            std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))?;
         for entry in listing {
             let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
             let path = entry.path();

@@ -180,7 +180,10 @@ impl DirectoryPutter for ObjectStorePutter {
         let refs = v.add(directory)?;
         for r in &refs {
             if !self.stored.contains_key(&r.child) {
-                for d in read_closure(&self.bucket, &r.child).await?.unwrap_or_default() {
+                for d in read_closure(&self.bucket, &r.child)
+                    .await?
+                    .unwrap_or_default()
+                {
                     self.stored.insert(d.digest(), d);
                 }
             }

@@ -95,7 +95,12 @@ impl Bucket {
         let hex = digest.to_hex();
         // Two bytes of a digest are four hex characters.
         let shard = hex.get(..4).unwrap_or(&hex).to_string();
-        self.base.clone().join(kind).join("b3").join(shard).join(hex)
+        self.base
+            .clone()
+            .join(kind)
+            .join("b3")
+            .join(shard)
+            .join(hex)
     }
 
     pub fn blob_key(&self, digest: &B3Digest) -> Path {
@@ -140,8 +145,8 @@ fn decompress_bounded(
         digest,
         reason,
     };
-    let decoder = zstd::stream::read::Decoder::new(data)
-        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    let decoder =
+        zstd::stream::read::Decoder::new(data).map_err(|e| corrupt(format!("zstd: {e}")))?;
     let mut out = Vec::new();
     decoder
         .take(limit as u64 + 1)
