@@ -2,7 +2,7 @@
 //! (see the module above for the layout).
 
 use super::cache::ChunkCache;
-use super::{decompress_bounded, store_error, Bucket};
+use super::{decompress_bounded, get_bounded, store_error, Bucket};
 use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
 use crate::proto::tvix::castore::v1 as pb;
@@ -53,19 +53,16 @@ impl ObjectStoreBlobService {
     /// The chunks of a blob: `None` if absent, `Some(empty)` if stored as one chunk.
     async fn chunks(&self, digest: &B3Digest) -> Result<Option<Vec<(B3Digest, u64)>>, Error> {
         let key = self.bucket.blob_key(digest);
-        match self.bucket.store.get(&key).await {
-            Ok(got) => {
-                if got.meta.size > MAX_INDEX_OBJECT as u64 {
-                    return Err(Error::Corrupt {
-                        what: "blob index",
-                        digest: *digest,
-                        reason: format!("{} bytes, more than {MAX_INDEX_OBJECT}", got.meta.size),
-                    });
-                }
-                let raw = got
-                    .bytes()
-                    .await
-                    .map_err(|e| store_error(format!("reading {key}"), e))?;
+        let index = get_bounded(
+            &self.bucket,
+            &key,
+            MAX_INDEX_OBJECT as u64,
+            "blob index",
+            *digest,
+        )
+        .await?;
+        match index {
+            Some(raw) => {
                 let index = pb::StatBlobResponse::decode(raw).map_err(|e| Error::Corrupt {
                     what: "blob index",
                     digest: *digest,
@@ -89,14 +86,11 @@ impl ObjectStoreBlobService {
                 }
                 Ok(Some(out))
             }
-            Err(object_store::Error::NotFound { .. }) => {
-                match self.bucket.store.head(&self.bucket.chunk_key(digest)).await {
-                    Ok(_) => Ok(Some(Vec::new())),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(store_error(format!("looking up chunk {digest}"), e)),
-                }
-            }
-            Err(e) => Err(store_error(format!("reading {key}"), e)),
+            None => match self.bucket.store.head(&self.bucket.chunk_key(digest)).await {
+                Ok(_) => Ok(Some(Vec::new())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(store_error(format!("looking up chunk {digest}"), e)),
+            },
         }
     }
 }
@@ -142,24 +136,12 @@ pub(crate) async fn fetch_chunk(
     size: Option<u64>,
 ) -> Result<Option<Bytes>, Error> {
     let key = bucket.chunk_key(digest);
-    let got = match bucket.store.get(&key).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(store_error(format!("reading {key}"), e)),
-    };
     // zstd never grows data by more than a little; anything larger is not a chunk of ours.
     let limit = size.map_or(MAX_READ_CHUNK, |s| s as usize);
-    if got.meta.size > (limit as u64).saturating_mul(2).saturating_add(4096) {
-        return Err(Error::Corrupt {
-            what: "chunk",
-            digest: *digest,
-            reason: format!("a {} byte object for at most {limit} bytes", got.meta.size),
-        });
-    }
-    let raw = got
-        .bytes()
-        .await
-        .map_err(|e| store_error(format!("reading {key}"), e))?;
+    let max_object = (limit as u64).saturating_mul(2).saturating_add(4096);
+    let Some(raw) = get_bounded(bucket, &key, max_object, "chunk", *digest).await? else {
+        return Ok(None);
+    };
     let data = decompress_bounded(&raw, limit, "chunk", *digest)?;
     verify_chunk(digest, size, &data)?;
     Ok(Some(Bytes::from(data)))

@@ -6,7 +6,7 @@
 //! upload writes one closure object per directory in it, leaves first and the root last:
 //! once the root's object is visible, so is every object below it.
 
-use super::{decompress_bounded, store_error, Bucket};
+use super::{decompress_bounded, get_bounded, store_error, Bucket};
 use crate::castore::directory::Directory;
 use crate::castore::directory_service::closure::{check_stored_refs, GetValidator, PutValidator};
 use crate::castore::directory_service::{put_single, DirectoryPutter, DirectoryService};
@@ -38,22 +38,18 @@ impl ObjectStoreDirectoryService {
 /// directory in it, root first, each referenced by one before it, none missing.
 async fn read_closure(bucket: &Bucket, root: &B3Digest) -> Result<Option<Vec<Directory>>, Error> {
     let key = bucket.dirs_key(root);
-    let got = match bucket.store.get(&key).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(store_error(format!("reading {key}"), e)),
+    // Compressed, the object is smaller than its contents may be.
+    let Some(raw) = get_bounded(
+        bucket,
+        &key,
+        MAX_CLOSURE_OBJECT as u64,
+        "directory closure",
+        *root,
+    )
+    .await?
+    else {
+        return Ok(None);
     };
-    if got.meta.size > MAX_CLOSURE_OBJECT as u64 {
-        return Err(Error::Corrupt {
-            what: "directory closure",
-            digest: *root,
-            reason: format!("a {} byte object", got.meta.size),
-        });
-    }
-    let raw = got
-        .bytes()
-        .await
-        .map_err(|e| store_error(format!("reading {key}"), e))?;
     let data = decompress_bounded(&raw, MAX_CLOSURE_OBJECT, "directory closure", *root)?;
     let corrupt = |reason: String| Error::Corrupt {
         what: "directory closure",

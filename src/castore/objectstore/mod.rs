@@ -131,6 +131,35 @@ fn store_error(context: impl Into<String>, source: object_store::Error) -> Error
     }
 }
 
+/// The whole object at `key`, or `None` if absent; an object larger than `max_bytes` is
+/// refused before it is downloaded.
+async fn get_bounded(
+    bucket: &Bucket,
+    key: &Path,
+    max_bytes: u64,
+    what: &'static str,
+    digest: B3Digest,
+) -> Result<Option<bytes::Bytes>, Error> {
+    use object_store::ObjectStoreExt;
+    let got = match bucket.store.get(key).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(format!("reading {key}"), e)),
+    };
+    if got.meta.size > max_bytes {
+        return Err(Error::Corrupt {
+            what,
+            digest,
+            reason: format!("a {} byte object, more than {max_bytes}", got.meta.size),
+        });
+    }
+    let raw = got
+        .bytes()
+        .await
+        .map_err(|e| store_error(format!("reading {key}"), e))?;
+    Ok(Some(raw))
+}
+
 /// Decompresses a zstd object, refusing more than `limit` bytes of output (a small object
 /// must not expand into unbounded memory).
 fn decompress_bounded(
