@@ -1,7 +1,7 @@
 //! The object-store castore against a real 3-node Garage cluster (replication factor 3):
 //! a tree imported and read back, reads going on with one node of three stopped, a flipped
 //! byte in a chunk object refused with the digest named, and a host's chunk cache sparing
-//! the bucket on a second read.
+//! the bucket on a second read, and a full cache evicting to stay under its size.
 //!
 //! Garage is built by scripts/garage.sh on first use (about 20 minutes); set
 //! `TVIX_GARAGE_BIN` to use a binary at hand.
@@ -12,13 +12,11 @@
     reason = "test helpers: any failure should fail the test"
 )]
 
-mod fleet_support {
-    pub mod garage;
-}
+mod support;
 
-use fleet_support::garage::GarageCluster;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use support::garage::GarageCluster;
 use tvix_build_vm::castore::blob::{put_bytes, read_to_vec};
 use tvix_build_vm::castore::objectstore::counting::CountingStore;
 use tvix_build_vm::castore::objectstore::{
@@ -121,7 +119,11 @@ async fn garage_castore_survives_a_node_down_refuses_corruption_and_caches() {
         .unwrap();
     let err = read_to_vec(blobs0.as_ref(), &victim).await.unwrap_err();
     let msg = tvix_build_vm::castore::error::error_chain(&err);
-    assert!(msg.contains(&victim.to_hex()), "{msg}");
+    // Named as digests are printed everywhere (b3:<base64>).
+    assert!(
+        msg.contains(&victim.to_string()) && msg.contains("corrupt"),
+        "{msg}"
+    );
 
     // The cache: a second read on the same host fetches no chunk from the bucket.
     let counting = Arc::new(CountingStore::new(bucket.store.clone()));
@@ -154,6 +156,26 @@ async fn garage_castore_survives_a_node_down_refuses_corruption_and_caches() {
         .await
         .unwrap();
     assert_eq!(closure.len(), 3);
+
+    // A full cache evicts: a cache smaller than the blob stays under its size, on disk too,
+    // and still hands back the right bytes.
+    let small_dir = tempfile::tempdir().unwrap();
+    let limit: u64 = 1 << 20;
+    let small = Arc::new(ChunkCache::open(small_dir.path(), limit).unwrap());
+    let through_small = ObjectStoreBlobService::with_cache(
+        Bucket::from_addr(&cluster.addr_via(1, "fleet")).unwrap(),
+        small.clone(),
+    );
+    for _ in 0..2 {
+        assert_eq!(read_to_vec(&through_small, &d).await.unwrap().unwrap(), big);
+        assert!(small.used_bytes() <= limit, "{}", small.used_bytes());
+        let on_disk: u64 = std::fs::read_dir(small_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(on_disk <= limit, "{on_disk} bytes on disk");
+        assert!(on_disk > 0, "the cache kept nothing");
+    }
 
     cluster.restart_node(2);
 }

@@ -20,8 +20,8 @@ pub mod directory_service;
 pub mod error;
 pub mod export;
 pub mod import;
-pub mod package;
 pub mod objectstore;
+pub mod package;
 
 pub use blob::{BlobReader, BlobService, BlobWriter};
 pub use digest::B3Digest;

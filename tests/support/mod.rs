@@ -13,6 +13,7 @@
 //!   outside the store, the castore before and after).
 //! - [`provenance`]: an independent DSSE verifier (Python's `cryptography`) and NAR hashes
 //!   by `nix-store --dump`.
+//! - [`garage`]: a 3-node Garage cluster (S3-compatible object store) for the fleet tests.
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -23,6 +24,7 @@
 )]
 
 pub mod cli;
+pub mod garage;
 pub mod hostile;
 pub mod provenance;
 pub mod serve;

@@ -5,7 +5,7 @@
 //! The binary comes from `TVIX_GARAGE_BIN` or else from `scripts/garage.sh` (which builds
 //! and caches it the first time; that takes about 20 minutes on 2 cores).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
