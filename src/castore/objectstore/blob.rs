@@ -631,14 +631,19 @@ mod tests {
         flip_chunk(&b, &victim).await;
         let err = read_to_vec(&svc, &d).await.unwrap_err();
         let msg = crate::castore::error::error_chain(&err);
-        let chunk_hex = victim.filename().unwrap().to_string();
-        assert!(msg.contains(&chunk_hex), "{msg}");
+        // Keys name chunks in hex (snix's layout); errors print digests as everywhere else.
+        let chunk: B3Digest = victim.filename().unwrap().parse().unwrap();
+        assert!(msg.contains(&chunk.to_string()), "{msg}");
         assert!(msg.contains("corrupt"), "{msg}");
 
         let small = put_bytes(&svc, b"small").await.unwrap();
         flip_chunk(&b, &b.chunk_key(&small)).await;
         let err = read_to_vec(&svc, &small).await.unwrap_err();
-        assert!(crate::castore::error::error_chain(&err).contains(&small.to_hex()));
+        let msg = crate::castore::error::error_chain(&err);
+        assert!(
+            msg.contains(&small.to_string()) && msg.contains("corrupt"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]
@@ -662,7 +667,8 @@ mod tests {
             .await
             .unwrap();
         let err = read_to_vec(&svc, &one).await.unwrap_err();
-        assert!(crate::castore::error::error_chain(&err).contains(&one.to_hex()));
+        let msg = crate::castore::error::error_chain(&err);
+        assert!(msg.contains(&one.to_string()), "{msg}");
     }
 
     #[tokio::test]
