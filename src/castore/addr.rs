@@ -94,10 +94,9 @@ pub fn blob_service_from_addr(addr: &str) -> Result<Arc<dyn BlobService>, AddrEr
         return Ok(Arc::new(GrpcBlobService::new(channel_from_addr(addr)?)));
     }
     if is_bucket(addr) {
-        let bucket = super::objectstore::Bucket::from_addr(addr)?;
-        return Ok(Arc::new(super::objectstore::ObjectStoreBlobService::new(
-            bucket,
-        )));
+        return Ok(Arc::new(
+            super::objectstore::Bucket::blob_service_from_addr(addr)?,
+        ));
     }
     let path = if let Some(p) = scheme_path(addr, "objectstore+file") {
         p?

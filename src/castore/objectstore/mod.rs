@@ -13,6 +13,8 @@
 //! Addresses are `objectstore+<object_store URL>`, e.g.
 //! `objectstore+s3://bucket/prefix?endpoint=http://127.0.0.1:3900&region=garage&access_key_id=..&secret_access_key=..&allow_http=true`
 //! (query pairs are `object_store::parse_url_opts` options) or `objectstore+memory:///`.
+//! A blob address may also carry `cache_dir=/abs/dir&cache_size=4G`: chunks read are kept
+//! in a [`ChunkCache`] there (both or neither; they are ours and never reach the store).
 //! Every byte read is checked against the digest it is stored under before it is handed on.
 
 pub mod blob;
@@ -29,6 +31,47 @@ pub use self::blob::ObjectStoreBlobService;
 pub use self::cache::ChunkCache;
 pub use self::directory::ObjectStoreDirectoryService;
 
+/// `addr` without our cache options, and the cache's directory and size if both are given.
+fn split_cache_options(addr: &str) -> Result<(String, Option<(String, u64)>), AddrError> {
+    let Some((head, query)) = addr.split_once('?') else {
+        return Ok((addr.to_owned(), None));
+    };
+    let (mut dir, mut size) = (None, None);
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "cache_dir" => dir = Some(v.into_owned()),
+            "cache_size" => size = Some(v.into_owned()),
+            _ => {
+                kept.append_pair(&k, &v);
+            }
+        }
+    }
+    let kept = kept.finish();
+    let store_addr = if kept.is_empty() {
+        head.to_owned()
+    } else {
+        format!("{head}?{kept}")
+    };
+    let cache_err = |what: String| AddrError::Cache {
+        addr: redact(addr),
+        what,
+    };
+    let cache = match (dir, size) {
+        (None, None) => None,
+        (Some(d), Some(s)) => {
+            if !d.starts_with('/') {
+                return Err(cache_err(format!("cache_dir {d:?} must be absolute")));
+            }
+            let size = crate::units::parse_size(&s)
+                .map_err(|e| cache_err(format!("cache_size {s:?}: {e}")))?;
+            Some((d, size))
+        }
+        _ => return Err(cache_err("cache_dir and cache_size go together".to_owned())),
+    };
+    Ok((store_addr, cache))
+}
+
 /// The scheme prefix of object-store castore addresses.
 pub const SCHEME_PREFIX: &str = "objectstore+";
 
@@ -42,6 +85,14 @@ pub enum AddrError {
         addr: String,
         #[source]
         source: url::ParseError,
+    },
+    #[error("object store address {addr:?}: {what}")]
+    Cache { addr: String, what: String },
+    #[error("object store address {addr:?}: opening the chunk cache")]
+    CacheOpen {
+        addr: String,
+        #[source]
+        source: Error,
     },
     #[error("object store address {addr:?}")]
     Store {
@@ -83,6 +134,26 @@ impl Bucket {
         Ok(Self {
             store: Arc::from(store),
             base,
+        })
+    }
+
+    /// The blob service an `objectstore+<url>` address names, with its chunk cache when the
+    /// address has `cache_dir` and `cache_size` (see the module documentation).
+    pub fn blob_service_from_addr(addr: &str) -> Result<ObjectStoreBlobService, AddrError> {
+        let (store_addr, cache) = split_cache_options(addr)?;
+        let bucket = Self::from_addr(&store_addr)?;
+        Ok(match cache {
+            None => ObjectStoreBlobService::new(bucket),
+            Some((dir, size)) => {
+                let cache =
+                    ChunkCache::open(std::path::Path::new(&dir), size).map_err(|source| {
+                        AddrError::CacheOpen {
+                            addr: redact(addr),
+                            source,
+                        }
+                    })?;
+                ObjectStoreBlobService::with_cache(bucket, Arc::new(cache))
+            }
         })
     }
 
@@ -190,6 +261,46 @@ fn decompress_bounded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn cache_options_open_a_chunk_cache_and_stay_off_the_store() {
+        use crate::castore::blob::{put_bytes, read_to_vec};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let addr = format!(
+            "objectstore+memory:///?cache_dir={}&cache_size=1M",
+            cache.display()
+        );
+        let svc = Bucket::blob_service_from_addr(&addr).unwrap();
+        let d = put_bytes(&svc, b"cached chunk").await.unwrap();
+        assert_eq!(
+            read_to_vec(&svc, &d).await.unwrap().unwrap(),
+            b"cached chunk"
+        );
+        assert!(cache.join(d.to_hex()).is_file());
+
+        for (bad, want) in [
+            ("objectstore+memory:///?cache_dir=/x", "go together"),
+            ("objectstore+memory:///?cache_size=1M", "go together"),
+            (
+                "objectstore+memory:///?cache_dir=rel&cache_size=1M",
+                "absolute",
+            ),
+            (
+                "objectstore+memory:///?cache_dir=/x&cache_size=lots",
+                "cache_size",
+            ),
+        ] {
+            match Bucket::blob_service_from_addr(bad) {
+                Err(e) => assert!(e.to_string().contains(want), "{bad}: {e}"),
+                Ok(_) => panic!("{bad} was accepted"),
+            }
+        }
+        let (kept, _) =
+            split_cache_options("objectstore+s3://b/p?region=garage&cache_dir=/c&cache_size=1G")
+                .unwrap();
+        assert_eq!(kept, "objectstore+s3://b/p?region=garage");
+    }
 
     #[test]
     fn keys_follow_the_shared_layout() {
