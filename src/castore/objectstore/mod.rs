@@ -91,8 +91,9 @@ pub enum AddrError {
     #[error("object store address {addr:?}: opening the chunk cache")]
     CacheOpen {
         addr: String,
+        // Boxed: castore errors are large and this enum travels in every address error.
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
     #[error("object store address {addr:?}")]
     Store {
@@ -149,7 +150,7 @@ impl Bucket {
                     ChunkCache::open(std::path::Path::new(&dir), size).map_err(|source| {
                         AddrError::CacheOpen {
                             addr: redact(addr),
-                            source,
+                            source: Box::new(source),
                         }
                     })?;
                 ObjectStoreBlobService::with_cache(bucket, Arc::new(cache))
