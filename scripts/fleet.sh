@@ -21,12 +21,6 @@ repo=$PWD
 
 garage=${TVIX_GARAGE_BIN:-$(scripts/garage.sh)}
 command -v haproxy >/dev/null || { echo "fleet.sh: haproxy missing (apt-get install haproxy)" >&2; exit 1; }
-bin=${FLEET_BIN:-}
-if [[ -z $bin ]]; then
-  # Always through cargo: a stale binary would run this checkout's scripts with old code.
-  cargo build --quiet --bin tvix-build-vm >&2
-  bin=${CARGO_TARGET_DIR:-$repo/target}/debug/tvix-build-vm
-fi
 max_vms=${FLEET_MAX_VMS:-2}
 cache_size=${FLEET_CACHE:-1G}
 
@@ -56,6 +50,17 @@ stop_all() {
 }
 trap 'stop_all; exit 0' TERM INT
 trap stop_all EXIT
+
+bin=${FLEET_BIN:-}
+if [[ -z $bin ]]; then
+  # Always through cargo: a stale binary would run this checkout's scripts with old code.
+  # In the background, so a signal meanwhile stops the build too (through `sleeper`).
+  cargo build --quiet --bin tvix-build-vm >&2 &
+  sleeper=$!
+  wait "$sleeper"
+  sleeper=
+  bin=${CARGO_TARGET_DIR:-$repo/target}/debug/tvix-build-vm
+fi
 
 # Free ports, each checked by binding it (a race with other programs is possible but rare).
 free_ports() {
