@@ -1,7 +1,7 @@
 //! The local fleet of scripts/fleet.sh, for real: 3 Garage nodes, 2 `serve` hosts on the
 //! shared bucket, HAProxy in front, real VMs. Builds sent to the front all succeed and
-//! spread over both hosts; their outputs are readable through the front and through each
-//! host; a host SIGKILLed mid-build fails only its own running builds (UNAVAILABLE) and the
+//! spread over both hosts; their outputs are readable through the front (tvix's and snix's
+//! castore packages) and through each host; a host SIGKILLed mid-build fails only its own running builds (UNAVAILABLE) and the
 //! next builds succeed on the other host; SIGTERM to the script leaves no process behind.
 //!
 //! Cost: 20 trivial builds and 4 sleeping ones, about a minute or two on 2 cores under TCG.
@@ -156,8 +156,21 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
     assert_eq!(s1 + s2, n as u64, "host 1: {s1}, host 2: {s2}");
     assert!(s1 > 0 && s2 > 0, "not spread: host 1 {s1}, host 2 {s2}");
 
-    // Every output through the front and through each host: one shared bucket.
+    // Every output through the front and through each host (one shared bucket), in
+    // tvix's and in snix's castore package.
     let addrs = [fleet.front.clone(), fleet.host_addr(1), fleet.host_addr(2)];
+    for (i, d) in &outputs {
+        let snix = tvix_build_vm::castore::addr::blob_service_from_addr(&format!(
+            "{}?package=snix",
+            fleet.front
+        ))
+        .unwrap();
+        assert_eq!(
+            read_to_vec(snix.as_ref(), d).await.unwrap().unwrap(),
+            format!("fleet {i}\n").into_bytes(),
+            "snix.castore.v1 through the front"
+        );
+    }
     for (i, d) in &outputs {
         for a in &addrs {
             assert_eq!(
