@@ -88,6 +88,10 @@ pub enum AddrError {
     },
     #[error("object store address {addr:?}: {what}")]
     Cache { addr: String, what: String },
+    #[error(
+        "object store address {addr:?}: unknown option {key:?} (object_store would ignore it)"
+    )]
+    UnknownOption { addr: String, key: String },
     #[error("object store address {addr:?}: opening the chunk cache")]
     CacheOpen {
         addr: String,
@@ -127,6 +131,25 @@ impl Bucket {
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         url.set_query(None);
+        // object_store drops options it does not know without a word; a misspelt key
+        // (`secret_acess_key`, `cache_sise`) would then fail later and far from its cause.
+        for (key, _) in &options {
+            let known = match url.scheme() {
+                "s3" | "s3a" => key
+                    .to_ascii_lowercase()
+                    .parse::<object_store::aws::AmazonS3ConfigKey>()
+                    .is_ok(),
+                "memory" => false,
+                // Other stores check their own options, or are not built in.
+                _ => true,
+            };
+            if !known {
+                return Err(AddrError::UnknownOption {
+                    addr: redact(addr),
+                    key: key.clone(),
+                });
+            }
+        }
         let (store, base) =
             object_store::parse_url_opts(&url, options).map_err(|source| AddrError::Store {
                 addr: redact(addr),
@@ -296,6 +319,16 @@ mod tests {
                 Err(e) => assert!(e.to_string().contains(want), "{bad}: {e}"),
                 Ok(_) => panic!("{bad} was accepted"),
             }
+        }
+        match Bucket::blob_service_from_addr(
+            "objectstore+s3://b/p?region=garage&cache_sise=1G&secret_access_key=SK",
+        ) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("unknown option \"cache_sise\""), "{msg}");
+                assert!(!msg.contains("SK"), "{msg}");
+            }
+            Ok(_) => panic!("a misspelt option was accepted"),
         }
         let (kept, _) =
             split_cache_options("objectstore+s3://b/p?region=garage&cache_dir=/c&cache_size=1G")
