@@ -2,7 +2,7 @@
 //! shared bucket, HAProxy in front, real VMs. Builds sent to the front all succeed and
 //! spread over both hosts; their outputs are readable through the front (tvix's and snix's
 //! castore packages) and through each host; a host SIGKILLed mid-build fails only its own running builds (UNAVAILABLE) and the
-//! next builds succeed on the other host; SIGTERM to the script leaves no process behind.
+//! next builds succeed on the other host, and restarted it gets builds again; SIGTERM to the script leaves no process behind.
 //!
 //! Cost: 20 trivial builds and 4 sleeping ones, about a minute or two on 2 cores under TCG.
 //! `TVIX_FLEET_LONG=1` sends 100 builds instead of 20.
@@ -204,6 +204,13 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let on_host1 = fleet.metric(1, "tvix_build_vm_vms_running").await;
+    // Its command line, to start it again afterwards as fleet.sh did.
+    let argv: Vec<String> = std::fs::read(format!("/proc/{}/cmdline", fleet.host_pid(1)))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(fleet.host_pid(1)),
         nix::sys::signal::Signal::SIGKILL,
@@ -242,6 +249,51 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
         );
     }
     assert_eq!(fleet.metric(2, SUCCESS).await, before + 2);
+
+    // Host 1 restarted: once its /readyz answers, the front sends it builds again.
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(fleet.dir.path().join("host1/log.restart")).unwrap());
+    support::die_with_parent(&mut c, nix::sys::signal::Signal::SIGTERM);
+    let mut restarted = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics1 = fleet.metrics[0]
+        .strip_prefix("http://")
+        .unwrap()
+        .trim_end_matches("/metrics")
+        .to_owned();
+    while tokio::net::TcpStream::connect(&metrics1).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted host never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut i = 0;
+    while fleet.metric(1, SUCCESS).await == 0 {
+        assert!(Instant::now() < deadline, "the restarted host got no build");
+        // Two at once: with host 2 busy on one, least connections picks host 1 once up.
+        let reqs = (0..2).map(|_| {
+            i += 1;
+            let req = seed_request(
+                busybox.clone(),
+                &format!("echo again {i} > /nix/store/out"),
+                &["out"],
+            );
+            let mut client = BuildServiceClient::new(front.clone());
+            async move { client.do_build(req).await }
+        });
+        for r in futures::future::join_all(reqs.collect::<Vec<_>>()).await {
+            r.unwrap_or_else(|e| panic!("build with host 1 restarting: {e:?}"));
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(restarted.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(restarted.wait().unwrap().success());
 
     // SIGTERM stops everything the script started.
     let pids = support_pids(fleet.dir.path());
