@@ -112,6 +112,20 @@ impl Fleet {
     }
 }
 
+/// One build through `front` running `script` with busybox, its output named `out`.
+fn build(
+    front: &Channel,
+    busybox: &tvix_build_vm::proto::castore::Node,
+    script: String,
+) -> impl std::future::Future<
+    Output = Result<tonic::Response<tvix_build_vm::proto::build::Build>, tonic::Status>,
+> + Send
+       + 'static {
+    let req = seed_request(busybox.clone(), &script, &["out"]);
+    let mut client = BuildServiceClient::new(front.clone());
+    async move { client.do_build(req).await }
+}
+
 const SUCCESS: &str = "tvix_build_vm_builds_total{result=\"success\"}";
 
 async fn read_blob(addr: &str, digest: &B3Digest) -> Vec<u8> {
@@ -131,15 +145,8 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
     };
 
     // n builds at once through the front, each writing its own output.
-    let builds = (0..n).map(|i| {
-        let req = seed_request(
-            busybox.clone(),
-            &format!("echo fleet {i} > /nix/store/out"),
-            &["out"],
-        );
-        let mut client = BuildServiceClient::new(front.clone());
-        async move { client.do_build(req).await }
-    });
+    let builds =
+        (0..n).map(|i| build(&front, &busybox, format!("echo fleet {i} > /nix/store/out")));
     let results = futures::future::join_all(builds).await;
     let mut outputs = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
@@ -184,13 +191,11 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
     // Four sleeping builds: two per host (max-vms 2, least connections). Host 1 dies.
     let sleepers: Vec<_> = (0..4)
         .map(|i| {
-            let req = seed_request(
-                busybox.clone(),
-                &format!("sleep 20; echo late {i} > /nix/store/out"),
-                &["out"],
-            );
-            let mut client = BuildServiceClient::new(front.clone());
-            tokio::spawn(async move { client.do_build(req).await })
+            tokio::spawn(build(
+                &front,
+                &busybox,
+                format!("sleep 20; echo late {i} > /nix/store/out"),
+            ))
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -232,17 +237,11 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
     // The next builds go to host 2 and succeed.
     let before = fleet.metric(2, SUCCESS).await;
     for i in 0..2 {
-        let req = seed_request(
-            busybox.clone(),
-            &format!("echo after {i} > /nix/store/out"),
-            &["out"],
-        );
-        let build = BuildServiceClient::new(front.clone())
-            .do_build(req)
+        let done = build(&front, &busybox, format!("echo after {i} > /nix/store/out"))
             .await
             .unwrap_or_else(|e| panic!("build after the kill: {e:?}"))
             .into_inner();
-        let d = B3Digest::try_from(&file_node(&build.outputs[0]).digest[..]).unwrap();
+        let d = B3Digest::try_from(&file_node(&done.outputs[0]).digest[..]).unwrap();
         assert_eq!(
             read_blob(&fleet.front, &d).await,
             format!("after {i}\n").into_bytes()
@@ -274,17 +273,13 @@ async fn fleet_spreads_builds_and_survives_a_host_killed_mid_build() {
     while fleet.metric(1, SUCCESS).await == 0 {
         assert!(Instant::now() < deadline, "the restarted host got no build");
         // Two at once: with host 2 busy on one, least connections picks host 1 once up.
-        let reqs = (0..2).map(|_| {
-            i += 1;
-            let req = seed_request(
-                busybox.clone(),
-                &format!("echo again {i} > /nix/store/out"),
-                &["out"],
-            );
-            let mut client = BuildServiceClient::new(front.clone());
-            async move { client.do_build(req).await }
-        });
-        for r in futures::future::join_all(reqs.collect::<Vec<_>>()).await {
+        let reqs: Vec<_> = (0..2)
+            .map(|_| {
+                i += 1;
+                build(&front, &busybox, format!("echo again {i} > /nix/store/out"))
+            })
+            .collect();
+        for r in futures::future::join_all(reqs).await {
             r.unwrap_or_else(|e| panic!("build with host 1 restarting: {e:?}"));
         }
     }
