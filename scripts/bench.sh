@@ -2,6 +2,7 @@
 # Runs the benchmark harness (docs/benchmarks.md) and prints its table; the JSON goes to
 # target/bench/latest.json (or --json PATH).
 #   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro,nix] [--reps N]
+#   scripts/bench.sh --only fleet    the fleet rows (scripts/bench-fleet.sh)
 # snix (row 8): the trivial build through a real `serve` as snix.build.v1 DoBuild and as the
 # seed-layout DoBuild, interleaved; the ratio is snix over seed (target <= 1.02x).
 # Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside
@@ -33,6 +34,13 @@ for a in "$@"; do [ "$a" = --quick ] && quick=--quick; done
 only=""
 prev=""
 for a in "$@"; do [ "$prev" = --only ] && only=$a; prev=$a; done
+
+# The fleet rows (docs/fleet.md) need Garage and HAProxy and start their own fleet: only
+# when asked for, `--only fleet`.
+if [[ ",$only," == *,fleet,* ]]; then
+  scripts/bench-fleet.sh
+  exit 0
+fi
 
 # Item 7 (criterion) first, so that the VM harness can fold its results into the table.
 if [ -z "$only" ] || [[ ",$only," == *,micro,* ]]; then

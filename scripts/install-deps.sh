@@ -16,6 +16,7 @@ apt_packages=(
   libseccomp-dev libcap-ng-dev  # the virtiofsd crate links libcap-ng
   nix-bin                # nix-instantiate --parse default.nix
   bubblewrap b3sum       # benchmark peers
+  haproxy                # the fleet's front (deploy/haproxy.cfg, scripts/fleet.sh)
   xz-utils pkg-config gcc make
 )
 missing=()
@@ -46,11 +47,14 @@ kernel_dir=$(kernel-config/build.sh)
 agent=$(scripts/build-agent.sh)
 hostile_agent=$(scripts/build-hostile-agent.sh)
 nix_chroot=$(scripts/nix-chroot.sh)  # Debian sid's Nix 2.34 for tests/nix_*.rs (cached)
+# The fleet's object store (tests/fleet_*.rs, scripts/fleet.sh); cached, 20 minutes the first time.
+garage=$(scripts/garage.sh)
 
 if [ "${1:-}" = "--print-env" ]; then
   echo "export TVIX_BUILD_VM_KERNEL=$kernel_dir/vmlinux"
   echo "export TVIX_BUILD_VM_AGENT=$agent"
   echo "export TVIX_BUILD_VM_HOSTILE_AGENT=$hostile_agent"
   echo "export TVIX_BUILD_VM_NIX_CHROOT=$nix_chroot"
+  echo "export TVIX_GARAGE_BIN=$garage"
   echo "export PATH=$HOME/.cargo/bin:\$PATH"
 fi

@@ -61,6 +61,21 @@ async fn grpc_blobs() -> (Arc<dyn BlobService>, Guard) {
     (addr::blob_service_from_addr(&a).unwrap(), g)
 }
 
+/// The object-store backends on an in-memory bucket (the same code that talks to S3).
+async fn bucket_blobs() -> (Arc<dyn BlobService>, Guard) {
+    (
+        addr::blob_service_from_addr("objectstore+memory:///").unwrap(),
+        Box::new(()),
+    )
+}
+
+async fn bucket_dirs() -> (Arc<dyn DirectoryService>, Guard) {
+    (
+        addr::directory_service_from_addr("objectstore+memory:///").unwrap(),
+        Box::new(()),
+    )
+}
+
 async fn memory_dirs() -> (Arc<dyn DirectoryService>, Guard) {
     (Arc::new(MemoryDirectoryService::new()), Box::new(()))
 }
@@ -189,7 +204,7 @@ macro_rules! blob_suite {
     )*};
 }
 
-blob_suite!(blob_memory => memory_blobs, blob_local => local_blobs, blob_grpc => grpc_blobs);
+blob_suite!(blob_memory => memory_blobs, blob_local => local_blobs, blob_grpc => grpc_blobs, blob_bucket => bucket_blobs);
 
 fn name(s: &str) -> PathComponent {
     PathComponent::try_from(s).unwrap()
@@ -421,7 +436,7 @@ macro_rules! dir_suite {
     )*};
 }
 
-dir_suite!(dir_memory => memory_dirs, dir_redb => redb_dirs, dir_grpc => grpc_dirs);
+dir_suite!(dir_memory => memory_dirs, dir_redb => redb_dirs, dir_grpc => grpc_dirs, dir_bucket => bucket_dirs);
 
 /// A stored backend takes a parent whose child it already holds.
 #[tokio::test]

@@ -7,10 +7,14 @@
 //! | redb directories | `redb:///abs/file.redb` | `redb:/abs/file.redb` |
 //! | gRPC over a unix socket | `grpc+unix:///abs/path.sock` | `grpc+unix:/abs/path.sock` |
 //! | gRPC over TCP | `grpc+http://host:port` | the same |
+//! | object store (blobs, directories), snix's bucket layout | `objectstore+s3://bucket/prefix?endpoint=..&region=..` | the same |
+//! | in-memory object store (tests) | `objectstore+memory:///` | the same |
 //!
 //! A gRPC address takes `?package=snix` for a peer that speaks `snix.castore.v1` (a
 //! snix-store); without it the client speaks `tvix.castore.v1` (see [`super::channel`]).
 //! Our local blob files are this project's layout, not snix's object-store bucket layout.
+//! Any `object_store` URL but `file:` after `objectstore+` is a bucket in snix's layout
+//! (see [`super::objectstore`]).
 
 use super::blob::{GrpcBlobService, LocalBlobService, MemoryBlobService};
 use super::channel::{channel_from_addr, ChannelError};
@@ -34,6 +38,8 @@ pub enum AddrError {
     NotAbsolute { addr: String },
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error(transparent)]
+    ObjectStore(#[from] super::objectstore::AddrError),
     #[error("{addr:?}: opening the store")]
     Open {
         addr: String,
@@ -45,12 +51,19 @@ pub enum AddrError {
 /// The accepted blob addresses, for `--help` and error messages.
 pub const BLOB_ADDRESSES: &str = "memory: (or memory://), objectstore+file:/abs/dir (or \
      objectstore+file:///abs/dir, or /abs/dir), grpc+unix:/abs.sock (or grpc+unix:///abs.sock) \
-     or grpc+http://host:port; a gRPC address takes ?package=snix for a snix-store";
+     or grpc+http://host:port, objectstore+s3://bucket/prefix?endpoint=..&region=.. or \
+     objectstore+memory:///; a gRPC address takes ?package=snix for a snix-store";
 /// The accepted directory addresses, for `--help` and error messages.
 pub const DIRECTORY_ADDRESSES: &str = "memory: (or memory://, redb+memory:), \
      redb:/abs/file.redb (or redb:///abs/file.redb), grpc+unix:/abs.sock (or \
-     grpc+unix:///abs.sock) or grpc+http://host:port; a gRPC address takes ?package=snix for \
-     a snix-store";
+     grpc+unix:///abs.sock), grpc+http://host:port, objectstore+s3://bucket/prefix?... or \
+     objectstore+memory:///; a gRPC address takes ?package=snix for a snix-store";
+
+/// `objectstore+<url>` in snix's bucket layout; `objectstore+file:` (either spelling) stays
+/// the local file store it has always meant here.
+fn is_bucket(addr: &str) -> bool {
+    addr.starts_with(super::objectstore::SCHEME_PREFIX) && !addr.starts_with("objectstore+file:")
+}
 
 /// The in-memory backend's spellings.
 fn is_memory(addr: &str) -> bool {
@@ -80,6 +93,11 @@ pub fn blob_service_from_addr(addr: &str) -> Result<Arc<dyn BlobService>, AddrEr
     if addr.starts_with("grpc+") {
         return Ok(Arc::new(GrpcBlobService::new(channel_from_addr(addr)?)));
     }
+    if is_bucket(addr) {
+        return Ok(Arc::new(
+            super::objectstore::Bucket::blob_service_from_addr(addr)?,
+        ));
+    }
     let path = if let Some(p) = scheme_path(addr, "objectstore+file") {
         p?
     } else if addr.starts_with('/') {
@@ -107,6 +125,12 @@ pub fn directory_service_from_addr(addr: &str) -> Result<Arc<dyn DirectoryServic
         return Ok(Arc::new(GrpcDirectoryService::new(channel_from_addr(
             addr,
         )?)));
+    }
+    if is_bucket(addr) {
+        let bucket = super::objectstore::Bucket::from_addr(addr)?;
+        return Ok(Arc::new(
+            super::objectstore::ObjectStoreDirectoryService::new(bucket),
+        ));
     }
     if let Some(path) = scheme_path(addr, "redb") {
         let svc = RedbDirectoryService::open(path?).map_err(|source| AddrError::Open {

@@ -72,6 +72,20 @@ pub enum Error {
     },
     #[error("remote castore: {0}")]
     Protocol(String),
+    #[error("object store: {context}")]
+    ObjectStore {
+        context: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// Bytes from a store that do not hash to the digest they were stored under: never
+    /// handed on.
+    #[error("{what} {digest} is corrupt in the store: {reason}")]
+    Corrupt {
+        what: &'static str,
+        digest: B3Digest,
+        reason: String,
+    },
 }
 
 impl Error {
@@ -132,9 +146,11 @@ impl From<Error> for tonic::Status {
             Error::DirectoryNotFound(_) => tonic::Status::not_found(msg),
             Error::NoSpace(_) => tonic::Status::resource_exhausted(msg),
             Error::Remote { source, .. } => tonic::Status::new(source.code(), msg),
-            Error::Io { .. } | Error::Database { .. } | Error::Protocol(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Io { .. }
+            | Error::Database { .. }
+            | Error::Protocol(_)
+            | Error::ObjectStore { .. }
+            | Error::Corrupt { .. } => tonic::Status::internal(msg),
         }
     }
 }

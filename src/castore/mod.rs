@@ -5,6 +5,8 @@
 //! - [`directory`]: Directory and Node domain types that can only hold valid values.
 //! - [`blob`]: the [`BlobService`] trait and its backends (local files, memory, gRPC).
 //! - [`directory_service`]: the [`DirectoryService`] trait and its backends (redb, memory, gRPC).
+//! - [`objectstore`]: blobs and directories in an object store (S3, Garage), in snix's
+//!   bucket layout.
 //! - [`addr`]: backends from addresses as tvix and snix users write them (`memory://` or
 //!   `memory:`, `grpc+unix:///abs` or `grpc+unix:/abs`, ...).
 //! - [`import`] / [`export`]: host paths to castore nodes and back.
@@ -18,6 +20,7 @@ pub mod directory_service;
 pub mod error;
 pub mod export;
 pub mod import;
+pub mod objectstore;
 pub mod package;
 
 pub use blob::{BlobReader, BlobService, BlobWriter};

@@ -135,6 +135,11 @@ impl BuildHost {
         self.draining.cancel();
     }
 
+    /// Whether [`Self::drain`] was called: the host takes no new builds (`/readyz` says so).
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
     /// Ends every queued and running build now (their VMs are killed).
     pub fn cancel_all(&self) {
         self.drain();

@@ -56,6 +56,8 @@ impl Serving {
             grace,
         } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        // Fires when `run` returns, for what must outlive the drain (the probes).
+        let (done, done_rx) = tokio::sync::watch::channel(false);
         let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -67,10 +69,23 @@ impl Serving {
                 }
                 None => Box::new(move || metrics.render(0, 0, None)),
             };
+            // Not ready once the shutdown signal came (draining), though the port stays up
+            // until the process ends, so a balancer reads "not ready" rather than a refused
+            // connection while the running builds finish.
+            let ready_host = host.clone();
+            let ready_stop = stopped.clone();
+            let ready = move || {
+                if *ready_stop.borrow() || ready_host.as_ref().is_some_and(|h| h.is_draining()) {
+                    Err("draining".to_owned())
+                } else {
+                    Ok(())
+                }
+            };
             tokio::spawn(super::metrics_http::serve(
                 metrics_listener,
                 render,
-                wait_stop(stopped.clone()),
+                ready,
+                wait_stop(done_rx.clone()),
             ));
         }
 
@@ -96,10 +111,15 @@ impl Serving {
             host.cancel_all();
             tokio::time::sleep(CLOSE_AFTER_CANCEL).await;
         };
-        tokio::select! {
-            r = &mut serving => r?,
-            () = enforce_grace => warn!("connections stayed open after the builds were cancelled; exiting"),
-        }
+        let result = tokio::select! {
+            r = &mut serving => r,
+            () = enforce_grace => {
+                warn!("connections stayed open after the builds were cancelled; exiting");
+                Ok(())
+            }
+        };
+        let _ = done.send(true);
+        result?;
         info!("stopped");
         Ok(())
     }

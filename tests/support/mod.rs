@@ -17,6 +17,7 @@
 //! - [`tls`]: a throwaway CA for mutual-TLS tests ([`tls::TestCa`]).
 //! - [`nix_chroot`]: a real Nix in the chroot `scripts/nix-chroot.sh` builds, with our
 //!   binary as its `external-builders` program.
+//! - [`garage`]: a 3-node Garage cluster (S3-compatible object store) for the fleet tests.
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -27,6 +28,7 @@
 )]
 
 pub mod cli;
+pub mod garage;
 pub mod hostile;
 pub mod nix_chroot;
 pub mod provenance;
