@@ -1,6 +1,6 @@
 //! A host at its free-space floor: `serve` on a store in a small tmpfs refuses new uploads and
 //! builds with RESOURCE_EXHAUSTED once the filesystem is below `--min-free-space`, stores
-//! nothing of a refused upload, and takes work again when space comes back; the store stays
+//! nothing of a refused upload, says it is not ready on `/readyz`, and takes work again when space comes back; the store stays
 //! consistent throughout.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -66,7 +66,12 @@ async fn below_the_floor_new_work_is_refused_and_taken_again_when_space_returns(
     let fs = Tmpfs::mount(&store, "64M");
     let mut cmd = env.command();
     cmd.arg("serve").arg("--store").arg(&store);
-    let server = Serve::spawn(cmd, &["--min-free-space", "40M"], Listen::Unix);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Serve::spawn(
+        cmd,
+        &["--min-free-space", "40M", "--metrics-listen", &metrics],
+        Listen::Unix,
+    );
     let channel = server.channel();
     let blobs = GrpcBlobService::new(channel.clone());
 
@@ -95,6 +100,9 @@ async fn below_the_floor_new_work_is_refused_and_taken_again_when_space_returns(
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("--min-free-space"), "{status:?}");
     assert!(!blobs.has(&B3Digest::of(&small)).await.unwrap());
+    let (status_line, body) = http_probe(&metrics, "/readyz").await;
+    assert!(status_line.contains("503"), "{status_line} {body}");
+    assert!(body.contains("--min-free-space"), "{body}");
     let refused = BuildServiceClient::new(channel.clone())
         .do_build(req.clone())
         .await
@@ -107,6 +115,8 @@ async fn below_the_floor_new_work_is_refused_and_taken_again_when_space_returns(
 
     // Space comes back: work is taken again.
     fs.resize("128M");
+    let (status_line, body) = http_probe(&metrics, "/readyz").await;
+    assert!(status_line.contains("200"), "{status_line} {body}");
     put_bytes(&blobs, &small).await.unwrap();
     BuildServiceClient::new(channel.clone())
         .do_build(req)

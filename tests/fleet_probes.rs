@@ -11,23 +11,10 @@ mod support;
 
 use bytes::Bytes;
 use std::time::{Duration, Instant};
-use support::serve::{free_port, Listen, Serve};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::serve::{free_port, http_probe, Listen, Serve};
 use tvix_build_vm::proto::castore as pb;
 
 /// `GET <path>` on the metrics listener: the status line and the body.
-async fn probe(addr: &str, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out.lines().next().unwrap_or_default().to_owned();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
-}
-
 #[tokio::test]
 async fn a_draining_host_is_alive_but_not_ready() {
     let store = tempfile::tempdir().unwrap();
@@ -45,9 +32,9 @@ async fn a_draining_host_is_alive_but_not_ready() {
         || std::net::TcpStream::connect(&metrics).is_ok(),
         "the metrics listener",
     );
-    assert_eq!(probe(&metrics, "/healthz").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_probe(&metrics, "/healthz").await.0, "HTTP/1.1 200 OK");
     assert_eq!(
-        probe(&metrics, "/readyz").await,
+        http_probe(&metrics, "/readyz").await,
         ("HTTP/1.1 200 OK".to_owned(), "ready\n".to_owned())
     );
 
@@ -71,7 +58,7 @@ async fn a_draining_host_is_alive_but_not_ready() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = probe(&metrics, "/readyz").await;
+        let (status, body) = http_probe(&metrics, "/readyz").await;
         if status.starts_with("HTTP/1.1 503 ") {
             assert_eq!(body, "not ready: draining\n");
             break;
@@ -82,7 +69,7 @@ async fn a_draining_host_is_alive_but_not_ready() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(probe(&metrics, "/healthz").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_probe(&metrics, "/healthz").await.0, "HTTP/1.1 200 OK");
     assert!(
         server.child.try_wait().unwrap().is_none(),
         "exited with an upload in flight"

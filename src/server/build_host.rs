@@ -79,8 +79,8 @@ impl BuildHost {
     /// Whether a new build would be taken now: not draining, and the store above its
     /// floor.
     pub fn ready(&self) -> Result<(), String> {
-        if self.draining.is_cancelled() {
-            return Err("draining: no new builds".into());
+        if self.is_draining() {
+            return Err("draining".into());
         }
         match &self.disk_floor {
             Some(floor) => floor.check().map_err(|e| e.to_string()),

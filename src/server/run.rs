@@ -74,12 +74,12 @@ impl Serving {
             // connection while the running builds finish.
             let ready_host = host.clone();
             let ready_stop = stopped.clone();
+            // Nor while the store's disk is below its floor: new builds would be refused.
             let ready = move || {
-                if *ready_stop.borrow() || ready_host.as_ref().is_some_and(|h| h.is_draining()) {
-                    Err("draining".to_owned())
-                } else {
-                    Ok(())
+                if *ready_stop.borrow() {
+                    return Err("draining".to_owned());
                 }
+                ready_host.as_ref().map_or(Ok(()), |h| h.ready())
             };
             tokio::spawn(super::metrics_http::serve(
                 metrics_listener,

@@ -297,6 +297,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A plain HTTP/1.1 GET of `path` on the metrics listener: (status line, body).
+pub async fn http_probe(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
 /// A plain HTTP GET /metrics.
 pub async fn reqwest_free_get(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
