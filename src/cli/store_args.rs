@@ -35,6 +35,13 @@ pub struct StoreArgs {
     /// ?package=snix for a snix-store).
     #[arg(long, global = true, value_name = "ADDR")]
     pub directory_service_addr: Option<String>,
+    /// With an object-store blob address (objectstore+s3://...): keep the chunks read from
+    /// the bucket in this local directory, least recently used out first (with --cache-size).
+    #[arg(long, global = true, value_name = "DIR", requires = "cache_size")]
+    pub cache_dir: Option<PathBuf>,
+    /// The most the chunk cache of --cache-dir may hold, e.g. 20G.
+    #[arg(long, global = true, value_name = "SIZE", requires = "cache_dir")]
+    pub cache_size: Option<String>,
 }
 
 /// Why the store could not be opened.
@@ -50,6 +57,10 @@ pub enum StoreArgsError {
     },
     #[error("opening the blob service")]
     Blobs(#[source] AddrError),
+    #[error("--cache-dir and --cache-size apply to an object-store blob address (objectstore+s3://... or objectstore+memory:///), not {0:?}")]
+    CacheWithoutBucket(String),
+    #[error("--cache-dir {0}: must be an absolute path")]
+    CacheDirRelative(PathBuf),
     #[error("opening the directory service")]
     Directories(#[source] AddrError),
 }
@@ -104,12 +115,34 @@ impl StoreArgs {
             (None, Some(d)) => format!("objectstore+file://{}", d.join(BLOBS_DIR).display()),
             (None, None) => return Err(StoreArgsError::NoDefaultDir),
         };
+        let blob = self.with_cache(blob)?;
         let directory = match (&self.directory_service_addr, &dir) {
             (Some(a), _) => a.clone(),
             (None, Some(d)) => format!("redb://{}", d.join(DIRECTORIES_DB).display()),
             (None, None) => return Err(StoreArgsError::NoDefaultDir),
         };
         Ok((blob, directory))
+    }
+
+    /// `blob` with the chunk cache of `--cache-dir`/`--cache-size` in its options (the
+    /// object store's address carries them, see `castore::objectstore`).
+    fn with_cache(&self, blob: String) -> Result<String, StoreArgsError> {
+        let (Some(dir), Some(size)) = (&self.cache_dir, &self.cache_size) else {
+            return Ok(blob);
+        };
+        let bucket = blob.starts_with("objectstore+") && !blob.starts_with("objectstore+file:");
+        if !bucket {
+            return Err(StoreArgsError::CacheWithoutBucket(blob));
+        }
+        if !dir.is_absolute() {
+            return Err(StoreArgsError::CacheDirRelative(dir.clone()));
+        }
+        let sep = if blob.contains('?') { '&' } else { '?' };
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query
+            .append_pair("cache_dir", &dir.to_string_lossy())
+            .append_pair("cache_size", size);
+        Ok(format!("{blob}{sep}{}", query.finish()))
     }
 
     /// Opens both services. Call inside a tokio runtime (gRPC clients connect lazily).
@@ -136,6 +169,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_chunk_cache_goes_into_an_object_store_address_only() {
+        let args = |blob: &str, dir: &str| StoreArgs {
+            blob_service_addr: Some(blob.into()),
+            directory_service_addr: Some("memory:".into()),
+            cache_dir: Some(PathBuf::from(dir)),
+            cache_size: Some("1G".into()),
+            ..Default::default()
+        };
+        let (blob, _) = args("objectstore+s3://b/p?region=garage", "/var/cache/c d")
+            .addrs()
+            .unwrap();
+        assert_eq!(
+            blob,
+            "objectstore+s3://b/p?region=garage&cache_dir=%2Fvar%2Fcache%2Fc+d&cache_size=1G"
+        );
+        let (blob, _) = args("objectstore+memory:///", "/c").addrs().unwrap();
+        assert_eq!(blob, "objectstore+memory:///?cache_dir=%2Fc&cache_size=1G");
+        assert!(matches!(
+            args("grpc+unix:///s.sock", "/c").addrs(),
+            Err(StoreArgsError::CacheWithoutBucket(_))
+        ));
+        assert!(matches!(
+            args("objectstore+file:///blobs", "/c").addrs(),
+            Err(StoreArgsError::CacheWithoutBucket(_))
+        ));
+        assert!(matches!(
+            args("objectstore+memory:///", "rel").addrs(),
+            Err(StoreArgsError::CacheDirRelative(_))
+        ));
+    }
+
+    #[test]
     fn store_dir_holds_blobs_and_redb_side_by_side() {
         let tmp = tempfile::tempdir().unwrap();
         let args = StoreArgs {
@@ -160,6 +225,7 @@ mod tests {
             store: None,
             blob_service_addr: Some("memory://".into()),
             directory_service_addr: Some("grpc+unix:///x.sock".into()),
+            ..Default::default()
         };
         assert_eq!(
             args.addrs().unwrap(),
