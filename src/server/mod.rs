@@ -18,6 +18,7 @@ pub mod peer;
 pub mod run;
 pub mod status;
 pub mod tenant;
+pub mod tenant_name;
 pub mod tls;
 
 use crate::castore::{BlobService, DirectoryService};

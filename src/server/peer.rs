@@ -2,7 +2,7 @@
 //! under mutual TLS the subject of the client certificate, and the tenant the request was
 //! authenticated as (see [`super::tenant`]). Recorded on every build's span.
 
-use super::tenant::Tenant;
+use super::tenant_name::Tenant;
 use std::fmt;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 

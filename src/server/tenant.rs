@@ -11,17 +11,13 @@
 //! [`Tenant`] in the request's extensions, where [`super::peer::Peer::of`] finds it.
 
 use super::peer::Peer;
+pub use super::tenant_name::{Tenant, TenantError, ANONYMOUS, MAX_TENANT_NAME};
 use sha2::{Digest, Sha256};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tonic::service::Interceptor;
 use tracing::{info, warn};
 
-/// The tenant of requests that prove nothing (plain TCP, no token).
-pub const ANONYMOUS: &str = "anonymous";
-/// Longest tenant name: it goes into logs, spans and metric labels.
-pub const MAX_TENANT_NAME: usize = 64;
 /// Largest tokens file: a table, not a database.
 const MAX_TOKENS_FILE: u64 = 1 << 20;
 /// Longest line of the tokens file (a name, a space, 64 hex digits, and a comment's room).
@@ -30,52 +26,6 @@ const MAX_TOKENS_LINE: usize = 512;
 const MAX_TOKEN: usize = 4096;
 /// Health probes come from load balancers that hold no token.
 const UNAUTHENTICATED_PREFIXES: &[&str] = &["/grpc.health.v1.Health/"];
-
-/// A tenant's name: 1 to [`MAX_TENANT_NAME`] of `[A-Za-z0-9._-]`, so it is safe as a log
-/// field and a metric label value without escaping.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Tenant(Arc<str>);
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TenantError {
-    #[error("a tenant name is 1 to {MAX_TENANT_NAME} characters of A-Z a-z 0-9 . _ -, not {0:?}")]
-    BadName(String),
-}
-
-impl Tenant {
-    pub fn new(name: &str) -> Result<Self, TenantError> {
-        let ok = !name.is_empty()
-            && name.len() <= MAX_TENANT_NAME
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
-            let shown: String = name.chars().take(MAX_TENANT_NAME + 1).collect();
-            return Err(TenantError::BadName(shown));
-        }
-        Ok(Self(name.into()))
-    }
-
-    pub fn anonymous() -> Self {
-        Self(ANONYMOUS.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Default for Tenant {
-    fn default() -> Self {
-        Self::anonymous()
-    }
-}
-
-impl fmt::Display for Tenant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// Errors of reading the tokens file; a line's error names the line.
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +223,7 @@ impl Authenticator {
             return Tenant::new(cn).map_err(AuthError::BadCertificateName);
         }
         if let Some(uid) = peer.uid {
-            return Ok(Tenant(format!("uid-{uid}").into()));
+            return Ok(Tenant::of_uid(uid));
         }
         match self.require_auth {
             true => Err(AuthError::Required),
