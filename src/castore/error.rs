@@ -146,6 +146,11 @@ impl From<Error> for tonic::Status {
             Error::DirectoryNotFound(_) => tonic::Status::not_found(msg),
             Error::NoSpace(_) => tonic::Status::resource_exhausted(msg),
             Error::Remote { source, .. } => tonic::Status::new(source.code(), msg),
+            // A full disk (or the store's free-space floor) is the host's state, not a bug:
+            // the client may retry later or elsewhere.
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                tonic::Status::resource_exhausted(msg)
+            }
             Error::Io { .. }
             | Error::Database { .. }
             | Error::Protocol(_)

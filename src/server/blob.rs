@@ -71,13 +71,7 @@ impl pb::blob_service_server::BlobService for BlobServer {
             writer
                 .write_all(&chunk.data)
                 .await
-                .map_err(|e| match e.kind() {
-                    // The store's disk, or its floor, is full: the client may retry elsewhere.
-                    std::io::ErrorKind::StorageFull => {
-                        Status::resource_exhausted(format!("writing blob: {e}"))
-                    }
-                    _ => Status::from(Error::io("writing blob", e)),
-                })?;
+                .map_err(|e| Status::from(Error::io("writing blob", e)))?;
         }
         let digest = writer.close().await?;
         Ok(Response::new(pb::PutBlobResponse {

@@ -107,13 +107,12 @@ impl BlobService for FlooredBlobService {
     async fn put_file(&self, src: std::fs::File) -> Result<(B3Digest, u64), Error> {
         // The inner service's own path (e.g. a local file moved into place) would bypass the
         // writer's checks: check the file's size against the floor up front.
-        self.floor.check().map_err(refused)?;
         let len = src.metadata().map(|m| m.len()).unwrap_or(0);
         let free = self.floor.free_bytes().unwrap_or(0);
         if free.saturating_sub(len) < self.floor.min_free_bytes {
             return Err(refused(BelowFloor {
                 path: self.floor.path.clone(),
-                free: free.saturating_sub(len),
+                free,
                 floor: self.floor.min_free_bytes,
             }));
         }
@@ -210,10 +209,9 @@ mod tests {
     #[tokio::test]
     async fn a_writer_that_crosses_the_floor_stores_nothing() {
         use tokio::io::AsyncWriteExt;
-        let (svc, inner) = floored(1);
-        let mut w = svc.open_write().await.unwrap();
-        w.write_all(&[1u8; 1024]).await.unwrap();
-        // The filesystem fills up meanwhile (here: the floor rises).
+        let inner = MemoryBlobService::default();
+        // A writer due for its next look at the free space, on a filesystem that has
+        // filled up meanwhile (here: a floor no filesystem meets).
         let mut w = FlooredWriter {
             inner: inner.open_write().await.unwrap(),
             floor: Arc::new(DiskFloor {
@@ -227,5 +225,29 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::StorageFull);
         assert!(matches!(w.close().await, Err(Error::NoSpace(_))));
         assert!(!inner.has(&B3Digest::of(&[2u8; 16])).await.unwrap());
+        // Through the gRPC edge, the write's error is RESOURCE_EXHAUSTED, not INTERNAL.
+        let status = tonic::Status::from(Error::io("writing blob", e));
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_would_cross_the_floor_is_refused_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, vec![7u8; 16 << 20]).unwrap();
+        let free = free_bytes(tmp.path()).unwrap();
+        // Room for the floor, but not for the floor and the file.
+        let inner = Arc::new(MemoryBlobService::default());
+        let floor = Arc::new(DiskFloor {
+            path: tmp.path().to_owned(),
+            min_free_bytes: free.saturating_sub(4096),
+        });
+        let svc = FlooredBlobService::new(inner.clone(), floor);
+        let e = svc.put_file(std::fs::File::open(&file).unwrap()).await;
+        assert!(matches!(e, Err(Error::NoSpace(_))), "{e:?}");
+        assert!(!inner
+            .has(&B3Digest::of(&vec![7u8; 16 << 20]))
+            .await
+            .unwrap());
     }
 }
