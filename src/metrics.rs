@@ -99,6 +99,33 @@ impl BuildResult {
     }
 }
 
+/// Where bytes charged to a tenant's upload quota came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadSource {
+    /// Blobs and directories uploaded through the castore services.
+    Castore,
+    /// The outputs of the tenant's builds.
+    BuildOutput,
+}
+
+impl UploadSource {
+    const ALL: [UploadSource; 2] = [Self::Castore, Self::BuildOutput];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Castore => "castore",
+            Self::BuildOutput => "build_output",
+        }
+    }
+}
+
+/// By tenant label: bytes charged by [`UploadSource`], and uploads refused over quota.
+#[derive(Debug, Default, Clone, Copy)]
+struct TenantUploads {
+    bytes: [u64; UploadSource::ALL.len()],
+    refused: u64,
+}
+
 /// The phases of a build whose durations are recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -174,6 +201,8 @@ pub struct Metrics {
     results: [AtomicU64; BuildResult::ALL.len()],
     /// By tenant label: the configured tenants and `other`, so bounded by the config.
     tenant_results: Mutex<BTreeMap<String, [u64; BuildResult::ALL.len()]>>,
+    /// By tenant label, like `tenant_results`.
+    tenant_uploads: Mutex<BTreeMap<String, TenantUploads>>,
     histograms: Mutex<[Histogram; Phase::ALL.len()]>,
     usage: Mutex<Usage>,
 }
@@ -183,6 +212,7 @@ impl Default for Metrics {
         Self {
             results: Default::default(),
             tenant_results: Mutex::default(),
+            tenant_uploads: Mutex::default(),
             histograms: Mutex::new(Phase::ALL.map(|_| Histogram::new(BUCKETS))),
             usage: Mutex::default(),
         }
@@ -216,6 +246,36 @@ impl Metrics {
         }
     }
 
+    /// Counts bytes stored for a tenant (a bounded label, as in [`Self::count_tenant`]).
+    pub fn count_upload_bytes(&self, tenant: &str, source: UploadSource, bytes: u64) {
+        let i = UploadSource::ALL.iter().position(|s| *s == source);
+        self.tenant_upload(tenant, |u| {
+            if let Some(i) = i {
+                u.bytes[i] = u.bytes[i].saturating_add(bytes);
+            }
+        });
+    }
+
+    /// Counts an upload refused over its tenant's quota.
+    pub fn count_upload_refused(&self, tenant: &str) {
+        self.tenant_upload(tenant, |u| u.refused += 1);
+    }
+
+    fn tenant_upload(&self, tenant: &str, f: impl FnOnce(&mut TenantUploads)) {
+        let mut t = self
+            .tenant_uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match t.get_mut(tenant) {
+            Some(u) => f(u),
+            None => {
+                let mut u = TenantUploads::default();
+                f(&mut u);
+                t.insert(tenant.to_owned(), u);
+            }
+        }
+    }
+
     pub fn observe(&self, phase: Phase, d: Duration) {
         if let Some(i) = Phase::ALL.iter().position(|p| *p == phase) {
             let mut h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
@@ -237,6 +297,42 @@ impl Metrics {
             u.bytes[0].observe(reads.bytes as f64);
         }
         u.bytes[1].observe(a.output_bytes as f64);
+    }
+
+    fn render_tenant_uploads(&self, out: &mut String) {
+        let t = self
+            .tenant_uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if t.is_empty() {
+            return;
+        }
+        counter_family(
+            out,
+            "tenant_upload_bytes_total",
+            "Bytes charged to tenants' upload quotas (configured tenants by name, all others as \"other\"), by source.",
+        );
+        for (tenant, u) in t.iter() {
+            for (s, n) in UploadSource::ALL.iter().zip(u.bytes) {
+                let _ = writeln!(
+                    out,
+                    "tvix_build_vm_tenant_upload_bytes_total{{tenant=\"{tenant}\",source=\"{}\"}} {n}",
+                    s.label()
+                );
+            }
+        }
+        counter_family(
+            out,
+            "tenant_uploads_refused_total",
+            "Castore uploads refused over the tenant's upload quota.",
+        );
+        for (tenant, u) in t.iter() {
+            let _ = writeln!(
+                out,
+                "tvix_build_vm_tenant_uploads_refused_total{{tenant=\"{tenant}\"}} {}",
+                u.refused
+            );
+        }
     }
 
     /// The text exposition, with the gauges read at the time of the scrape (`pool`: the
@@ -274,6 +370,7 @@ impl Metrics {
             }
         }
         drop(t);
+        self.render_tenant_uploads(&mut out);
         let _ = writeln!(
             out,
             "# HELP tvix_build_vm_queue_depth Requests waiting for a VM."
@@ -326,6 +423,12 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The HELP and TYPE lines of counter `tvix_build_vm_<name>`.
+fn counter_family(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+    let _ = writeln!(out, "# TYPE tvix_build_vm_{name} counter");
 }
 
 /// One histogram family, each series with its labels (`key="value"`, or empty).

@@ -43,6 +43,7 @@ impl Tenancy {
             max_vms: 1,
             max_queue: 4,
             weight: 1,
+            upload_bytes_per_hour: None,
         };
         let tenants: BTreeMap<_, _> = (0..100).map(|i| (format!("tenant-{i}"), limits)).collect();
         let admission = Admission::with_shares(

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::server::admission::Admission;
 use crate::server::build_host::BuildHost;
 use crate::server::config::{ServeConfig, ServeOptions};
+use crate::server::quota::UploadQuota;
 use crate::server::run::{shutdown_signal, Serving};
 use crate::server::tenant::Authenticator;
 use crate::server::{self, Listener, RouterOptions};
@@ -129,6 +130,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         castore.blobs = Arc::new(FlooredBlobService::new(castore.blobs, Arc::clone(floor)));
     }
     let metrics = Arc::new(Metrics::default());
+    let quota = Arc::new(UploadQuota::new(
+        config.shares.clone(),
+        Arc::clone(&metrics),
+    ));
 
     // Owns the runner's private castore socket: it lives until we return.
     let mut _assembled = None;
@@ -146,7 +151,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Arc::clone(&metrics),
                 )
                 .with_attestor(attestor)
-                .with_disk_floor(disk_floor),
+                .with_disk_floor(disk_floor)
+                .with_quota(Some(Arc::clone(&quota))),
             );
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");
@@ -165,6 +171,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_message_bytes: Some(config.max_message_bytes),
             builds: host.clone().map(|h| (config.protocol, h)),
             auth: Some(auth),
+            quota: Some(quota),
         },
         castore.blobs,
         castore.dirs,

@@ -51,6 +51,8 @@ pub struct TenantLimits {
     pub max_queue: usize,
     /// Its share of the VMs relative to other tenants' weights (at least 1).
     pub weight: u32,
+    /// Bytes it may add to the store per hour ([`super::quota`]); `None`: no limit.
+    pub upload_bytes_per_hour: Option<u64>,
 }
 
 /// Limits per tenant: the configured ones by name, `default` for everyone else.
@@ -68,6 +70,7 @@ impl Shares {
                 max_vms: max_running,
                 max_queue: max_queued,
                 weight: 1,
+                upload_bytes_per_hour: None,
             },
             tenants: BTreeMap::new(),
         }
@@ -81,7 +84,7 @@ impl Shares {
     }
 
     /// The configuration key of `tenant`'s `field` (for error messages).
-    fn key(&self, tenant: &Tenant, field: &str) -> String {
+    pub fn key(&self, tenant: &Tenant, field: &str) -> String {
         match self.tenants.contains_key(tenant.as_str()) {
             true => format!("tenants.{tenant}.{field}"),
             false => format!("tenant-defaults.{field}"),
@@ -493,6 +496,7 @@ mod tests {
                 max_vms: 4,
                 max_queue: 100,
                 weight: 3,
+                upload_bytes_per_hour: None,
             },
         );
         let a = Admission::with_shares(4, 100, shares);
@@ -523,6 +527,7 @@ mod tests {
                 max_vms: 1,
                 max_queue: 1,
                 weight: 1,
+                upload_bytes_per_hour: None,
             },
         );
         let adm = Admission::with_shares(3, 10, shares);

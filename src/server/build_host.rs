@@ -12,6 +12,7 @@
 use super::admission::Admission;
 use super::log_store::LogTee;
 use super::peer::Peer;
+use super::quota::UploadQuota;
 use super::status::BuildError;
 use super::tenant::Tenant;
 use crate::agent::LogChunk;
@@ -55,6 +56,8 @@ pub struct BuildHost {
     attestor: Option<Attestor>,
     /// The free space the store keeps: below it, new builds are refused.
     disk_floor: Option<Arc<DiskFloor>>,
+    /// Charged with each successful build's output bytes, after the fact.
+    quota: Option<Arc<UploadQuota>>,
 }
 
 impl BuildHost {
@@ -67,7 +70,14 @@ impl BuildHost {
             cancel: CancellationToken::new(),
             attestor: None,
             disk_floor: None,
+            quota: None,
         }
+    }
+
+    /// Charges the outputs of a tenant's builds to its upload quota.
+    pub fn with_quota(mut self, quota: Option<Arc<UploadQuota>>) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// Refuses new builds while the store's filesystem is below `floor`.
@@ -252,6 +262,9 @@ impl BuildHost {
                 self.metrics
                     .observe(Phase::Harvest, outcome.timings.harvest);
                 self.metrics.observe_usage(&outcome.accounting);
+                if let Some(quota) = &self.quota {
+                    quota.charge_outputs(tenant, outcome.accounting.output_bytes);
+                }
                 let provenance = match (&self.attestor, &origin) {
                     (Some(attestor), Some(origin)) => {
                         let record = Record {

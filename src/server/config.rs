@@ -65,14 +65,32 @@ pub struct TenantOptions {
     /// Its share of the VMs when they are short, relative to the others' (1 to 1000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Bytes it may add to the store per hour (uploads, and its builds' outputs after the
+    /// fact), e.g. "10G"; "unlimited" lifts a default [default: unlimited].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_bytes_per_hour: Option<String>,
 }
+
+/// The word that lifts an upload limit set in `[tenant-defaults]`.
+const UNLIMITED: &str = "unlimited";
 
 impl TenantOptions {
     fn resolve(&self, lower: TenantLimits, key: &str) -> Result<TenantLimits, ConfigError> {
+        let upload_bytes_per_hour = match self.upload_bytes_per_hour.as_deref() {
+            None => lower.upload_bytes_per_hour,
+            Some(UNLIMITED) => None,
+            Some(size) => Some(parse_size(size).map_err(|e| {
+                invalid(
+                    "tenants",
+                    format!("{key}.upload-bytes-per-hour: {e} (or \"{UNLIMITED}\")"),
+                )
+            })?),
+        };
         let limits = TenantLimits {
             max_vms: self.max_vms.unwrap_or(lower.max_vms),
             max_queue: self.max_queue.unwrap_or(lower.max_queue),
             weight: self.weight.unwrap_or(lower.weight),
+            upload_bytes_per_hour,
         };
         if limits.max_vms == 0 {
             return Err(invalid(
@@ -442,6 +460,10 @@ fn limits_options(l: TenantLimits) -> TenantOptions {
         max_vms: Some(l.max_vms),
         max_queue: Some(l.max_queue),
         weight: Some(l.weight),
+        upload_bytes_per_hour: Some(
+            l.upload_bytes_per_hour
+                .map_or_else(|| UNLIMITED.to_owned(), |n| n.to_string()),
+        ),
     }
 }
 
@@ -551,9 +573,11 @@ mod tests {
             require-auth = true
             [tenant-defaults]
             max-vms = 2
+            upload-bytes-per-hour = "10G"
             [tenants.ci]
             weight = 3
             max-queue = 50
+            upload-bytes-per-hour = "unlimited"
             [tenants.alice]
             max-vms = 1
             "#,
@@ -567,7 +591,8 @@ mod tests {
             TenantLimits {
                 max_vms: 2,
                 max_queue: 50,
-                weight: 3
+                weight: 3,
+                upload_bytes_per_hour: None,
             }
         );
         assert_eq!(
@@ -575,7 +600,8 @@ mod tests {
             TenantLimits {
                 max_vms: 1,
                 max_queue: 20,
-                weight: 1
+                weight: 1,
+                upload_bytes_per_hour: Some(10 << 30),
             }
         );
         assert_eq!(l("bob"), c.shares.default);
@@ -591,6 +617,10 @@ mod tests {
         bad("[tenants.a]\nmax-vms = 0", "tenants.a.max-vms");
         bad("[tenant-defaults]\nweight = 5000", "tenant-defaults.weight");
         bad(
+            "[tenants.a]\nupload-bytes-per-hour = \"lots\"",
+            "tenants.a.upload-bytes-per-hour",
+        );
+        bad(
             "require-auth = true\nlisten = \"127.0.0.1:1\"",
             "require-auth",
         );
@@ -605,6 +635,7 @@ mod tests {
                 "ci".to_owned(),
                 TenantOptions {
                     weight: Some(2),
+                    upload_bytes_per_hour: Some("1G".into()),
                     ..Default::default()
                 },
             )])),

@@ -1,6 +1,8 @@
 //! `tvix.castore.v1.DirectoryService` over any [`DirectoryService`]; the router also serves
 //! it as `snix.castore.v1.DirectoryService` (wire-identical, see [`crate::castore::package`]).
 
+use super::blob::tenant_of;
+use super::quota::UploadQuota;
 use crate::castore::directory::Directory;
 use crate::castore::directory_service::closure::SameStream;
 use crate::castore::{B3Digest, DirectoryService, Error};
@@ -14,11 +16,22 @@ use tonic::{Request, Response, Status, Streaming};
 /// Serves a directory service over gRPC.
 pub struct DirectoryServer {
     directories: Arc<dyn DirectoryService>,
+    /// Charges every upload to its tenant; no quota without.
+    quota: Option<Arc<UploadQuota>>,
 }
 
 impl DirectoryServer {
     pub fn new(directories: Arc<dyn DirectoryService>) -> Self {
-        Self { directories }
+        Self {
+            directories,
+            quota: None,
+        }
+    }
+
+    /// Charges uploads to their tenants' quotas, refusing what would cross one.
+    pub fn with_quota(mut self, quota: Option<Arc<UploadQuota>>) -> Self {
+        self.quota = quota;
+        self
     }
 }
 
@@ -55,12 +68,21 @@ impl pb::directory_service_server::DirectoryService for DirectoryServer {
         &self,
         request: Request<Streaming<pb::Directory>>,
     ) -> Result<Response<pb::PutDirectoryResponse>, Status> {
+        let mut upload = self.quota.as_ref().map(|q| q.upload(tenant_of(&request)));
         let mut stream = request.into_inner();
         let mut putter = self.directories.put_multiple_start();
         let mut same_stream = SameStream::new();
-        // An error or a cancelled stream returns early and drops the putter: nothing stored.
+        let mut size = 0u64;
+        // An error or a cancelled stream returns early and drops the putter: nothing stored
+        // (and the upload's charge is given back).
         while let Some(msg) = stream.message().await? {
-            let digest = B3Digest::of(&msg.encode_to_vec());
+            let bytes = msg.encode_to_vec();
+            let n = bytes.len() as u64;
+            if let Some(upload) = &mut upload {
+                upload.charge(n)?;
+            }
+            size += n;
+            let digest = B3Digest::of(&bytes);
             let dir = Directory::try_from(msg)
                 .map_err(|source| Error::invalid_directory(digest, source))?;
             // The store would take a reference to a directory it holds; the protocol does not.
@@ -68,6 +90,9 @@ impl pb::directory_service_server::DirectoryService for DirectoryServer {
             putter.put(dir).await?;
         }
         let root = putter.close().await?;
+        if let Some(upload) = upload {
+            upload.commit(size);
+        }
         Ok(Response::new(pb::PutDirectoryResponse {
             root_digest: root.into(),
         }))

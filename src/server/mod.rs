@@ -15,6 +15,7 @@ pub mod directory;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;
+pub mod quota;
 pub mod run;
 pub mod status;
 pub mod tenant;
@@ -118,6 +119,8 @@ pub struct RouterOptions {
     /// Who may call, and as which tenant; without, callers are known by their transport
     /// and nobody is refused (a bearer token still is: no token is known).
     pub auth: Option<Arc<tenant::Authenticator>>,
+    /// Charges castore uploads to their tenants; no quota without.
+    pub quota: Option<Arc<quota::UploadQuota>>,
 }
 
 /// Where to listen.
@@ -268,13 +271,15 @@ pub async fn router_with(
     }
     // One server per service answers both packages (wire-identical): the same stores.
     let blob_server = limited!(
-        pb::blob_service_server::BlobServiceServer::new(BlobServer::new(blobs)),
+        pb::blob_service_server::BlobServiceServer::new(
+            BlobServer::new(blobs).with_quota(options.quota.clone())
+        ),
         limit
     );
     let directory_server = limited!(
-        pb::directory_service_server::DirectoryServiceServer::new(DirectoryServer::new(
-            directories
-        )),
+        pb::directory_service_server::DirectoryServiceServer::new(
+            DirectoryServer::new(directories).with_quota(options.quota.clone())
+        ),
         limit
     );
     let mut router = server

@@ -6,7 +6,7 @@
 //! | `INVALID_ARGUMENT`    | the request breaks the wire contract; the message names the field |
 //! | `FAILED_PRECONDITION` | it cannot run on this host: an unsatisfiable constraint (system, memory, a read-only path, /dev/kvm, network, /bin/sh) or an input missing from the castore |
 //! | `UNAUTHENTICATED`     | (any RPC) a bearer token not in the tokens file, a malformed `authorization`, or no proof at all under `--require-auth` |
-//! | `RESOURCE_EXHAUSTED`  | the build queue (the host's or the tenant's) is full; retry later or elsewhere |
+//! | `RESOURCE_EXHAUSTED`  | the build queue (the host's or the tenant's) is full; retry later or elsewhere; (castore uploads) the tenant's upload quota would be crossed, the message names the limit and when it resets |
 //! | `ABORTED`             | the build ran and failed: exit code, signal, OOM kill, a missing output, or the guest broke a limit or the protocol; retrying will not help |
 //! | `DEADLINE_EXCEEDED`   | the build's wall-clock or silence limit fired; the message says which and carries the partial log |
 //! | `UNAVAILABLE`         | our side could not run it right now (the VM did not start or boot, a helper died, the service is shutting down); retrying may help |
@@ -17,6 +17,7 @@
 //! `x-tvix-build-vm-log-digest` metadata. Build failures carry the end of the log.
 
 use super::admission::QueueFull;
+use super::quota::OverQuota;
 use super::tenant::AuthError;
 use crate::agent::LogRef;
 use crate::castore::blob::floor::BelowFloor;
@@ -178,6 +179,12 @@ fn bounded(text: String, max: usize) -> String {
 impl From<AuthError> for tonic::Status {
     fn from(e: AuthError) -> Self {
         tonic::Status::unauthenticated(e.to_string())
+    }
+}
+
+impl From<OverQuota> for tonic::Status {
+    fn from(e: OverQuota) -> Self {
+        tonic::Status::resource_exhausted(e.to_string())
     }
 }
 
