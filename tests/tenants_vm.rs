@@ -7,42 +7,16 @@
 
 mod support;
 
-use sha2::{Digest, Sha256};
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::cli::Env;
 use support::serve::*;
+use support::tokens::{with_token, write_tokens};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tvix_build_vm::proto::build::build_service_client::BuildServiceClient;
 use tvix_build_vm::proto::build_vm::build_vm_service_client::BuildVmServiceClient;
 use tvix_build_vm::proto::castore::blob_service_client::BlobServiceClient;
 use tvix_build_vm::proto::{build as pb, build_vm as pbvm, castore as cpb};
-
-/// A tokens file line for `tenant` holding `token`.
-fn token_line(tenant: &str, token: &str) -> String {
-    let hex: String = Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{tenant} {hex}\n")
-}
-
-fn write_tokens(path: &Path, lines: &[(&str, &str)]) {
-    let text: String = lines.iter().map(|(t, k)| token_line(t, k)).collect();
-    // Written aside and renamed: the server never reads half a file.
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, format!("# tenants of this test\n{text}")).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// `msg` with `authorization: Bearer <token>`.
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
 
 /// Sends `req` as `token` on the streaming RPC; when it gets its VM, the time (since `t0`).
 /// Returns the start time and whether the build succeeded.

@@ -66,6 +66,9 @@ pub enum Command {
     FsDaemon(fs_daemon::FsDaemonArgs),
 }
 
+/// The log target of tonic's TLS accept loop.
+const TLS_ACCEPT_ERRORS: &str = "tonic::transport::server::io_stream";
+
 /// Sets up tracing on stderr at the level the flags ask for (RUST_LOG overrides).
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::{fmt, EnvFilter};
@@ -76,7 +79,13 @@ fn init_logging(cli: &Cli) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // tonic reports a refused TLS handshake (a client certificate that is expired or of
+    // another CA) only at debug; at the default levels an operator should see it too.
+    let directives = match level {
+        "info" | "warn" => format!("{level},{TLS_ACCEPT_ERRORS}=debug"),
+        _ => level.to_owned(),
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives));
     let builder = fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

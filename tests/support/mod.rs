@@ -15,6 +15,7 @@
 //! - [`provenance`]: an independent DSSE verifier (Python's `cryptography`) and NAR hashes
 //!   by `nix-store --dump`.
 //! - [`tls`]: a throwaway CA for mutual-TLS tests ([`tls::TestCa`]).
+//! - [`tokens`]: bearer tokens: a tokens file, requests that carry one.
 //! - [`nix_chroot`]: a real Nix in the chroot `scripts/nix-chroot.sh` builds, with our
 //!   binary as its `external-builders` program.
 //! - [`garage`]: a 3-node Garage cluster (S3-compatible object store) for the fleet tests.
@@ -35,6 +36,7 @@ pub mod provenance;
 pub mod serve;
 pub mod snix;
 pub mod tls;
+pub mod tokens;
 pub mod vm;
 
 use std::os::unix::process::CommandExt;

@@ -28,10 +28,20 @@ impl TestCa {
     /// (certificate PEM, key PEM) for `common_name`, also valid for the DNS name
     /// `localhost`.
     pub fn issue(&self, common_name: &str) -> (String, String) {
+        self.sign(leaf(common_name))
+    }
+
+    /// Like [`TestCa::issue`], but valid only during 2020: expired.
+    pub fn issue_expired(&self, common_name: &str) -> (String, String) {
+        let mut p = leaf(common_name);
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        self.sign(p)
+    }
+
+    fn sign(&self, p: CertificateParams) -> (String, String) {
         let issuer = Issuer::from_params(&self.params, &self.key);
         let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, common_name);
         (
             p.signed_by(&key, &issuer).unwrap().pem(),
             key.serialize_pem(),
@@ -58,10 +68,64 @@ impl TestCa {
 
     /// A client TLS config trusting this CA, presenting a certificate for `common_name`.
     pub fn client(&self, common_name: &str) -> ClientTlsConfig {
-        let (cert, key) = self.issue(common_name);
+        self.client_presenting(self.issue(common_name))
+    }
+
+    /// A client TLS config trusting this CA, presenting `(cert, key)` (PEM), whoever
+    /// issued it.
+    pub fn client_presenting(&self, (cert, key): (String, String)) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.pem))
             .domain_name("localhost")
             .identity(Identity::from_pem(cert, key))
+    }
+}
+
+/// The parameters of a certificate for `common_name`, valid for `localhost`.
+fn leaf(common_name: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, common_name);
+    p
+}
+
+impl TestCa {
+    /// A TLS handshake with rustls itself (no gRPC on top), presenting `(cert, key)` (PEM)
+    /// to `127.0.0.1:port` and trusting this CA; then one write and one read, which is
+    /// where TLS 1.3 delivers a server's refusal of the client certificate. The error of the
+    /// first step that failed, or `Ok` when the server took the certificate.
+    pub fn raw_handshake(&self, port: u16, (cert, key): (String, String)) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap())
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+        // The HTTP/2 preface: what a gRPC client sends first.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .map_err(|e| format!("handshake or write: {e}"))?;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf) {
+            Ok(0) => Err("read: the connection closed without an alert".to_owned()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("read: {e}")),
+        }
     }
 }
