@@ -61,3 +61,26 @@ pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
         .map(|(x, y)| x / y)
         .collect()
 }
+
+/// A distribution-free 95% confidence interval of the median of `samples`: the order
+/// statistics `[x_(k), x_(n+1-k)]` with the largest `k` whose coverage, from the binomial
+/// distribution of how many samples fall below the true median, is still at least 95%.
+/// `None` below 6 samples, where even `[min, max]` covers less than 95%.
+pub fn median_ci95(samples: &[f64]) -> Option<(f64, f64)> {
+    let mut s: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    // P(B <= j) for B ~ Binomial(n, 1/2), accumulated term by term.
+    let mut pmf = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut below = 0.0;
+    let mut k = 0;
+    for j in 0..n / 2 {
+        below += pmf;
+        if 2.0 * below > 0.05 {
+            break;
+        }
+        k = j + 1;
+        pmf = pmf * (n - j) as f64 / (j + 1) as f64;
+    }
+    (k >= 1).then(|| (s[k - 1], s[n - k]))
+}
