@@ -1,7 +1,8 @@
 //! Tenants on a real `serve` with real VMs: bearer tokens from a tokens file, fair admission
 //! between tenants (one tenant's flood does not starve another's single build, and its
-//! excess is refused naming its limit), UNAUTHENTICATED for unknown or missing proof, and a
-//! tokens file reread on SIGHUP without dropping a running build.
+//! excess is refused naming its limit), UNAUTHENTICATED for unknown or missing proof, a
+//! tokens file reread on SIGHUP without dropping a running build, and build outputs charged
+//! to the tenant's upload quota.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -372,4 +373,71 @@ async fn a_client_certificate_names_the_tenant() {
         "{}",
         server.log()
     );
+}
+
+/// A tenant's build outputs are charged to its upload quota after the build: the build is
+/// never refused for it (it already ran), but it takes the tenant over its limit and its
+/// next castore upload is refused naming the limit, while another tenant uploads fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn build_outputs_count_against_the_upload_quota() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens, &[("alice", "tok-alice"), ("bob", "tok-bob")]);
+    let config = dir.path().join("serve.toml");
+    std::fs::write(&config, "[tenants.alice]\nupload-bytes-per-hour = \"1M\"\n").unwrap();
+    let server = Serve::start(
+        &env,
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let channel = server.channel();
+    // Uploaded as the unix uid's tenant, under the defaults: no limit.
+    let busybox = upload_busybox(channel.clone()).await;
+    const OUT: u64 = 3 << 20;
+    let req = seed_request(
+        busybox,
+        &format!("head -c {OUT} /dev/zero > /nix/store/out"),
+        &["out"],
+    );
+    let build = BuildServiceClient::new(channel.clone())
+        .do_build(with_token(req, "tok-alice"))
+        .await
+        .expect("an output over the quota is charged, not refused")
+        .into_inner();
+    assert_eq!(build.outputs.len(), 1);
+
+    let put = |token: &'static str| {
+        let chunk = cpb::BlobChunk {
+            data: bytes::Bytes::from_static(b"one more byte"),
+        };
+        let mut blobs = BlobServiceClient::new(channel.clone());
+        async move {
+            blobs
+                .put(with_token(futures::stream::iter(vec![chunk]), token))
+                .await
+        }
+    };
+    let e = put("tok-alice").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("tenants.alice.upload-bytes-per-hour = 1048576"),
+        "{e:?}"
+    );
+    let charged: u64 = e
+        .message()
+        .split("): ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no charged bytes in {e:?}"));
+    assert!(charged >= OUT, "{charged} < {OUT}: {e:?}");
+    put("tok-bob").await.expect("bob has no quota");
+    drop(server);
+    env.assert_clean();
 }
