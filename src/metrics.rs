@@ -1,6 +1,6 @@
 //! Service metrics in the Prometheus text format: builds by result, queue depth, VMs
 //! running, histograms of the phases of a build and of what successful builds cost (CPU
-//! time, peak memory, bytes read and written).
+//! time, peak memory, bytes read and written), and bytes charged to tenants' upload quotas.
 
 use crate::runner::pool::PoolStats;
 use crate::runner::Accounting;
