@@ -1,8 +1,9 @@
 //! Tenants on a real castore-only `serve` over real gRPC (no VMs): the per-tenant upload
 //! quota (an upload that would cross it is refused with RESOURCE_EXHAUSTED and nothing of
 //! it is stored, on the blob and the directory service, in the tvix and the snix package),
-//! and client certificates under mutual TLS that prove nothing (expired, or issued by
-//! another CA) refused in the handshake, which the server logs.
+//! and client certificates under mutual TLS that prove nothing (expired, issued by another
+//! CA, self-signed, or not a certificate at all) refused in the handshake, which the server
+//! logs.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -358,7 +359,7 @@ async fn assert_refused_over_grpc(port: u16, tls: tonic::transport::ClientTlsCon
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn expired_or_foreign_client_certificates_are_refused_in_the_handshake() {
+async fn expired_foreign_or_malformed_client_certificates_are_refused_in_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();
     let ca = support::tls::TestCa::new();
@@ -392,6 +393,12 @@ async fn expired_or_foreign_client_certificates_are_refused_in_the_handshake() {
         // Both test CAs are named "test CA": the server finds the issuer by name and
         // refuses the signature (rustls' alert for a bad signature).
         ("foreign", foreign, "DecryptError"),
+        (
+            "self-signed",
+            support::tls::TestCa::self_signed("alice"),
+            "UnknownCA",
+        ),
+        ("garbage", support::tls::TestCa::garbage(), "BadCertificate"),
     ] {
         let e = tokio::task::block_in_place(|| ca.raw_handshake(port, cert)).unwrap_err();
         assert!(e.contains(alert), "{what}: {e}");
@@ -399,11 +406,13 @@ async fn expired_or_foreign_client_certificates_are_refused_in_the_handshake() {
     server.wait_for(
         || {
             let log = server.log();
-            log.matches("tls accept error").count() >= 2
+            log.matches("tls accept error").count() >= 4
         },
-        "the server logs both refused handshakes",
+        "the server logs the refused handshakes",
     );
     let log = server.log();
     assert!(log.to_lowercase().contains("expired"), "{log}");
-    assert!(log.contains("BadSignature"), "{log}");
+    for reason in ["BadSignature", "UnknownIssuer", "BadEncoding"] {
+        assert!(log.contains(reason), "{reason}: {log}");
+    }
 }

@@ -39,6 +39,20 @@ impl TestCa {
         self.sign(p)
     }
 
+    /// A certificate for `common_name` that signs itself: no CA vouches for it.
+    pub fn self_signed(common_name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf(common_name).self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Garbage in a PEM certificate block, with a real key: not a certificate at all.
+    pub fn garbage() -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGUgYXQgYWxs\n-----END CERTIFICATE-----\n";
+        (pem.to_owned(), key.serialize_pem())
+    }
+
     fn sign(&self, p: CertificateParams) -> (String, String) {
         let issuer = Issuer::from_params(&self.params, &self.key);
         let key = KeyPair::generate().unwrap();
@@ -104,14 +118,16 @@ impl TestCa {
             .unwrap();
         let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signer = provider.key_provider.load_private_key(key).unwrap();
+        // Sent as it is: rustls' own client setup would refuse a certificate that does not
+        // parse or match the key, and the server must be shown refusing it too.
+        let presented = PresentAnyway(Arc::new(rustls::sign::CertifiedKey::new(chain, signer)));
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(presented));
         let name = ServerName::try_from("localhost").unwrap();
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -127,5 +143,23 @@ impl TestCa {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("read: {e}")),
         }
+    }
+}
+
+/// Presents one certificate chain, whatever it holds.
+#[derive(Debug)]
+struct PresentAnyway(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for PresentAnyway {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
