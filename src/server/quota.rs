@@ -332,6 +332,35 @@ mod tests {
         stored(&q, "small", 50, t0 + WINDOW);
         drop(old);
         assert_eq!(q.used_at(&t("small"), t0 + WINDOW), 50);
+
+        // One call across the reset: only what it was charged in the new window goes back.
+        let t1 = t0 + WINDOW * 2;
+        let mut across = q.upload(t("small"));
+        across.charge_at(90, t1).unwrap();
+        stored(&q, "small", 10, t1 + WINDOW);
+        across.charge_at(30, t1 + WINDOW).unwrap();
+        drop(across);
+        assert_eq!(q.used_at(&t("small"), t1 + WINDOW), 10);
+    }
+
+    #[test]
+    fn ended_windows_are_swept_when_many() {
+        let q = quota();
+        let t0 = Instant::now();
+        for i in 0..=SWEEP_ABOVE {
+            stored(&q, &format!("t{i}"), 1, t0);
+        }
+        stored(&q, "late", 1, t0 + WINDOW / 2);
+        assert_eq!(
+            q.lock().windows.len(),
+            SWEEP_ABOVE + 2,
+            "none has ended yet"
+        );
+        stored(&q, "later", 1, t0 + WINDOW);
+        let left: Vec<String> = q.lock().windows.keys().map(|t| t.to_string()).collect();
+        left.iter()
+            .for_each(|t| assert!(t.starts_with("late"), "{t}"));
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 
     #[test]
