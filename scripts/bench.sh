@@ -2,7 +2,8 @@
 # Runs the benchmark harness (docs/benchmarks.md) and prints its table; the JSON goes to
 # target/bench/latest.json (or --json PATH).
 #   scripts/bench.sh [--quick] [--json PATH] [--only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro,nix] [--reps N]
-#   scripts/bench.sh --only fleet    the fleet rows (scripts/bench-fleet.sh)
+#   scripts/bench.sh --only fleet    the fleet rows: reads (scripts/bench-fleet.sh), then
+#                                    builds (section 19 of the VM harness)
 # snix (row 8): the trivial build through a real `serve` as snix.build.v1 DoBuild and as the
 # seed-layout DoBuild, interleaved; the ratio is snix over seed (target <= 1.02x).
 # Installs what the peers need first: virtiofsd 1.14.0 from crates.io into a cache outside
@@ -36,10 +37,16 @@ prev=""
 for a in "$@"; do [ "$prev" = --only ] && only=$a; prev=$a; done
 
 # The fleet rows (docs/fleet.md) need Garage and HAProxy and start their own fleet: only
-# when asked for, `--only fleet`.
+# when asked for, `--only fleet`. The read rows print their own table; the build rows are
+# the VM harness's section 19 (its JSON goes where --json says, as for the others).
 if [[ ",$only," == *,fleet,* ]]; then
-  scripts/bench-fleet.sh
-  exit 0
+  cargo build --locked --release --quiet --bin tvix-build-vm >&2
+  reps=""
+  prev=""
+  for a in "$@"; do [ "$prev" = --reps ] && reps=$a; prev=$a; done
+  BENCH_REPS=${reps:-${BENCH_REPS:-3}} \
+    BENCH_BIN=${CARGO_TARGET_DIR:-target}/release/tvix-build-vm scripts/bench-fleet.sh
+  exec cargo bench --locked --bench vm -- "$@"
 fi
 
 # Item 7 (criterion) first, so that the VM harness can fold its results into the table.

@@ -6,7 +6,8 @@
 //! with TVIX_BUILD_VM_KERNEL, TVIX_BUILD_VM_AGENT and VIRTIOFSD set. Sections: `boot`
 //! (1, 2), `fs` (3), `harvest` (4), `memory` (5), `concurrency` (6), `snix` (8),
 //! `provenance` (17), `tenants` (18); `micro` (7) only reads criterion's results of `cargo
-//! bench --bench castore`.
+//! bench --bench castore`; `fleet` (19) runs only when `--only` names it (it needs Garage
+//! and HAProxy, and starts `scripts/fleet.sh`).
 //!
 //! A `harness = false` bench rather than a CLI subcommand: it needs peers (virtiofsd,
 //! bubblewrap, guest C programs) that have no place in the shipped binary, it still gets
@@ -15,12 +16,14 @@
 
 mod boot;
 mod concurrency;
+mod fleet;
 mod fs;
 mod harvest;
 mod memory;
 mod micro;
 mod provenance;
 mod report;
+mod served;
 mod service;
 mod setup;
 mod snix;
@@ -41,6 +44,7 @@ struct Plan {
     harvest_reps: usize,
     memory_reps: usize,
     concurrency_rounds: usize,
+    fleet_reps: usize,
     only: Option<Vec<String>>,
     json: PathBuf,
 }
@@ -61,6 +65,7 @@ impl Plan {
                 harvest_reps: 1,
                 memory_reps: 1,
                 concurrency_rounds: 1,
+                fleet_reps: 1,
                 only: None,
                 json: PathBuf::new(),
             }
@@ -77,6 +82,7 @@ impl Plan {
                 harvest_reps: 3,
                 memory_reps: 3,
                 concurrency_rounds: 3,
+                fleet_reps: 3,
                 only: None,
                 json: PathBuf::new(),
             }
@@ -105,13 +111,22 @@ impl Plan {
                     plan.harvest_reps = n;
                     plan.memory_reps = n;
                     plan.concurrency_rounds = n;
+                    plan.fleet_reps = n;
                 }
                 other => bail!(
-                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro, --reps N"
+                    "unknown argument {other:?}; use --quick, --json PATH, --only boot,fs,harvest,memory,concurrency,provenance,snix,tenants,micro,fleet, --reps N"
                 ),
             }
         }
         Ok(plan)
+    }
+
+    /// Whether `--only` names `section`: for sections that need more than the others
+    /// (the fleet needs Garage and HAProxy) and so run only when asked for.
+    fn asks_for(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|s| s == section))
     }
 
     fn wants(&self, section: &str) -> bool {
@@ -174,6 +189,10 @@ async fn run(plan: Plan, command: String) -> anyhow::Result<Report> {
     if plan.wants("tenants") {
         eprintln!("bench: 18 build for a tenant vs bare");
         rows.extend(tenants::run(&svc, plan.boot_reps).await?);
+    }
+    if plan.asks_for("fleet") {
+        eprintln!("bench: 19 builds through the fleet's front vs one host");
+        rows.extend(fleet::run(&env, plan.fleet_reps, plan.fs.big_mib).await?);
     }
     if plan.wants("micro") {
         rows.extend(micro::rows());

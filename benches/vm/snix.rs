@@ -6,57 +6,16 @@
 
 use crate::boot::TRIVIAL_SCRIPT;
 use crate::report::{Row, Target};
+use crate::served::serve;
 use crate::service::NIX_ENV;
-use crate::setup::{secs, Env, TRIVIAL_MEMORY_MIB};
+use crate::setup::{secs, Env};
 use crate::stats::ratios;
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use std::time::Instant;
+use tonic::transport::Channel;
 use tvix_build_vm::castore::blob::{put_bytes, GrpcBlobService};
 use tvix_build_vm::proto::{build as seed, snix_build as snix, snix_castore};
-
-/// A `serve` child, killed when dropped.
-struct Served {
-    _child: tokio::process::Child,
-    channel: Channel,
-}
-
-async fn serve(env: &Env) -> anyhow::Result<Served> {
-    let sock = env.scratch("snix-serve")?.join("s.sock");
-    let child = tokio::process::Command::new(&env.cli)
-        .arg("serve")
-        .arg("--store")
-        .arg(env.scratch("snix-store")?)
-        .arg("--runtime-dir")
-        .arg(env.scratch("snix-rt")?)
-        .arg("--kernel")
-        .arg(&env.kernel)
-        .arg("--agent")
-        .arg(&env.agent)
-        .args(["--vm-memory", &format!("{TRIVIAL_MEMORY_MIB}M")])
-        .args(["--boot-timeout", "120s", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting tvix-build-vm serve")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::UnixStream::connect(&sock).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("tvix-build-vm serve did not listen on {}", sock.display());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let channel = Endpoint::from_shared(format!("unix://{}", sock.display()))?.connect_lazy();
-    Ok(Served {
-        _child: child,
-        channel,
-    })
-}
 
 /// The environment both layouts send: Nix's defaults plus `out`, sorted.
 fn env_vars() -> Vec<(&'static str, &'static str)> {
@@ -137,7 +96,7 @@ async fn requests(
 }
 
 pub async fn run(env: &Env, reps: usize) -> anyhow::Result<Vec<Row>> {
-    let served = serve(env).await?;
+    let served = serve(env, "snix").await?;
     let (seed_req, snix_req) = requests(served.channel.clone(), env).await?;
     let mut seed_client =
         seed::build_service_client::BuildServiceClient::new(served.channel.clone());

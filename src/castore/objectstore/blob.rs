@@ -2,6 +2,7 @@
 //! (see the module above for the layout).
 
 use super::cache::ChunkCache;
+use super::verified::{ChunkList, VerifiedLists};
 use super::{decompress_bounded, get_bounded, store_error, Bucket};
 use crate::castore::blob::{BlobReader, BlobService, BlobWriter};
 use crate::castore::{B3Digest, Error};
@@ -32,6 +33,8 @@ pub const MAX_INDEX_OBJECT: usize = 64 << 20;
 pub struct ObjectStoreBlobService {
     bucket: Bucket,
     cache: Option<Arc<ChunkCache>>,
+    /// Indexes proven by a whole read in this process: reads of them skip the blob hash.
+    verified: Arc<VerifiedLists>,
 }
 
 impl ObjectStoreBlobService {
@@ -39,6 +42,7 @@ impl ObjectStoreBlobService {
         Self {
             bucket,
             cache: None,
+            verified: Arc::new(VerifiedLists::new()),
         }
     }
 
@@ -47,6 +51,7 @@ impl ObjectStoreBlobService {
         Self {
             bucket,
             cache: Some(cache),
+            verified: Arc::new(VerifiedLists::new()),
         }
     }
 
@@ -194,9 +199,13 @@ impl BlobService for ObjectStoreBlobService {
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        // The index is fetched on every open (the bucket stays the authority on what
+        // exists); only the whole-blob hash is skipped when it is the list proven before.
         let Some(chunks) = self.chunks(digest).await? else {
             return Ok(None);
         };
+        let chunks = ChunkList::from(chunks);
+        let proven = self.verified.get(digest).is_some_and(|p| p == chunks);
         let chunks = if chunks.is_empty() {
             // One chunk: the blob itself; its size is only known after the fetch.
             let Some(data) = cached_chunk(&self.bucket, self.cache.as_ref(), digest, None).await?
@@ -211,11 +220,13 @@ impl BlobService for ObjectStoreBlobService {
         } else {
             chunks
         };
+        let verified = (!proven).then(|| self.verified.clone());
         Ok(Some(Box::new(ChunkedReader::new(
             self.bucket.clone(),
             self.cache.clone(),
             *digest,
             chunks,
+            verified,
         ))))
     }
 
@@ -371,17 +382,38 @@ impl BlobWriter for ObjectStoreBlobWriter {
 /// A chunk being fetched by its own task, so several are in flight while one is read.
 type Fetch = tokio::task::JoinHandle<Result<Option<Bytes>, Error>>;
 
-/// Chunks fetched ahead of the read position (the one under it included). One at a time
-/// a cold 256 MiB read waited out ~1000 sequential bucket round trips (16 s here); a few
-/// in flight overlap them. Bounded: at most this many chunks (each at most
-/// [`MAX_READ_CHUNK`]) are held beyond the current one.
-const READ_AHEAD: usize = 8;
+/// Bytes of chunks fetched ahead of the read position (the chunk under it included; that
+/// one is fetched whatever its size). One at a time a cold 256 MiB read waited out ~1000
+/// sequential bucket round trips (16 s here); several in flight overlap them. Bounded in
+/// bytes, not chunks, so that chunks of other writers (up to [`MAX_READ_CHUNK`]) cannot
+/// multiply the memory a reader holds.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
+/// And at most this many requests in flight per reader (32 of our 256 KiB chunks).
+const READ_AHEAD_MAX: usize = 32;
+
+/// The end (exclusive) of the read-ahead window starting at chunk `idx` of `chunks`
+/// ((digest, size, offset)): at least `idx + 1` (if that chunk exists), at most
+/// [`READ_AHEAD_MAX`] chunks, and no chunk beyond the first that would take the window
+/// past [`READ_AHEAD_BYTES`].
+fn read_ahead_end(chunks: &[(B3Digest, u64, u64)], idx: usize) -> usize {
+    let mut end = idx;
+    let mut bytes = 0u64;
+    while end < chunks.len() && end - idx < READ_AHEAD_MAX {
+        bytes = bytes.saturating_add(chunks[end].1);
+        if end > idx && bytes > READ_AHEAD_BYTES {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
 
 /// Reads a chunked blob, fetching the chunk under the read position on demand and the next
-/// few ahead of it ([`READ_AHEAD`]; a seek elsewhere drops them). Each chunk
-/// is checked against its digest; a read from the start to the end is also checked
-/// against the blob's digest (the index could list valid chunks of another blob), and a
-/// mismatch is an error at the end instead of the end of file.
+/// few ahead of it ([`read_ahead_end`]; a seek elsewhere drops them). Each chunk is
+/// checked against its digest; unless the list is proven already ([`VerifiedLists`]), a
+/// read from the start to the end is also checked against the blob's digest (the index
+/// could list valid chunks of another blob), and a mismatch is an error at the end
+/// instead of the end of file.
 struct ChunkedReader {
     bucket: Bucket,
     cache: Option<Arc<ChunkCache>>,
@@ -394,8 +426,11 @@ struct ChunkedReader {
     current: Option<(usize, Bytes)>,
     /// Fetches in flight, for consecutive chunk indexes, the lowest first.
     ahead: std::collections::VecDeque<(usize, Fetch)>,
-    /// Hash of bytes read so far, while reads have been sequential from the start.
+    /// Hash of bytes read so far, while reads have been sequential from the start; `None`
+    /// from the start when the list is proven already.
     sequential: Option<(blake3::Hasher, u64)>,
+    /// Where to record the list once a whole read proved it (with the list as given).
+    prove: Option<(Arc<VerifiedLists>, ChunkList)>,
 }
 
 impl ChunkedReader {
@@ -403,11 +438,12 @@ impl ChunkedReader {
         bucket: Bucket,
         cache: Option<Arc<ChunkCache>>,
         blob: B3Digest,
-        list: Vec<(B3Digest, u64)>,
+        list: ChunkList,
+        verified: Option<Arc<VerifiedLists>>,
     ) -> Self {
         let mut chunks = Vec::with_capacity(list.len());
         let mut off = 0u64;
-        for (d, s) in list {
+        for &(d, s) in list.iter() {
             chunks.push((d, s, off));
             off = off.saturating_add(s);
         }
@@ -420,14 +456,15 @@ impl ChunkedReader {
             pos: 0,
             current: None,
             ahead: std::collections::VecDeque::new(),
-            sequential: Some((blake3::Hasher::new(), 0)),
+            sequential: verified.is_some().then(|| (blake3::Hasher::new(), 0)),
+            prove: verified.map(|v| (v, list)),
         }
     }
 
-    /// Starts fetches so that chunks `idx..idx + READ_AHEAD` (those that exist) are in
+    /// Starts fetches so that the read-ahead window from `idx` ([`read_ahead_end`]) is in
     /// flight; `ahead` holds consecutive indexes from `idx` on.
     fn fill_ahead(&mut self, idx: usize) {
-        let end = idx.saturating_add(READ_AHEAD).min(self.chunks.len());
+        let end = read_ahead_end(&self.chunks, idx);
         let mut next = self.ahead.back().map_or(idx, |(i, _)| i + 1);
         while next < end {
             let (d, s, _) = self.chunks[next];
@@ -456,14 +493,18 @@ impl AsyncRead for ChunkedReader {
         let this = self.get_mut();
         if this.pos >= this.total || out.remaining() == 0 {
             if let Some((hasher, n)) = this.sequential.take() {
-                if n == this.total && B3Digest::from(hasher.finalize()) != this.blob {
-                    return Poll::Ready(Err(io::Error::other(Error::Corrupt {
-                        what: "blob",
-                        digest: this.blob,
-                        reason: "its chunks do not hash to it".into(),
-                    })));
-                }
-                if n != this.total {
+                if n == this.total {
+                    if B3Digest::from(hasher.finalize()) != this.blob {
+                        return Poll::Ready(Err(io::Error::other(Error::Corrupt {
+                            what: "blob",
+                            digest: this.blob,
+                            reason: "its chunks do not hash to it".into(),
+                        })));
+                    }
+                    if let Some((verified, list)) = this.prove.take() {
+                        verified.insert(this.blob, list);
+                    }
+                } else {
                     this.sequential = Some((hasher, n));
                 }
             }
@@ -642,17 +683,15 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let b = bucket();
         let svc = ObjectStoreBlobService::new(b.clone());
-        let data = noise(5 << 20);
+        // More than one read-ahead window.
+        let len = READ_AHEAD_BYTES as usize + (4 << 20);
+        let data = noise(len);
         let d = put_bytes(&svc, &data).await.unwrap();
-        assert!(
-            keys(&b, "chunks").await.len() > READ_AHEAD,
-            "enough chunks to read ahead"
-        );
         let mut r = svc.open_read(&d).await.unwrap().unwrap();
         let mut buf = vec![0u8; 1000];
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(buf, data[..1000]);
-        for at in [3 << 20, 10, (5 << 20) - 1000, 2 << 20, 0] {
+        for at in [3 << 20, 10, len - 1000, len - (3 << 20), 2 << 20, 0] {
             r.seek(SeekFrom::Start(at as u64)).await.unwrap();
             r.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, data[at..at + 1000], "at {at}");
@@ -711,6 +750,22 @@ mod tests {
         );
     }
 
+    /// Puts the index object of `from` under the key of `to`.
+    async fn copy_index(b: &Bucket, from: &B3Digest, to: &B3Digest) {
+        let index = b
+            .store
+            .get(&b.blob_key(from))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        b.store
+            .put(&b.blob_key(to), PutPayload::from(index))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn an_index_listing_another_blobs_chunks_fails_a_full_read() {
         let b = bucket();
@@ -719,21 +774,13 @@ mod tests {
         let mut other_data = noise(2 << 20);
         other_data[0] ^= 1;
         let other = put_bytes(&svc, &other_data).await.unwrap();
-        let index = b
-            .store
-            .get(&b.blob_key(&other))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        b.store
-            .put(&b.blob_key(&one), PutPayload::from(index))
-            .await
-            .unwrap();
+        copy_index(&b, &other, &one).await;
         let err = read_to_vec(&svc, &one).await.unwrap_err();
         let msg = crate::castore::error::error_chain(&err);
         assert!(msg.contains(&one.to_string()), "{msg}");
+        // Refused, so not remembered as proven: a second read is refused too.
+        assert!(svc.verified.get(&one).is_none());
+        assert!(read_to_vec(&svc, &one).await.is_err());
     }
 
     #[tokio::test]
@@ -770,5 +817,82 @@ mod tests {
         std::fs::write(&victim, &bytes).unwrap();
         assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
         assert_eq!(counts.gets.load(Ordering::Relaxed), gets_after_first + 3);
+    }
+
+    /// Only a whole read proves an index (after a partial one, nothing is remembered), and
+    /// only that very list is trusted later (a bad index is never remembered: the test
+    /// above).
+    #[tokio::test]
+    async fn only_a_whole_matching_read_proves_an_index() {
+        use crate::castore::objectstore::counting::CountingStore;
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncReadExt;
+        let counting = Arc::new(CountingStore::new(Arc::new(InMemory::new())));
+        let counts = counting.counts.clone();
+        let b = Bucket::new(counting, Path::from("base"));
+        let svc = ObjectStoreBlobService::new(b.clone());
+        let data = noise(2 << 20);
+        let d = put_bytes(&svc, &data).await.unwrap();
+        let gets = || counts.gets.load(Ordering::Relaxed);
+
+        let mut r = svc.open_read(&d).await.unwrap().unwrap();
+        let mut buf = vec![0u8; 1000];
+        r.read_exact(&mut buf).await.unwrap();
+        drop(r);
+        assert!(svc.verified.get(&d).is_none());
+        let before = gets();
+        assert_eq!(read_to_vec(&svc, &d).await.unwrap().unwrap(), data);
+        assert!(gets() > before, "the index and the chunks were fetched");
+        assert_eq!(
+            svc.verified
+                .get(&d)
+                .unwrap()
+                .iter()
+                .map(|c| c.1)
+                .sum::<u64>(),
+            data.len() as u64
+        );
+
+        // Proven, and then the bucket's index changes to another blob's chunks: that list
+        // is not the proven one, so the read is hashed again and refused.
+        let mut other_data = data.clone();
+        other_data[0] ^= 1;
+        let other = put_bytes(&svc, &other_data).await.unwrap();
+        copy_index(&b, &other, &d).await;
+        let err = read_to_vec(&svc, &d).await.unwrap_err();
+        let msg = crate::castore::error::error_chain(&err);
+        assert!(msg.contains(&d.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn the_read_ahead_window_is_bounded_in_bytes_and_requests() {
+        let list = |sizes: &[u64]| {
+            let mut off = 0;
+            sizes
+                .iter()
+                .map(|&s| {
+                    off += s;
+                    (B3Digest::of(&[]), s, off - s)
+                })
+                .collect::<Vec<_>>()
+        };
+        // Our chunks: the request bound.
+        let ours = list(&[AVG_CHUNK as u64; 100]);
+        assert_eq!(read_ahead_end(&ours, 0), READ_AHEAD_MAX);
+        assert_eq!(read_ahead_end(&ours, 90), 100);
+        assert_eq!(read_ahead_end(&ours, 100), 100);
+        // Large chunks: the byte bound, and never less than the chunk under the position.
+        let big = list(&[3 << 20; 10]);
+        assert_eq!(
+            read_ahead_end(&big, 0),
+            (READ_AHEAD_BYTES / (3 << 20)) as usize
+        );
+        let huge = list(&[MAX_READ_CHUNK as u64; 3]);
+        assert_eq!(read_ahead_end(&huge, 1), 2);
+        for idx in 0..ours.len() {
+            let end = read_ahead_end(&ours, idx);
+            let bytes: u64 = ours[idx..end].iter().map(|c| c.1).sum();
+            assert!(end > idx && end - idx <= READ_AHEAD_MAX && bytes <= READ_AHEAD_BYTES);
+        }
     }
 }

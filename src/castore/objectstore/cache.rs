@@ -61,6 +61,27 @@ pub struct ChunkCache {
     state: Mutex<State>,
 }
 
+/// Reads a cached chunk through one open file and checks it; `None` if it cannot be read
+/// or does not match. Refreshes the file's modification time (the order kept for the next
+/// start; failing that only costs order).
+fn read_checked(path: &Path, digest: &B3Digest, size: Option<u64>) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    // A file of another length than the index says is corrupt, and not worth reading;
+    // nor is one larger than any chunk (the read below is bounded by it either way).
+    let limit = size.unwrap_or(super::blob::MAX_READ_CHUNK as u64);
+    if len > limit || size.is_some_and(|s| s != len) {
+        return None;
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    (&mut file).take(limit).read_to_end(&mut data).ok()?;
+    verify_chunk(digest, size, &data).ok()?;
+    // futimens on the descriptor already open: the owner may set times on a read-only fd.
+    let _ = file.set_modified(SystemTime::now());
+    Some(data)
+}
+
 fn io_err(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(context, e)
 }
@@ -135,25 +156,29 @@ impl ChunkCache {
 
     /// The chunk if cached and intact. A cached file that does not hash to `digest` (or
     /// has not `size` bytes) is removed and reported as absent.
+    ///
+    /// The lock is held only to look the entry up and to record the outcome, not while
+    /// the file is read and hashed: the chunks a reader fetches ahead are read and checked
+    /// in parallel. Meanwhile an eviction may unlink the file (the open file still reads
+    /// whole, or the open fails: a miss), and a put of the same digest cannot happen
+    /// (the entry exists), so what is read is this digest's file or nothing.
     pub fn get(&self, digest: &B3Digest, size: Option<u64>) -> Option<Bytes> {
-        let mut st = self.lock();
-        st.entries.get(digest)?;
+        if !self.lock().entries.contains_key(digest) {
+            return None;
+        }
         let path = self.path(digest);
-        let ok = std::fs::read(&path)
-            .ok()
-            .filter(|data| verify_chunk(digest, size, data).is_ok());
-        match ok {
+        let read = read_checked(&path, digest, size);
+        let mut st = self.lock();
+        match read {
             Some(data) => {
                 st.touch(digest);
-                // Keeps the order for the next start; failing that only costs order.
-                if let Ok(f) = std::fs::File::options().append(true).open(&path) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
                 Some(Bytes::from(data))
             }
             None => {
-                st.remove(digest);
-                let _ = std::fs::remove_file(&path);
+                // Gone already if evicted meanwhile; then there is nothing to remove.
+                if st.remove(digest).is_some() {
+                    let _ = std::fs::remove_file(&path);
+                }
                 None
             }
         }

@@ -21,6 +21,7 @@ pub mod blob;
 pub mod cache;
 pub mod counting;
 pub mod directory;
+pub mod verified;
 
 use crate::castore::{B3Digest, Error};
 use object_store::path::Path;
