@@ -24,9 +24,10 @@ pub struct StoreArgs {
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Blob service address instead of the embedded store's blobs, as tvix or snix spell it:
-    /// memory: or memory://, objectstore+file:/abs/dir or objectstore+file:///abs/dir or
-    /// /abs/dir, grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
-    /// ?package=snix for a snix-store).
+    /// memory: or memory://, /abs/dir (local blob files), grpc+unix:/abs.sock or
+    /// grpc+unix:///abs.sock, grpc+http://host:port (add ?package=snix for a snix-store),
+    /// objectstore+s3://bucket/prefix?... or objectstore+file:/abs/dir (snix's bucket
+    /// layout, shareable with a snix-store).
     #[arg(long, global = true, value_name = "ADDR")]
     pub blob_service_addr: Option<String>,
     /// Directory service address instead of the embedded store's directories.redb, as tvix
@@ -112,7 +113,7 @@ impl StoreArgs {
         };
         let blob = match (&self.blob_service_addr, &dir) {
             (Some(a), _) => a.clone(),
-            (None, Some(d)) => format!("objectstore+file://{}", d.join(BLOBS_DIR).display()),
+            (None, Some(d)) => d.join(BLOBS_DIR).display().to_string(),
             (None, None) => return Err(StoreArgsError::NoDefaultDir),
         };
         let blob = self.with_cache(blob)?;
@@ -130,8 +131,7 @@ impl StoreArgs {
         let (Some(dir), Some(size)) = (&self.cache_dir, &self.cache_size) else {
             return Ok(blob);
         };
-        let bucket = blob.starts_with("objectstore+") && !blob.starts_with("objectstore+file:");
-        if !bucket {
+        if !blob.starts_with(crate::castore::objectstore::SCHEME_PREFIX) {
             return Err(StoreArgsError::CacheWithoutBucket(blob));
         }
         if !dir.is_absolute() {
@@ -191,9 +191,12 @@ mod tests {
             Err(StoreArgsError::CacheWithoutBucket(_))
         ));
         assert!(matches!(
-            args("objectstore+file:///blobs", "/c").addrs(),
+            args("/blobs", "/c").addrs(),
             Err(StoreArgsError::CacheWithoutBucket(_))
         ));
+        // snix's layout in a local directory is a bucket like any other.
+        let (blob, _) = args("objectstore+file:///b", "/c").addrs().unwrap();
+        assert_eq!(blob, "objectstore+file:///b?cache_dir=%2Fc&cache_size=1G");
         assert!(matches!(
             args("objectstore+memory:///", "rel").addrs(),
             Err(StoreArgsError::CacheDirRelative(_))
@@ -208,10 +211,8 @@ mod tests {
             ..Default::default()
         };
         let (b, d) = args.addrs().unwrap();
-        assert_eq!(
-            b,
-            format!("objectstore+file://{}/s/blobs", tmp.path().display())
-        );
+        // Our own blob files, spelt as a plain path: `objectstore+file:` is snix's layout.
+        assert_eq!(b, format!("{}/s/blobs", tmp.path().display()));
         assert_eq!(
             d,
             format!("redb://{}/s/directories.redb", tmp.path().display())
