@@ -33,11 +33,13 @@ pub struct StoreArgs {
     /// Directory service address instead of the embedded store's directories.redb, as tvix
     /// or snix spell it: memory: or memory://, redb:/abs/file.redb or redb:///abs/file.redb,
     /// grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
-    /// ?package=snix for a snix-store).
+    /// ?package=snix for a snix-store), objectstore+s3://bucket/prefix?... or
+    /// objectstore+file:/abs/dir (snix's bucket layout).
     #[arg(long, global = true, value_name = "ADDR")]
     pub directory_service_addr: Option<String>,
-    /// With an object-store blob address (objectstore+s3://...): keep the chunks read from
-    /// the bucket in this local directory, least recently used out first (with --cache-size).
+    /// With an object-store blob address (objectstore+s3://..., objectstore+file:...): keep
+    /// the chunks read from the bucket in this local directory, least recently used out
+    /// first (with --cache-size).
     #[arg(long, global = true, value_name = "DIR", requires = "cache_size")]
     pub cache_dir: Option<PathBuf>,
     /// The most the chunk cache of --cache-dir may hold, e.g. 20G.
@@ -58,7 +60,7 @@ pub enum StoreArgsError {
     },
     #[error("opening the blob service")]
     Blobs(#[source] AddrError),
-    #[error("--cache-dir and --cache-size apply to an object-store blob address (objectstore+s3://... or objectstore+memory:///), not {0:?}")]
+    #[error("--cache-dir and --cache-size apply to an object-store blob address (objectstore+s3://..., objectstore+file:/abs/dir or objectstore+memory:///), not {0:?}")]
     CacheWithoutBucket(String),
     #[error("--cache-dir {0}: must be an absolute path")]
     CacheDirRelative(PathBuf),
