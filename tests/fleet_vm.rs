@@ -54,8 +54,10 @@ impl Fleet {
         c.env("FLEET_DIR", dir.path())
             .env("FLEET_BIN", env!("CARGO_BIN_EXE_tvix-build-vm"))
             .env("FLEET_MAX_VMS", "2")
-            // Smaller than busybox alone: every host's cache must evict to stay under it.
-            .env("FLEET_CACHE", CACHE_SIZE.to_string())
+            // Host 2's is smaller than busybox alone: it must evict to stay under it. Host
+            // 1's holds every input, for the second-build count.
+            .env("FLEET_CACHE_1", "64M")
+            .env("FLEET_CACHE_2", SMALL_CACHE.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         support::die_with_parent(&mut c, nix::sys::signal::Signal::SIGTERM);
@@ -146,6 +148,33 @@ impl Fleet {
             .expect("no S3 api_bind_addr")
     }
 
+    /// Garage node `i`'s count of S3 GetObject calls (its admin API's /metrics, open
+    /// without a token in fleet.sh's config).
+    async fn garage_gets(&self, i: usize) -> u64 {
+        let toml = std::fs::read_to_string(self.garage_config(i)).unwrap();
+        let admin = toml.split("[admin]").nth(1).expect("no [admin] section");
+        let hostport = admin
+            .lines()
+            .find_map(|l| l.strip_prefix("api_bind_addr = \""))
+            .expect("no admin api_bind_addr")
+            .trim_end_matches('"');
+        // HTTP/1.0: Garage closes the connection after the answer (read to its end).
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(hostport).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("api_s3_request_counter{api_endpoint=\"GetObject\"} ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// Garage node `i`'s pid: the process whose command line names its config.
     fn garage_pid(&self, i: usize) -> i32 {
         let config = self.garage_config(i).to_string_lossy().into_owned();
@@ -214,6 +243,18 @@ fn build(
     build_with(front, busybox, &[], script)
 }
 
+/// A plain file input named `name` (at /nix/store/`name` in the guest).
+fn file_input(name: &str, digest: &B3Digest, size: usize) -> cpb::Node {
+    cpb::Node {
+        node: Some(cpb::node::Node::File(cpb::FileNode {
+            name: name.to_owned().into(),
+            digest: bytes::Bytes::copy_from_slice(digest.as_bytes()),
+            size: size as u64,
+            executable: false,
+        })),
+    }
+}
+
 /// Sends SIGTERM to a process this test did not start and waits (20 s at most) until it is
 /// gone or a zombie its parent has not reaped yet.
 fn stop_process(pid: i32) {
@@ -254,8 +295,8 @@ async fn count_chunks(bucket: &Bucket) -> usize {
     all.len()
 }
 
-/// Each host's chunk cache size, in bytes.
-const CACHE_SIZE: u64 = 1 << 20;
+/// Host 2's chunk cache size, in bytes.
+const SMALL_CACHE: u64 = 1 << 20;
 
 const SUCCESS: &str = "tvix_build_vm_builds_total{result=\"success\"}";
 
@@ -326,14 +367,7 @@ async fn fleet_spreads_builds_survives_a_garage_node_down_and_a_host_killed_mid_
     let data_digest = put_bytes(&GrpcBlobService::new(front.clone()), &data)
         .await
         .unwrap();
-    let data_node = cpb::Node {
-        node: Some(cpb::node::Node::File(cpb::FileNode {
-            name: "data".into(),
-            digest: bytes::Bytes::copy_from_slice(data_digest.as_bytes()),
-            size: data.len() as u64,
-            executable: false,
-        })),
-    };
+    let data_node = file_input("data", &data_digest, data.len());
     stop_process(fleet.garage_pid(2));
     let down = (0..2).map(|i| {
         build_with(
@@ -390,6 +424,44 @@ async fn fleet_spreads_builds_survives_a_garage_node_down_and_a_host_killed_mid_
         let got = read_to_vec(via2.as_ref(), d).await.unwrap();
         assert_eq!(got.as_ref(), Some(want), "{d} through the restarted node");
     }
+
+    // The cache through builds: the same build twice on host 1 (its own address), with an
+    // input it has never read. Host 1 alone talks to Garage node 0, so node 0's count of
+    // S3 GetObject calls is host 1's: the second build fetches no chunk, only what the
+    // first fetched as well (index objects).
+    let fresh = support::noise(2 << 20, 11);
+    let fresh_digest = put_bytes(
+        &GrpcBlobService::new(Fleet::channel(&fleet.host_addr(2))),
+        &fresh,
+    )
+    .await
+    .unwrap();
+    let fresh_node = file_input("fresh", &fresh_digest, fresh.len());
+    let host1 = Fleet::channel(&fleet.host_addr(1));
+    let mut gets = vec![fleet.garage_gets(0).await];
+    for round in 0..2 {
+        let done = build_with(
+            &host1,
+            &busybox,
+            std::slice::from_ref(&fresh_node),
+            "wc -c < /nix/store/fresh > /nix/store/out".to_owned(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("build {round} on host 1: {e:?}"))
+        .into_inner();
+        let d = B3Digest::try_from(&file_node(&done.outputs[0]).digest[..]).unwrap();
+        assert_eq!(
+            read_blob(&fleet.front, &d).await,
+            format!("{}\n", fresh.len()).into_bytes()
+        );
+        gets.push(fleet.garage_gets(0).await);
+    }
+    let (first, second) = (gets[1] - gets[0], gets[2] - gets[1]);
+    // 2 MiB in chunks of at most 512 KiB: at least 4 chunks the first build fetched.
+    assert!(
+        first >= second + 4,
+        "GetObject calls: first build {first}, second {second}: the second fetched chunks"
+    );
 
     // Four sleeping builds: two per host (max-vms 2, least connections). Host 1 dies, in
     // the middle of those builds and of a blob upload to it that has reached the bucket
@@ -527,20 +599,17 @@ async fn fleet_spreads_builds_survives_a_garage_node_down_and_a_host_killed_mid_
     .unwrap();
     assert!(restarted.wait().unwrap().success());
 
-    // Every build read busybox (2 MB) and some the 600 KiB input through each host's
-    // chunk cache: full, it evicted and stays under its size on disk, yet holds chunks.
-    for h in 1..=2 {
-        let cache = fleet.dir.path().join(format!("host{h}/cache"));
-        let on_disk: u64 = std::fs::read_dir(&cache)
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum();
-        assert!(
-            on_disk <= CACHE_SIZE,
-            "host {h}'s cache: {on_disk} bytes on disk, more than {CACHE_SIZE}"
-        );
-        assert!(on_disk > 0, "host {h}'s cache kept nothing");
-    }
+    // Every build on host 2 read busybox (2 MB) through its 1 MiB chunk cache: full, it
+    // evicted and stays under its size on disk, yet holds chunks.
+    let on_disk: u64 = std::fs::read_dir(fleet.dir.path().join("host2/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= SMALL_CACHE,
+        "host 2's cache: {on_disk} bytes on disk, more than {SMALL_CACHE}"
+    );
+    assert!(on_disk > 0, "host 2's cache kept nothing");
 
     // The Garage node this test restarted is its own to stop.
     stop_process(garage2.id() as i32);
