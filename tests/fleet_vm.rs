@@ -11,7 +11,7 @@
 //! builds again; each host's chunk cache, smaller than the inputs, stays under its size
 //! on disk; SIGTERM to the script leaves no process behind.
 //!
-//! Cost: 24 trivial builds and 4 sleeping ones, about two minutes on 2 cores under TCG.
+//! Cost: about 26 trivial builds and 4 sleeping ones, 90 to 130 s on 2 cores under TCG.
 //! `TVIX_FLEET_LONG=1` sends 100 builds instead of 20.
 
 #![allow(
