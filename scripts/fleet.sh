@@ -13,7 +13,8 @@
 #                   address (`listen=`), host<n>/pid its pid.
 #   FLEET_BIN       the tvix-build-vm binary (default: cargo build's, debug)
 #   FLEET_MAX_VMS   --max-vms of each host (default 2)
-#   FLEET_CACHE     chunk cache size of each host (default 1G)
+#   FLEET_CACHE     chunk cache size of each host (default 1G); FLEET_CACHE_<n> overrides
+#                   it for host n
 #   Extra arguments go to both `serve` commands (e.g. --accel kvm).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -130,9 +131,11 @@ for h in 1 2; do
   mkdir -p "$hd/runtime" "$hd/cache"
   grpc=${ports[$((8 + h))]} metrics=${ports[$((10 + h))]}
   s3=${ports[$(((h - 1) * 3))]}
+  cache_var=FLEET_CACHE_$h
+  host_cache=${!cache_var:-$cache_size}
   bucket="objectstore+s3://castore/fleet?endpoint=http://127.0.0.1:$s3&region=garage&access_key_id=$key_id&secret_access_key=$key_secret&allow_http=true"
   "$bin" serve \
-    --blob-service-addr "$bucket&cache_dir=$hd/cache&cache_size=$cache_size" \
+    --blob-service-addr "$bucket&cache_dir=$hd/cache&cache_size=$host_cache" \
     --directory-service-addr "$bucket" \
     --listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
     --runtime-dir "$hd/runtime" --max-vms "$max_vms" --grace-period 5s "$@" \

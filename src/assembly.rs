@@ -162,9 +162,10 @@ pub struct Castore {
 }
 
 /// Whether another process may open this blob service address itself: the local blob
-/// directory (read straight from the files) and gRPC can be; memory cannot.
+/// directory (read straight from the files) and gRPC can be; memory cannot, nor a bucket
+/// (`objectstore+...`, a local `file:` one too), whose chunk cache is this process's.
 fn blob_addr_is_shareable(addr: &str) -> bool {
-    addr.starts_with("objectstore+file://") || addr.starts_with('/') || addr.starts_with("grpc+")
+    addr.starts_with('/') || addr.starts_with("grpc+")
 }
 
 /// Whether another process may open this directory service address itself: gRPC can be;
@@ -360,8 +361,8 @@ mod tests {
 
     #[test]
     fn helpers_open_only_what_two_processes_can_share() {
-        assert!(blob_addr_is_shareable(
-            "objectstore+file:///var/lib/s/blobs"
+        assert!(!blob_addr_is_shareable(
+            "objectstore+file:///var/lib/s/bucket"
         ));
         assert!(blob_addr_is_shareable("/var/lib/s/blobs"));
         assert!(blob_addr_is_shareable("grpc+unix:///run/c.sock"));

@@ -76,6 +76,22 @@ async fn bucket_dirs() -> (Arc<dyn DirectoryService>, Guard) {
     )
 }
 
+/// snix's bucket layout in a local directory (object_store's LocalFileSystem).
+async fn file_bucket_blobs() -> (Arc<dyn BlobService>, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("objectstore+file://{}/bucket", dir.path().display());
+    (addr::blob_service_from_addr(&addr).unwrap(), Box::new(dir))
+}
+
+async fn file_bucket_dirs() -> (Arc<dyn DirectoryService>, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("objectstore+file:{}/bucket", dir.path().display());
+    (
+        addr::directory_service_from_addr(&addr).unwrap(),
+        Box::new(dir),
+    )
+}
+
 async fn memory_dirs() -> (Arc<dyn DirectoryService>, Guard) {
     (Arc::new(MemoryDirectoryService::new()), Box::new(()))
 }
@@ -204,7 +220,7 @@ macro_rules! blob_suite {
     )*};
 }
 
-blob_suite!(blob_memory => memory_blobs, blob_local => local_blobs, blob_grpc => grpc_blobs, blob_bucket => bucket_blobs);
+blob_suite!(blob_memory => memory_blobs, blob_local => local_blobs, blob_grpc => grpc_blobs, blob_bucket => bucket_blobs, blob_file_bucket => file_bucket_blobs);
 
 fn name(s: &str) -> PathComponent {
     PathComponent::try_from(s).unwrap()
@@ -436,7 +452,7 @@ macro_rules! dir_suite {
     )*};
 }
 
-dir_suite!(dir_memory => memory_dirs, dir_redb => redb_dirs, dir_grpc => grpc_dirs, dir_bucket => bucket_dirs);
+dir_suite!(dir_memory => memory_dirs, dir_redb => redb_dirs, dir_grpc => grpc_dirs, dir_bucket => bucket_dirs, dir_file_bucket => file_bucket_dirs);
 
 /// A stored backend takes a parent whose child it already holds.
 #[tokio::test]

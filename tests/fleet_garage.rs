@@ -14,6 +14,8 @@
 
 mod support;
 
+use support::noise;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use support::garage::GarageCluster;
@@ -23,16 +25,6 @@ use tvix_build_vm::castore::objectstore::{
     Bucket, ChunkCache, ObjectStoreBlobService, ObjectStoreDirectoryService,
 };
 use tvix_build_vm::castore::{B3Digest, BlobService, DirectoryService};
-
-/// Non-repeating bytes, so FastCDC cuts several chunks.
-fn noise(len: usize, seed: u8) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&[seed])
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
 
 fn services(addr: &str) -> (Arc<dyn BlobService>, Arc<dyn DirectoryService>) {
     (

@@ -206,7 +206,7 @@ fn populate(dir: &Path, big_len: usize, many: usize, mirror: Option<&Path>) -> F
         std::fs::write(dir.join("root.dir"), root.encode()).unwrap();
     });
     Fixture {
-        blob_addr: format!("objectstore+file://{}", blob_dir.display()),
+        blob_addr: blob_dir.display().to_string(),
         dir_addr: format!("redb://{}", redb.display()),
         root_file: dir.join("root.dir"),
         big_sha256,

@@ -99,7 +99,7 @@ impl Service {
         let castore = Castore {
             blobs: blobs.clone(),
             dirs: dirs.clone(),
-            blob_addr: format!("objectstore+file://{}", blob_dir.display()),
+            blob_addr: blob_dir.display().to_string(),
             dir_addr: format!("redb://{}", redb.display()),
         };
         let assembled = assemble(settings, castore)

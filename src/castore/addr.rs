@@ -3,18 +3,20 @@
 //! | backend | tvix spelling | snix spelling |
 //! | --- | --- | --- |
 //! | memory (blobs, directories) | `memory://` | `memory:` (`redb+memory:` for directories) |
-//! | local blob files | `objectstore+file:///abs/dir`, `/abs/dir` | `objectstore+file:/abs/dir` |
+//! | local blob files (this project's layout) | `/abs/dir` | the same |
 //! | redb directories | `redb:///abs/file.redb` | `redb:/abs/file.redb` |
 //! | gRPC over a unix socket | `grpc+unix:///abs/path.sock` | `grpc+unix:/abs/path.sock` |
 //! | gRPC over TCP | `grpc+http://host:port` | the same |
 //! | object store (blobs, directories), snix's bucket layout | `objectstore+s3://bucket/prefix?endpoint=..&region=..` | the same |
+//! | snix's bucket layout in a local directory | `objectstore+file:///abs/dir` | `objectstore+file:/abs/dir` |
 //! | in-memory object store (tests) | `objectstore+memory:///` | the same |
 //!
 //! A gRPC address takes `?package=snix` for a peer that speaks `snix.castore.v1` (a
 //! snix-store); without it the client speaks `tvix.castore.v1` (see [`super::channel`]).
-//! Our local blob files are this project's layout, not snix's object-store bucket layout.
-//! Any `object_store` URL but `file:` after `objectstore+` is a bucket in snix's layout
-//! (see [`super::objectstore`]).
+//! Every `object_store` URL after `objectstore+` is a bucket in snix's layout (see
+//! [`super::objectstore`]); `objectstore+file:` is that layout in a local directory, as snix
+//! means it, so a snix-store can share the directory. Our own local blob files (one file per
+//! blob, read straight into guests) are spelt as a plain absolute path.
 
 use super::blob::{GrpcBlobService, LocalBlobService, MemoryBlobService};
 use super::channel::{channel_from_addr, ChannelError};
@@ -49,20 +51,30 @@ pub enum AddrError {
 }
 
 /// The accepted blob addresses, for `--help` and error messages.
-pub const BLOB_ADDRESSES: &str = "memory: (or memory://), objectstore+file:/abs/dir (or \
-     objectstore+file:///abs/dir, or /abs/dir), grpc+unix:/abs.sock (or grpc+unix:///abs.sock) \
-     or grpc+http://host:port, objectstore+s3://bucket/prefix?endpoint=..&region=.. or \
-     objectstore+memory:///; a gRPC address takes ?package=snix for a snix-store";
+pub const BLOB_ADDRESSES: &str = "memory: (or memory://), /abs/dir (local blob files), \
+     grpc+unix:/abs.sock (or grpc+unix:///abs.sock) or grpc+http://host:port, \
+     objectstore+s3://bucket/prefix?endpoint=..&region=.., objectstore+file:/abs/dir (or \
+     objectstore+file:///abs/dir) or objectstore+memory:///; a gRPC address takes \
+     ?package=snix for a snix-store";
 /// The accepted directory addresses, for `--help` and error messages.
 pub const DIRECTORY_ADDRESSES: &str = "memory: (or memory://, redb+memory:), \
      redb:/abs/file.redb (or redb:///abs/file.redb), grpc+unix:/abs.sock (or \
-     grpc+unix:///abs.sock), grpc+http://host:port, objectstore+s3://bucket/prefix?... or \
-     objectstore+memory:///; a gRPC address takes ?package=snix for a snix-store";
+     grpc+unix:///abs.sock), grpc+http://host:port, objectstore+s3://bucket/prefix?..., \
+     objectstore+file:/abs/dir or objectstore+memory:///; a gRPC address takes \
+     ?package=snix for a snix-store";
 
-/// `objectstore+<url>` in snix's bucket layout; `objectstore+file:` (either spelling) stays
-/// the local file store it has always meant here.
-fn is_bucket(addr: &str) -> bool {
-    addr.starts_with(super::objectstore::SCHEME_PREFIX) && !addr.starts_with("objectstore+file:")
+/// Whether `addr` is `objectstore+<url>`: a bucket in snix's layout. `objectstore+file:`
+/// must name an absolute directory with no host, checked here on the text: the URL parser
+/// reads `file:rel` as `/rel`, and object_store ignores a host.
+fn is_bucket(addr: &str) -> Result<bool, AddrError> {
+    if !addr.starts_with(super::objectstore::SCHEME_PREFIX) {
+        return Ok(false);
+    }
+    let head = addr.split_once('?').map_or(addr, |(h, _)| h);
+    if let Some(Err(e)) = scheme_path(head, "objectstore+file") {
+        return Err(e);
+    }
+    Ok(true)
 }
 
 /// The in-memory backend's spellings.
@@ -93,23 +105,19 @@ pub fn blob_service_from_addr(addr: &str) -> Result<Arc<dyn BlobService>, AddrEr
     if addr.starts_with("grpc+") {
         return Ok(Arc::new(GrpcBlobService::new(channel_from_addr(addr)?)));
     }
-    if is_bucket(addr) {
+    if is_bucket(addr)? {
         return Ok(Arc::new(
             super::objectstore::Bucket::blob_service_from_addr(addr)?,
         ));
     }
-    let path = if let Some(p) = scheme_path(addr, "objectstore+file") {
-        p?
-    } else if addr.starts_with('/') {
-        Path::new(addr)
-    } else {
+    if !addr.starts_with('/') {
         return Err(AddrError::Unsupported {
             addr: addr.to_owned(),
             kind: "blob",
             expected: BLOB_ADDRESSES,
         });
-    };
-    let svc = LocalBlobService::open(path).map_err(|source| AddrError::Open {
+    }
+    let svc = LocalBlobService::open(Path::new(addr)).map_err(|source| AddrError::Open {
         addr: addr.to_owned(),
         source,
     })?;
@@ -126,7 +134,7 @@ pub fn directory_service_from_addr(addr: &str) -> Result<Arc<dyn DirectoryServic
             addr,
         )?)));
     }
-    if is_bucket(addr) {
+    if is_bucket(addr)? {
         let bucket = super::objectstore::Bucket::from_addr(addr)?;
         return Ok(Arc::new(
             super::objectstore::ObjectStoreDirectoryService::new(bucket),
@@ -157,9 +165,9 @@ mod tests {
         for a in [
             "memory://".to_string(),
             "memory:".into(),
-            format!("objectstore+file://{d}/blobs"),
-            format!("objectstore+file:{d}/blobs-snix"),
-            format!("{d}/blobs2"),
+            format!("objectstore+file://{d}/bucket"),
+            format!("objectstore+file:{d}/bucket-snix"),
+            format!("{d}/blobs"),
             "grpc+unix:///run/x.sock".into(),
             "grpc+unix:/run/x.sock".into(),
             "grpc+unix:/run/x.sock?package=snix".into(),
@@ -176,6 +184,8 @@ mod tests {
             "redb+memory:".into(),
             format!("redb://{d}/directories.redb"),
             format!("redb:{d}/directories-snix.redb"),
+            format!("objectstore+file://{d}/bucket"),
+            format!("objectstore+file:{d}/bucket-snix"),
             "grpc+unix:///run/x.sock".into(),
             "grpc+unix:/run/x.sock?package=snix".into(),
             "grpc+http://[::1]:8000".into(),
@@ -185,8 +195,42 @@ mod tests {
             }
         }
         // Both spellings of a path name the same store.
-        assert!(dir.path().join("blobs-snix").is_dir());
+        assert!(dir.path().join("blobs").is_dir());
         assert!(dir.path().join("directories-snix.redb").is_file());
+    }
+
+    #[tokio::test]
+    async fn objectstore_file_is_snix_bucket_layout_and_a_plain_path_our_blob_files() {
+        use crate::castore::blob::{put_bytes, read_to_vec};
+        use crate::castore::B3Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let data = b"one directory, two programs";
+        let digest = B3Digest::of(data);
+        let hex = digest.to_hex();
+
+        // snix's layout: an index object and a zstd chunk under blobs/ and chunks/, read
+        // back through the other spelling of the same directory.
+        let tvix = blob_service_from_addr(&format!("objectstore+file://{d}/bucket")).unwrap();
+        assert_eq!(put_bytes(tvix.as_ref(), data).await.unwrap(), digest);
+        let bucket = dir.path().join("bucket");
+        assert!(bucket
+            .join(format!("blobs/b3/{}/{hex}", &hex[..4]))
+            .is_file());
+        let chunk = std::fs::read(bucket.join(format!("chunks/b3/{}/{hex}", &hex[..4]))).unwrap();
+        assert_eq!(zstd::decode_all(&chunk[..]).unwrap(), data);
+        let snix = blob_service_from_addr(&format!("objectstore+file:{d}/bucket")).unwrap();
+        assert_eq!(
+            read_to_vec(snix.as_ref(), &digest).await.unwrap().unwrap(),
+            data
+        );
+
+        // A plain path: our own blob files, the blob as one plain file.
+        let plain = blob_service_from_addr(&format!("{d}/blobs")).unwrap();
+        put_bytes(plain.as_ref(), data).await.unwrap();
+        let local = LocalBlobService::open(&dir.path().join("blobs")).unwrap();
+        assert_eq!(std::fs::read(local.blob_path(&digest)).unwrap(), data);
+        assert!(!dir.path().join("blobs/blobs").exists());
     }
 
     #[tokio::test]
@@ -215,10 +259,8 @@ mod tests {
             ("redb:rel.redb", "must be absolute"),
             ("redb://host/abs.redb", "must be absolute"),
             ("redb:", "must be absolute"),
-            (
-                "objectstore+file:///x",
-                "unsupported directory service address",
-            ),
+            ("objectstore+file:rel", "must be absolute"),
+            ("objectstore+file://host/abs", "must be absolute"),
             ("/abs/dir", "unsupported directory service address"),
             ("memory", "unsupported directory service address"),
             ("redb+memory:/x", "unsupported directory service address"),
@@ -228,6 +270,11 @@ mod tests {
                 Ok(_) => panic!("{a} accepted"),
             };
             assert!(msg.contains(a) && msg.contains(want), "{a}: {msg}");
+        }
+        // object_store's local store takes no options: one given is a mistake.
+        match directory_service_from_addr("objectstore+file:///x?region=garage") {
+            Err(e) => assert!(e.to_string().contains("unknown option \"region\""), "{e}"),
+            Ok(_) => panic!("an option to objectstore+file: was accepted"),
         }
     }
 }

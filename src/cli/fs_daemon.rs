@@ -52,7 +52,7 @@ pub struct FsDaemonArgs {
     /// hold, looked-up entries and open files together.
     #[arg(long, conflicts_with_all = ["root_directory", "root_from_stdin", "blob_service_addr", "directory_service_addr"])]
     pub ro_dir: Option<PathBuf>,
-    /// Blob service address (e.g. `objectstore+file:///var/lib/tvix-build-vm/blobs`).
+    /// Blob service address (e.g. `/var/lib/tvix-build-vm/blobs`).
     #[arg(long, required_unless_present = "ro_dir")]
     pub blob_service_addr: Option<String>,
     /// Directory service address (e.g. `redb:///var/lib/tvix-build-vm/directories.redb`).
@@ -365,10 +365,9 @@ fn open_services(blob_addr: &str, dir_addr: &str) -> Result<Services, FsDaemonEr
     let blobs = blob_service_from_addr(blob_addr).map_err(addr_err("blob", blob_addr))?;
     let directories =
         directory_service_from_addr(dir_addr).map_err(addr_err("directory", dir_addr))?;
-    // The same spellings the address parser takes for the local file store.
-    let local_root = blob_addr
-        .strip_prefix("objectstore+file://")
-        .or_else(|| blob_addr.starts_with('/').then_some(blob_addr));
+    // The spelling the address parser takes for our local blob files (a plain path;
+    // `objectstore+file:` is snix's bucket layout, whose blobs are not files to hand on).
+    let local_root = blob_addr.starts_with('/').then_some(blob_addr);
     let local = match local_root {
         Some(root) => {
             let store = LocalBlobService::open(std::path::Path::new(root)).map_err(|e| {
@@ -412,7 +411,7 @@ mod tests {
                 socket: "/rt/fs.sock".into(),
                 source: ShareSource::Castore {
                     root,
-                    blob_service_addr: "objectstore+file:///s/blobs".into(),
+                    blob_service_addr: "/s/blobs".into(),
                     directory_service_addr: "grpc+unix:///rt/castore.sock".into(),
                 },
                 tag: Some("inputs".into()),

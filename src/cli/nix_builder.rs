@@ -183,7 +183,7 @@ pub async fn run(args: NixBuilderArgs) -> anyhow::Result<ExitCode> {
             let blobs_dir = local.store_dir().join(super::store_args::BLOBS_DIR);
             (
                 format!("grpc+unix://{}", socket.display()),
-                format!("objectstore+file://{}", blobs_dir.display()),
+                blobs_dir.display().to_string(),
                 local.input_cache_dir(),
             )
         }

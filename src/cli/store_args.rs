@@ -24,19 +24,22 @@ pub struct StoreArgs {
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Blob service address instead of the embedded store's blobs, as tvix or snix spell it:
-    /// memory: or memory://, objectstore+file:/abs/dir or objectstore+file:///abs/dir or
-    /// /abs/dir, grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
-    /// ?package=snix for a snix-store).
+    /// memory: or memory://, /abs/dir (local blob files), grpc+unix:/abs.sock or
+    /// grpc+unix:///abs.sock, grpc+http://host:port (add ?package=snix for a snix-store),
+    /// objectstore+s3://bucket/prefix?... or objectstore+file:/abs/dir (snix's bucket
+    /// layout, shareable with a snix-store).
     #[arg(long, global = true, value_name = "ADDR")]
     pub blob_service_addr: Option<String>,
     /// Directory service address instead of the embedded store's directories.redb, as tvix
     /// or snix spell it: memory: or memory://, redb:/abs/file.redb or redb:///abs/file.redb,
     /// grpc+unix:/abs.sock or grpc+unix:///abs.sock, grpc+http://host:port (add
-    /// ?package=snix for a snix-store).
+    /// ?package=snix for a snix-store), objectstore+s3://bucket/prefix?... or
+    /// objectstore+file:/abs/dir (snix's bucket layout).
     #[arg(long, global = true, value_name = "ADDR")]
     pub directory_service_addr: Option<String>,
-    /// With an object-store blob address (objectstore+s3://...): keep the chunks read from
-    /// the bucket in this local directory, least recently used out first (with --cache-size).
+    /// With an object-store blob address (objectstore+s3://..., objectstore+file:...): keep
+    /// the chunks read from the bucket in this local directory, least recently used out
+    /// first (with --cache-size).
     #[arg(long, global = true, value_name = "DIR", requires = "cache_size")]
     pub cache_dir: Option<PathBuf>,
     /// The most the chunk cache of --cache-dir may hold, e.g. 20G.
@@ -57,7 +60,7 @@ pub enum StoreArgsError {
     },
     #[error("opening the blob service")]
     Blobs(#[source] AddrError),
-    #[error("--cache-dir and --cache-size apply to an object-store blob address (objectstore+s3://... or objectstore+memory:///), not {0:?}")]
+    #[error("--cache-dir and --cache-size apply to an object-store blob address (objectstore+s3://..., objectstore+file:/abs/dir or objectstore+memory:///), not {0:?}")]
     CacheWithoutBucket(String),
     #[error("--cache-dir {0}: must be an absolute path")]
     CacheDirRelative(PathBuf),
@@ -112,7 +115,7 @@ impl StoreArgs {
         };
         let blob = match (&self.blob_service_addr, &dir) {
             (Some(a), _) => a.clone(),
-            (None, Some(d)) => format!("objectstore+file://{}", d.join(BLOBS_DIR).display()),
+            (None, Some(d)) => d.join(BLOBS_DIR).display().to_string(),
             (None, None) => return Err(StoreArgsError::NoDefaultDir),
         };
         let blob = self.with_cache(blob)?;
@@ -130,8 +133,7 @@ impl StoreArgs {
         let (Some(dir), Some(size)) = (&self.cache_dir, &self.cache_size) else {
             return Ok(blob);
         };
-        let bucket = blob.starts_with("objectstore+") && !blob.starts_with("objectstore+file:");
-        if !bucket {
+        if !blob.starts_with(crate::castore::objectstore::SCHEME_PREFIX) {
             return Err(StoreArgsError::CacheWithoutBucket(blob));
         }
         if !dir.is_absolute() {
@@ -191,9 +193,12 @@ mod tests {
             Err(StoreArgsError::CacheWithoutBucket(_))
         ));
         assert!(matches!(
-            args("objectstore+file:///blobs", "/c").addrs(),
+            args("/blobs", "/c").addrs(),
             Err(StoreArgsError::CacheWithoutBucket(_))
         ));
+        // snix's layout in a local directory is a bucket like any other.
+        let (blob, _) = args("objectstore+file:///b", "/c").addrs().unwrap();
+        assert_eq!(blob, "objectstore+file:///b?cache_dir=%2Fc&cache_size=1G");
         assert!(matches!(
             args("objectstore+memory:///", "rel").addrs(),
             Err(StoreArgsError::CacheDirRelative(_))
@@ -208,10 +213,8 @@ mod tests {
             ..Default::default()
         };
         let (b, d) = args.addrs().unwrap();
-        assert_eq!(
-            b,
-            format!("objectstore+file://{}/s/blobs", tmp.path().display())
-        );
+        // Our own blob files, spelt as a plain path: `objectstore+file:` is snix's layout.
+        assert_eq!(b, format!("{}/s/blobs", tmp.path().display()));
         assert_eq!(
             d,
             format!("redb://{}/s/directories.redb", tmp.path().display())

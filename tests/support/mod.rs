@@ -19,6 +19,8 @@
 //! - [`nix_chroot`]: a real Nix in the chroot `scripts/nix-chroot.sh` builds, with our
 //!   binary as its `external-builders` program.
 //! - [`garage`]: a 3-node Garage cluster (S3-compatible object store) for the fleet tests.
+//! - [`bucket`]: whether a bucket in snix's layout is whole (nothing a killed writer left
+//!   half there is visible).
 //! - `ch_fake/`: the fake cloud-hypervisor, included by path by the one test that uses it.
 //!
 //! Every helper panics with a message naming the missing prerequisite and how to get it: a
@@ -28,6 +30,7 @@
     reason = "each test crate uses a different subset of the helpers"
 )]
 
+pub mod bucket;
 pub mod cli;
 pub mod garage;
 pub mod hostile;
@@ -226,4 +229,14 @@ pub fn assert_clean_except(runtime_dir: &Path, allowed: impl Fn(&str) -> bool) {
 /// [`assert_clean_except`]).
 pub fn assert_clean(runtime_dir: &Path) {
     assert_clean_except(runtime_dir, |_| false);
+}
+
+/// Non-repeating bytes from a seed, so FastCDC cuts a large blob into several chunks.
+pub fn noise(len: usize, seed: u8) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&[seed])
+        .finalize_xof()
+        .fill(&mut out);
+    out
 }

@@ -140,7 +140,8 @@ impl Bucket {
                     .to_ascii_lowercase()
                     .parse::<object_store::aws::AmazonS3ConfigKey>()
                     .is_ok(),
-                "memory" => false,
+                // object_store's memory and local stores take no options.
+                "memory" | "file" => false,
                 // Other stores check their own options, or are not built in.
                 _ => true,
             };
