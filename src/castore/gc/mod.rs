@@ -1,0 +1,354 @@
+//! Garbage collection of the embedded store (`blobs/` and `directories.redb`).
+//!
+//! **Roots**, each kept with its whole closure (directories, and the blobs their file nodes
+//! name): pins ([`records::pin`]); build records younger than `keep_for`
+//! ([`records::record_build`]); extra roots the caller passes (the inputs of builds that are
+//! running); directories put within `grace` (their put time in redb); blobs whose file was
+//! written or re-uploaded within `grace` (their mtime).
+//!
+//! **Mark and sweep**, safe against uploads and builds in the same process:
+//! 1. T0 = now; the process's [`barrier`] starts recording every digest an upload, `has`,
+//!    `open_read` or directory put touches (before that operation checks presence).
+//! 2. Mark: every root's closure, walking `directories.redb` in one read transaction, each
+//!    directory once.
+//! 3. Directories: in one write transaction, while holding the barrier, mark what was
+//!    touched since step 1, then delete every directory neither marked nor put within the
+//!    grace period, and every build record older than `keep_for`.
+//! 4. Blobs, shard by shard: while holding the barrier, mark what was touched since, then
+//!    delete the shard's blobs neither marked nor written within the grace period.
+//! 5. Files in `blobs/tmp/` older than the grace period (left by crashes).
+//!
+//! Why nothing in use goes: an operation touches a digest before it looks for it; if that
+//! happens before a batch, the batch's marking sees it; if during, the operation waits for
+//! the batch and then finds the object present (kept) or absent (and says so, or uploads it
+//! again). An upload or build so waits at most one batch (one shard, or the one directory
+//! transaction), never the whole GC. Directories go before blobs and a kept directory's
+//! closure is marked, so no kept directory ever names a removed child. Anything uploaded
+//! after T0 is within the grace period by its time. Another process cannot interleave:
+//! `directories.redb` is locked by whoever has the store open.
+
+pub mod barrier;
+pub mod records;
+#[cfg(test)]
+mod tests;
+
+pub use self::barrier::touch;
+
+use self::barrier::AlreadyRunning;
+use self::records::{corrupt, pin_digest, record_digests};
+use crate::castore::blob::LocalBlobService;
+use crate::castore::directory_service::redb::{
+    RedbDirectoryService, BUILDS, DIRECTORIES, PINS, PUT_TIMES,
+};
+use crate::castore::{B3Digest, Error};
+use crate::proto::castore as pb;
+use prost::Message;
+use redb::{ReadableDatabase, ReadableTable};
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How a GC runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Anything uploaded within this long is kept.
+    pub grace: Duration,
+    /// Build records younger than this keep their roots.
+    pub keep_for: Duration,
+    /// Count what would go, change nothing.
+    pub dry_run: bool,
+}
+
+/// What a GC did (or, dry, would have done).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub directories_kept: u64,
+    pub directories_removed: u64,
+    pub blobs_kept: u64,
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    pub tmp_files_removed: u64,
+    pub build_records_removed: u64,
+    pub dry_run: bool,
+    pub seconds: f64,
+}
+
+/// Why a GC failed (it stops at the first error; what it deleted before was garbage).
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    AlreadyRunning(#[from] AlreadyRunning),
+    #[error("garbage collection")]
+    Store(#[from] Error),
+    #[error("garbage collection task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Collects the embedded store's garbage; `extra_roots` are kept with their closures.
+pub async fn collect(
+    blobs: &LocalBlobService,
+    dirs: &RedbDirectoryService,
+    options: Options,
+    extra_roots: Vec<B3Digest>,
+) -> Result<Report, GcError> {
+    let blobs = blobs.clone();
+    let dirs = dirs.clone();
+    tokio::task::spawn_blocking(move || collect_blocking(&blobs, &dirs, &options, extra_roots))
+        .await
+        .map_err(GcError::Task)?
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn collect_blocking(
+    blobs: &LocalBlobService,
+    dirs: &RedbDirectoryService,
+    options: &Options,
+    extra_roots: Vec<B3Digest>,
+) -> Result<Report, GcError> {
+    let started = Instant::now();
+    let t0 = SystemTime::now();
+    let cutoff = t0.checked_sub(options.grace).unwrap_or(UNIX_EPOCH);
+    let records_cutoff = secs(t0).saturating_sub(options.keep_for.as_secs());
+    let active = barrier::barrier().start()?;
+    let mut report = Report {
+        dry_run: options.dry_run,
+        ..Report::default()
+    };
+    let db = dirs.database();
+    let path = dirs.path();
+    let ctx = |what: &str| format!("{what} in {}", path.display());
+
+    // Mark.
+    let mut marked = HashSet::new();
+    {
+        let txn = db
+            .begin_read()
+            .map_err(|e| Error::db(ctx("reading roots"), e))?;
+        let table = |e| Error::db(ctx("reading roots"), e);
+        let mut roots = extra_roots;
+        let pins = txn.open_table(PINS).map_err(table)?;
+        for entry in pins.iter().map_err(|e| Error::db(ctx("reading pins"), e))? {
+            let (k, _) = entry.map_err(|e| Error::db(ctx("reading pins"), e))?;
+            roots.extend(pin_digest(k.value()).map_err(|e| corrupt(ctx("a pin"), e))?);
+        }
+        let builds = txn.open_table(BUILDS).map_err(table)?;
+        for entry in builds
+            .iter()
+            .map_err(|e| Error::db(ctx("reading builds"), e))?
+        {
+            let (_, v) = entry.map_err(|e| Error::db(ctx("reading builds"), e))?;
+            let (finished, raw) = v.value();
+            if finished >= records_cutoff {
+                roots.extend(record_digests(raw));
+            }
+        }
+        let times = txn.open_table(PUT_TIMES).map_err(table)?;
+        let fresh = millis(cutoff);
+        for entry in times
+            .iter()
+            .map_err(|e| Error::db(ctx("reading put times"), e))?
+        {
+            let (k, v) = entry.map_err(|e| Error::db(ctx("reading put times"), e))?;
+            if v.value() >= fresh {
+                roots.push(B3Digest::from(*k.value()));
+            }
+        }
+        let directories = txn.open_table(DIRECTORIES).map_err(table)?;
+        mark(&directories, roots, &mut marked, path)?;
+    }
+
+    // Directories, in one write transaction under the barrier.
+    {
+        let mut held = active.hold();
+        let ctx = || ctx("deleting directories");
+        let txn = db.begin_write().map_err(|e| Error::db(ctx(), e))?;
+        {
+            let mut directories = txn
+                .open_table(DIRECTORIES)
+                .map_err(|e| Error::db(ctx(), e))?;
+            let mut times = txn.open_table(PUT_TIMES).map_err(|e| Error::db(ctx(), e))?;
+            mark(&directories, held.take(), &mut marked, path)?;
+            let fresh = millis(cutoff);
+            let mut doomed = Vec::new();
+            for entry in directories.iter().map_err(|e| Error::db(ctx(), e))? {
+                let (k, _) = entry.map_err(|e| Error::db(ctx(), e))?;
+                let digest = B3Digest::from(*k.value());
+                let put = times
+                    .get(digest.as_bytes())
+                    .map_err(|e| Error::db(ctx(), e))?
+                    .map_or(0, |v| v.value());
+                if marked.contains(&digest) || put >= fresh {
+                    report.directories_kept += 1;
+                } else {
+                    doomed.push(digest);
+                }
+            }
+            report.directories_removed = doomed.len() as u64;
+            for digest in &doomed {
+                directories
+                    .remove(digest.as_bytes())
+                    .map_err(|e| Error::db(ctx(), e))?;
+                times
+                    .remove(digest.as_bytes())
+                    .map_err(|e| Error::db(ctx(), e))?;
+            }
+            let mut builds = txn.open_table(BUILDS).map_err(|e| Error::db(ctx(), e))?;
+            let mut old = Vec::new();
+            for entry in builds.iter().map_err(|e| Error::db(ctx(), e))? {
+                let (k, v) = entry.map_err(|e| Error::db(ctx(), e))?;
+                if v.value().0 < records_cutoff {
+                    old.push(k.value().to_owned());
+                }
+            }
+            report.build_records_removed = old.len() as u64;
+            for id in &old {
+                builds
+                    .remove(id.as_str())
+                    .map_err(|e| Error::db(ctx(), e))?;
+            }
+        }
+        if options.dry_run {
+            txn.abort().map_err(|e| Error::db(ctx(), e))?;
+        } else {
+            txn.commit().map_err(|e| Error::db(ctx(), e))?;
+        }
+    }
+
+    // Blobs, shard by shard under the barrier.
+    for shard in 0..=255u8 {
+        let dir = blobs.root().join(format!("{shard:02x}"));
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut held = active.hold();
+        let touched = held.take();
+        if !touched.is_empty() {
+            let ctx = || ctx("marking touched digests");
+            let txn = db.begin_read().map_err(|e| Error::db(ctx(), e))?;
+            let directories = txn
+                .open_table(DIRECTORIES)
+                .map_err(|e| Error::db(ctx(), e))?;
+            mark(&directories, touched, &mut marked, path)?;
+        }
+        sweep_shard(&dir, &marked, cutoff, options.dry_run, &mut report)?;
+    }
+    drop(active);
+
+    report.tmp_files_removed = sweep_tmp(&blobs.tmp_dir(), cutoff, options.dry_run)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Marks `roots` and their closures (a digest may name a directory or a blob: both are
+/// marked, and a directory is walked once).
+fn mark(
+    directories: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    roots: impl IntoIterator<Item = B3Digest>,
+    marked: &mut HashSet<B3Digest>,
+    path: &Path,
+) -> Result<(), Error> {
+    let mut stack: Vec<B3Digest> = roots.into_iter().collect();
+    while let Some(digest) = stack.pop() {
+        if !marked.insert(digest) {
+            continue;
+        }
+        let ctx = || format!("reading directory {digest} in {}", path.display());
+        let Some(raw) = directories
+            .get(digest.as_bytes())
+            .map_err(|e| Error::db(ctx(), e))?
+        else {
+            continue;
+        };
+        let dir = pb::Directory::decode(raw.value()).map_err(|e| corrupt(ctx(), e))?;
+        let children = dir
+            .directories
+            .iter()
+            .map(|d| &d.digest)
+            .chain(dir.files.iter().map(|f| &f.digest));
+        for child in children {
+            // A stored directory was validated on the way in; a bad digest now is damage.
+            let child = B3Digest::try_from(child).map_err(|e| corrupt(ctx(), e))?;
+            if !marked.contains(&child) {
+                stack.push(child);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the unmarked blobs of one shard written before `cutoff`.
+fn sweep_shard(
+    dir: &Path,
+    marked: &HashSet<B3Digest>,
+    cutoff: SystemTime,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let ctx = || format!("sweeping {}", dir.display());
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(ctx(), e))? {
+        let entry = entry.map_err(|e| Error::io(ctx(), e))?;
+        // Only names that are digests are blobs; anything else is not ours to judge.
+        let Some(digest) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<B3Digest>().ok().filter(|d| d.to_hex() == n))
+        else {
+            continue;
+        };
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(ctx(), e)),
+        };
+        let fresh = meta.modified().map_or(true, |m| m >= cutoff);
+        if marked.contains(&digest) || fresh || !meta.is_file() {
+            report.blobs_kept += 1;
+            continue;
+        }
+        if !dry_run {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(ctx(), e)),
+            }
+        }
+        report.blobs_removed += 1;
+        report.bytes_freed += meta.len();
+    }
+    Ok(())
+}
+
+/// Deletes files in `tmp/` older than `cutoff` (left by crashed writers); returns how many.
+fn sweep_tmp(tmp: &Path, cutoff: SystemTime, dry_run: bool) -> Result<u64, Error> {
+    let ctx = || format!("sweeping {}", tmp.display());
+    let entries = match std::fs::read_dir(tmp) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(ctx(), e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(ctx(), e))?;
+        let Ok(meta) = entry.metadata() else { continue };
+        let old = meta.modified().is_ok_and(|m| m < cutoff);
+        if meta.is_file() && old {
+            if !dry_run {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(ctx(), e)),
+                }
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
