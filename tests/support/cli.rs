@@ -19,6 +19,26 @@ pub fn bin() -> Command {
     c
 }
 
+/// `tvix-build-vm store --store <store> <args>`, run to completion.
+pub fn store_run(store: &Path, args: &[&str]) -> Output {
+    bin()
+        .args(["store", "--store"])
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("running tvix-build-vm store")
+}
+
+/// The stdout of a command that must have succeeded (its stderr in the panic otherwise).
+pub fn ok_stdout(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("stdout is UTF-8")
+}
+
 /// One test's store and runtime directory.
 pub struct Env {
     pub store: tempfile::TempDir,
