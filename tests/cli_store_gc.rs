@@ -53,6 +53,17 @@ fn closure_blobs(store: &Path, node_json: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// `tvix-build-vm <args>` fails saying GC is for the embedded store, naming `memory:`.
+fn refused_naming_memory(args: &[&str]) {
+    let o = bin().args(args).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("embedded store only") && err.contains("memory:"),
+        "{err}"
+    );
+}
+
 #[test]
 fn gc_keeps_exactly_the_pinned_closure_and_dry_run_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,16 +115,7 @@ fn gc_keeps_exactly_the_pinned_closure_and_dry_run_changes_nothing() {
 #[test]
 fn gc_is_refused_on_other_stores_and_while_serve_holds_the_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = bin()
-        .args(["store", "--blob-service-addr", "memory:", "gc"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("embedded store only") && err.contains("memory:"),
-        "{err}"
-    );
+    refused_naming_memory(&["store", "--blob-service-addr", "memory:", "gc"]);
 
     let store = tmp.path().join("store");
     let mut server = Serve::castore(&["--store", store.to_str().unwrap()], Listen::Unix);
@@ -130,4 +132,55 @@ fn gc_is_refused_on_other_stores_and_while_serve_holds_the_store() {
     assert!(err.contains("in use by another process"), "{err}");
     server.signal(nix::sys::signal::Signal::SIGTERM);
     server.wait(Duration::from_secs(20));
+}
+
+#[test]
+fn serve_collects_periodically_and_refuses_it_for_other_stores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let mut server = Serve::castore(
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--gc-interval",
+            "1s",
+            "--gc-grace",
+            "3s",
+        ],
+        Listen::Unix,
+    );
+    let addr = format!("grpc+unix://{}", server.sock.display());
+    let src = tmp.path().join("tree");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a"), b"uploaded through serve").unwrap();
+    std::fs::write(src.join("sub/b"), b"and this").unwrap();
+    let o = bin()
+        .args(["store", "--blob-service-addr", &addr])
+        .args(["--directory-service-addr", &addr, "import"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    ok_stdout(o);
+    // Within the grace period the uploads stay (the GC runs every second meanwhile)...
+    assert_eq!(blob_files(&store).len(), 2);
+    // ...and then, unrooted, go.
+    server.wait_for(|| blob_files(&store).is_empty(), "an empty blob store");
+    server.wait_for(
+        || server.log().contains("garbage collection done"),
+        "the GC's log line",
+    );
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait(Duration::from_secs(20)).success());
+
+    refused_naming_memory(&[
+        "serve",
+        "--blob-service-addr",
+        "memory:",
+        "--directory-service-addr",
+        "memory:",
+        "--gc-interval",
+        "1h",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
 }

@@ -1,7 +1,7 @@
 //! `store gc`, `store pin`, `store unpin`, `store pins`: the embedded store's garbage
 //! collection and its pins, on the store opened directly (so not while `serve` holds it).
 
-use super::store_args::{StoreArgs, BLOBS_DIR, DIRECTORIES_DB};
+use super::store_args::{StoreArgs, StoreArgsError};
 use crate::castore::blob::LocalBlobService;
 use crate::castore::directory_service::redb::RedbDirectoryService;
 use crate::castore::gc::{self, records};
@@ -38,21 +38,16 @@ fn open_embedded(store: &StoreArgs) -> anyhow::Result<(LocalBlobService, RedbDir
              collects its own)"
         );
     }
-    let dir = store.store_dir()?;
-    let blobs = LocalBlobService::open(&dir.join(BLOBS_DIR))?;
-    let db = dir.join(DIRECTORIES_DB);
-    let dirs = RedbDirectoryService::open(&db).map_err(|e| {
-        if e.is_locked() {
-            anyhow::anyhow!(
-                "the store {} is in use by another process (a running serve?): stop it \
-                 first; serve collects garbage itself with --gc-interval",
-                dir.display()
-            )
-        } else {
-            anyhow::Error::new(e).context(format!("opening {}", db.display()))
-        }
-    })?;
-    Ok((blobs, dirs))
+    match store.castore_embedded() {
+        Ok((_, Some(e))) => Ok((e.blobs, e.dirs)),
+        Ok((_, None)) => bail!("garbage collection applies to the embedded store only"),
+        Err(StoreArgsError::Embedded(e)) if e.is_locked() => bail!(
+            "the store {} is in use by another process (a running serve?): stop it first; \
+             serve collects garbage itself (--gc-interval)",
+            store.store_dir()?.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub async fn gc(store: &StoreArgs, args: GcArgs) -> anyhow::Result<()> {

@@ -2,9 +2,10 @@
 //!
 //! **Roots**, each kept with its whole closure (directories, and the blobs their file nodes
 //! name): pins ([`records::pin`]); build records younger than `keep_for`
-//! ([`records::record_build`]); extra roots the caller passes (the inputs of builds that are
-//! running); directories put within `grace` (their put time in redb); blobs whose file was
-//! written or re-uploaded within `grace` (their mtime).
+//! ([`records::record_build`]); the inputs of builds running in this process
+//! ([`in_use::hold`]) and extra roots the caller passes; directories put within `grace`
+//! (their put time in redb); blobs whose file was written or re-uploaded within `grace`
+//! (their mtime).
 //!
 //! **Mark and sweep**, safe against uploads and builds in the same process:
 //! 1. T0 = now; the process's [`barrier`] starts recording every digest an upload, `has`,
@@ -28,6 +29,7 @@
 //! `directories.redb` is locked by whoever has the store open.
 
 pub mod barrier;
+pub mod in_use;
 pub mod records;
 #[cfg(test)]
 mod tests;
@@ -134,6 +136,7 @@ fn collect_blocking(
             .map_err(|e| Error::db(ctx("reading roots"), e))?;
         let table = |e| Error::db(ctx("reading roots"), e);
         let mut roots = extra_roots;
+        roots.extend(in_use::current());
         let pins = txn.open_table(PINS).map_err(table)?;
         for entry in pins.iter().map_err(|e| Error::db(ctx("reading pins"), e))? {
             let (k, _) = entry.map_err(|e| Error::db(ctx("reading pins"), e))?;

@@ -227,6 +227,25 @@ async fn extra_roots_are_kept_and_old_tmp_files_go() {
 }
 
 #[tokio::test]
+async fn inputs_in_use_are_kept_until_released() {
+    let _serial = SERIAL.lock().await;
+    let s = store();
+    let (input, blob) = tree(&s, b"input of a running build", None).await;
+    let guard = in_use::hold([input.digest()]);
+    settle().await;
+    let r = collect(&s.blobs, &s.dirs, options(false), vec![])
+        .await
+        .unwrap();
+    assert_eq!((r.directories_removed, r.blobs_removed), (0, 0));
+    drop(guard);
+    let r = collect(&s.blobs, &s.dirs, options(false), vec![])
+        .await
+        .unwrap();
+    assert_eq!((r.directories_removed, r.blobs_removed), (1, 1));
+    assert!(!s.blobs.has(&blob).await.unwrap());
+}
+
+#[tokio::test]
 async fn the_barrier_records_only_while_a_gc_runs() {
     let _serial = SERIAL.lock().await;
     let a = B3Digest::of(b"a");
