@@ -129,6 +129,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         castore.blobs = Arc::new(FlooredBlobService::new(castore.blobs, Arc::clone(floor)));
     }
     let metrics = Arc::new(Metrics::default());
+    let records = embedded.as_ref().map(|e| e.dirs.clone());
     let gc = match (embedded, config.gc_interval.is_zero()) {
         (_, true) => None,
         (Some(e), false) => {
@@ -174,7 +175,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Arc::clone(&metrics),
                 )
                 .with_attestor(attestor)
-                .with_disk_floor(disk_floor),
+                .with_disk_floor(disk_floor)
+                .with_build_records(records),
             );
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");

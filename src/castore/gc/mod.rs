@@ -15,15 +15,17 @@
 //! 3. Directories: in one write transaction, while holding the barrier, mark what was
 //!    touched since step 1, then delete every directory neither marked nor put within the
 //!    grace period, and every build record older than `keep_for`.
-//! 4. Blobs, shard by shard: while holding the barrier, mark what was touched since, then
-//!    delete the shard's blobs neither marked nor written within the grace period.
+//! 4. Blobs, shard by shard: list the shard's blobs neither marked nor written within the
+//!    grace period; then, in batches of [`BLOB_BATCH`], while holding the barrier, mark what
+//!    was touched since and delete the batch's blobs still unmarked.
 //! 5. Files in `blobs/tmp/` older than the grace period (left by crashes).
 //!
 //! Why nothing in use goes: an operation touches a digest before it looks for it; if that
 //! happens before a batch, the batch's marking sees it; if during, the operation waits for
 //! the batch and then finds the object present (kept) or absent (and says so, or uploads it
-//! again). An upload or build so waits at most one batch (one shard, or the one directory
-//! transaction), never the whole GC. Directories go before blobs and a kept directory's
+//! again). An upload or build so waits at most one batch (a few blobs, or the one directory
+//! transaction), never the whole GC. A blob listed as old and re-uploaded before its batch
+//! was touched by that upload, so it is marked and stays. Directories go before blobs and a kept directory's
 //! closure is marked, so no kept directory ever names a removed child. Anything uploaded
 //! after T0 is within the grace period by its time. Another process cannot interleave:
 //! `directories.redb` is locked by whoever has the store open.
@@ -225,23 +227,26 @@ fn collect_blocking(
         }
     }
 
-    // Blobs, shard by shard under the barrier.
+    // Blobs, shard by shard: listed without the barrier, deleted in small batches under it.
     for shard in 0..=255u8 {
         let dir = blobs.root().join(format!("{shard:02x}"));
         if !dir.is_dir() {
             continue;
         }
-        let mut held = active.hold();
-        let touched = held.take();
-        if !touched.is_empty() {
-            let ctx = || ctx("marking touched digests");
-            let txn = db.begin_read().map_err(|e| Error::db(ctx(), e))?;
-            let directories = txn
-                .open_table(DIRECTORIES)
-                .map_err(|e| Error::db(ctx(), e))?;
-            mark(&directories, touched, &mut marked, path)?;
+        let candidates = list_shard(&dir, &marked, cutoff, &mut report)?;
+        for batch in candidates.chunks(BLOB_BATCH) {
+            let mut held = active.hold();
+            let touched = held.take();
+            if !touched.is_empty() {
+                let ctx = || ctx("marking touched digests");
+                let txn = db.begin_read().map_err(|e| Error::db(ctx(), e))?;
+                let directories = txn
+                    .open_table(DIRECTORIES)
+                    .map_err(|e| Error::db(ctx(), e))?;
+                mark(&directories, touched, &mut marked, path)?;
+            }
+            delete_blobs(batch, &marked, options.dry_run, &mut report)?;
         }
-        sweep_shard(&dir, &marked, cutoff, options.dry_run, &mut report)?;
     }
     drop(active);
 
@@ -287,15 +292,16 @@ fn mark(
     Ok(())
 }
 
-/// Deletes the unmarked blobs of one shard written before `cutoff`.
-fn sweep_shard(
+/// The blobs of one shard that are unmarked and written before `cutoff` (the rest are
+/// counted as kept).
+fn list_shard(
     dir: &Path,
     marked: &HashSet<B3Digest>,
     cutoff: SystemTime,
-    dry_run: bool,
     report: &mut Report,
-) -> Result<(), Error> {
+) -> Result<Vec<Candidate>, Error> {
     let ctx = || format!("sweeping {}", dir.display());
+    let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(ctx(), e))? {
         let entry = entry.map_err(|e| Error::io(ctx(), e))?;
         // Only names that are digests are blobs; anything else is not ours to judge.
@@ -314,17 +320,49 @@ fn sweep_shard(
         let fresh = meta.modified().map_or(true, |m| m >= cutoff);
         if marked.contains(&digest) || fresh || !meta.is_file() {
             report.blobs_kept += 1;
+        } else {
+            out.push(Candidate {
+                digest,
+                path: entry.path(),
+                len: meta.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A blob the sweep may delete.
+struct Candidate {
+    digest: B3Digest,
+    path: std::path::PathBuf,
+    len: u64,
+}
+
+/// How many blobs are deleted per hold of the barrier: an upload waits for at most this many
+/// unlinks.
+const BLOB_BATCH: usize = 32;
+
+/// Deletes the candidates not marked since they were listed (call holding the barrier).
+fn delete_blobs(
+    batch: &[Candidate],
+    marked: &HashSet<B3Digest>,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), Error> {
+    for c in batch {
+        if marked.contains(&c.digest) {
+            report.blobs_kept += 1;
             continue;
         }
         if !dry_run {
-            match std::fs::remove_file(entry.path()) {
+            match std::fs::remove_file(&c.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(ctx(), e)),
+                Err(e) => return Err(Error::io(format!("removing {}", c.path.display()), e)),
             }
         }
         report.blobs_removed += 1;
-        report.bytes_freed += meta.len();
+        report.bytes_freed += c.len;
     }
     Ok(())
 }
