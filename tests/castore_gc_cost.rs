@@ -79,15 +79,16 @@ async fn gc_of_100k_blobs_is_under_a_minute_and_does_not_stall_uploads() {
         roots.len(),
         fill.elapsed().as_secs_f64()
     );
-    // Past the grace period of everything written so far.
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let options = gc::Options {
-        grace: Duration::ZERO,
+        // Not zero: an upload in flight when the GC starts is kept by its grace period.
+        grace: Duration::from_secs(1),
         keep_for: Duration::from_secs(3600),
         dry_run: false,
     };
 
     let (idle_worst, idle_n) = upload_for(&blobs, Duration::from_secs(5), "idle").await;
+    // Everything uploaded so far is past the grace period.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let gc_started = Instant::now();
     let (report, (busy_worst, busy_n)) = tokio::join!(
         gc::collect(&blobs, &dirs, options, vec![]),

@@ -12,7 +12,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
-use support::cli::{bin, ok_stdout, store_run as run};
+use support::cli::{bin, blob_files, ok_stdout, store_run as run};
 use support::serve::{Listen, Serve};
 use tvix_build_vm::castore::B3Digest;
 
@@ -24,21 +24,6 @@ fn import(store: &Path, dir: &Path, files: &[(&str, &str)]) -> String {
     ok_stdout(run(store, &["import", dir.to_str().unwrap()]))
         .trim()
         .to_owned()
-}
-
-/// The blob files on disk (their names: 64 hex digits).
-fn blob_files(store: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for shard in std::fs::read_dir(store.join("blobs")).unwrap() {
-        let shard = shard.unwrap();
-        if shard.file_name() == "tmp" {
-            continue;
-        }
-        for f in std::fs::read_dir(shard.path()).unwrap() {
-            out.insert(f.unwrap().file_name().into_string().unwrap());
-        }
-    }
-    out
 }
 
 /// The blob digests (hex) a node's closure names, by `store ls` (digests printed as b3:).

@@ -39,6 +39,23 @@ pub fn ok_stdout(o: Output) -> String {
     String::from_utf8(o.stdout).expect("stdout is UTF-8")
 }
 
+/// The blob files of an embedded store on disk (their names: 64 hex digits), read straight
+/// from `<store>/blobs/`, independently of the store's code.
+pub fn blob_files(store: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for shard in std::fs::read_dir(store.join("blobs")).expect("blobs/") {
+        let shard = shard.expect("a shard");
+        if shard.file_name() == "tmp" {
+            continue;
+        }
+        for f in std::fs::read_dir(shard.path()).expect("a shard directory") {
+            let name = f.expect("a blob").file_name();
+            out.insert(name.into_string().expect("a hex name"));
+        }
+    }
+    out
+}
+
 /// One test's store and runtime directory.
 pub struct Env {
     pub store: tempfile::TempDir,

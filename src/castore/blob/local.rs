@@ -42,9 +42,21 @@ pub struct LocalBlobService {
     pending: Arc<Pending>,
 }
 
+/// When this process first opened a local blob store: a file in `tmp/` older than that was
+/// not left by a writer of this process (see [`LocalBlobService::first_opened`]).
+static FIRST_OPENED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
 impl LocalBlobService {
+    /// When this process first opened a local blob store. Files in `tmp/` last written
+    /// before it cannot belong to a live writer of this process (a writer that is quiet for
+    /// a while, like a build log during a long build, must not lose its file to the GC).
+    pub fn first_opened() -> std::time::SystemTime {
+        *FIRST_OPENED.get_or_init(std::time::SystemTime::now)
+    }
+
     /// Uses (and creates if needed) the directory `root`.
     pub fn open(root: &Path) -> Result<Self, Error> {
+        Self::first_opened();
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp)
             .map_err(|e| Error::io(format!("creating blob store {}", tmp.display()), e))?;

@@ -18,7 +18,8 @@
 //! 4. Blobs, shard by shard: list the shard's blobs neither marked nor written within the
 //!    grace period; then, in batches of [`BLOB_BATCH`], while holding the barrier, mark what
 //!    was touched since and delete the batch's blobs still unmarked.
-//! 5. Files in `blobs/tmp/` older than the grace period (left by crashes).
+//! 5. Files in `blobs/tmp/` older than the grace period and last written before this
+//!    process opened the store (left by crashes; a live writer's file may be quiet for long).
 //!
 //! Why nothing in use goes: an operation touches a digest before it looks for it; if that
 //! happens before a batch, the batch's marking sees it; if during, the operation waits for
@@ -27,7 +28,9 @@
 //! transaction), never the whole GC. A blob listed as old and re-uploaded before its batch
 //! was touched by that upload, so it is marked and stays. Directories go before blobs and a kept directory's
 //! closure is marked, so no kept directory ever names a removed child. Anything uploaded
-//! after T0 is within the grace period by its time. Another process cannot interleave:
+//! after T0 is within the grace period by its time; so is one in flight at T0 (touched before
+//! the barrier recorded, renamed after), as long as its last write is younger than the
+//! grace period: a grace of zero is for a store nobody writes to. Another process cannot interleave:
 //! `directories.redb` is locked by whoever has the store open.
 
 pub mod barrier;
@@ -250,7 +253,10 @@ fn collect_blocking(
     }
     drop(active);
 
-    report.tmp_files_removed = sweep_tmp(&blobs.tmp_dir(), cutoff, options.dry_run)?;
+    // A writer's file in tmp/ may be quiet for longer than the grace period (the log of a
+    // long build): only files from before this process opened the store are strays.
+    let tmp_cutoff = cutoff.min(LocalBlobService::first_opened());
+    report.tmp_files_removed = sweep_tmp(&blobs.tmp_dir(), tmp_cutoff, options.dry_run)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }

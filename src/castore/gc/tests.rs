@@ -77,6 +77,15 @@ async fn listing(s: &Store) -> (Vec<B3Digest>, Vec<B3Digest>) {
     (blobs, dirs)
 }
 
+fn set_mtime(path: &std::path::Path, t: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
 async fn settle() {
     // Past the millisecond put times and the file mtimes of what was just written.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -164,12 +173,7 @@ async fn grace_keeps_fresh_uploads_and_re_uploads_refresh_it() {
     // Aged by hand past the grace period, then uploaded again through put_file.
     let path = s.blobs.blob_path(&old_blob);
     let past = SystemTime::now() - Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(past)
-        .unwrap();
+    set_mtime(&path, past);
     std::fs::write(s._tmp.path().join("src"), b"old").unwrap();
     let src = std::fs::File::open(s._tmp.path().join("src")).unwrap();
     let (d, _) = s.blobs.put_file(src).await.unwrap();
@@ -216,6 +220,11 @@ async fn extra_roots_are_kept_and_old_tmp_files_go() {
     let (running, blob) = tree(&s, b"in use", None).await;
     let stray_tmp = s.blobs.tmp_dir().join("crashed");
     std::fs::write(&stray_tmp, b"half").unwrap();
+    // Left by a process before this one (a live writer of this one is never swept).
+    let before = LocalBlobService::first_opened() - Duration::from_secs(1);
+    set_mtime(&stray_tmp, before);
+    let live = s.blobs.tmp_dir().join("live writer");
+    std::fs::write(&live, b"quiet for a while").unwrap();
     settle().await;
     let r = collect(&s.blobs, &s.dirs, options(false), vec![running.digest()])
         .await
@@ -224,6 +233,7 @@ async fn extra_roots_are_kept_and_old_tmp_files_go() {
     assert!(s.blobs.has(&blob).await.unwrap());
     assert_eq!(r.tmp_files_removed, 1);
     assert!(!stray_tmp.exists());
+    assert!(live.exists());
 }
 
 #[tokio::test]
@@ -275,12 +285,7 @@ async fn uploads_during_a_gc_succeed_and_stay_complete() {
     let mut old = Vec::new();
     for i in 0..1024u32 {
         let d = put_bytes(&s.blobs, &i.to_le_bytes()).await.unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(s.blobs.blob_path(&d))
-            .unwrap()
-            .set_modified(past)
-            .unwrap();
+        set_mtime(&s.blobs.blob_path(&d), past);
         old.push(d);
     }
     let uploader = tokio::spawn({
@@ -295,9 +300,14 @@ async fn uploads_during_a_gc_succeed_and_stay_complete() {
             stored
         }
     });
-    collect(&s.blobs, &s.dirs, options(false), vec![])
-        .await
-        .unwrap();
+    // An upload that finished its last write just before the GC started, and renames its
+    // file just after, is kept by the grace period (its file's mtime): the barrier records
+    // only from the start. So a grace of a second, not zero, as with any live store.
+    let grace = Options {
+        grace: Duration::from_secs(1),
+        ..options(false)
+    };
+    collect(&s.blobs, &s.dirs, grace, vec![]).await.unwrap();
     let stored = uploader.await.unwrap();
     for d in &stored {
         let bytes = crate::castore::blob::read_to_vec(&s.blobs, d)
