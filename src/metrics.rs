@@ -205,6 +205,28 @@ pub struct Metrics {
     tenant_uploads: Mutex<BTreeMap<String, TenantUploads>>,
     histograms: Mutex<[Histogram; Phase::ALL.len()]>,
     usage: Mutex<Usage>,
+    gc: Mutex<GcTotals>,
+}
+
+/// The embedded store's garbage collections so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct GcTotals {
+    runs: u64,
+    failed: u64,
+    bytes_freed: u64,
+    blobs_removed: u64,
+    directories_removed: u64,
+    seconds: f64,
+    last_seconds: f64,
+}
+
+/// What one garbage collection removed (for [`Metrics::observe_gc`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GcRun {
+    pub bytes_freed: u64,
+    pub blobs_removed: u64,
+    pub directories_removed: u64,
+    pub seconds: f64,
 }
 
 impl Default for Metrics {
@@ -215,11 +237,83 @@ impl Default for Metrics {
             tenant_uploads: Mutex::default(),
             histograms: Mutex::new(Phase::ALL.map(|_| Histogram::new(BUCKETS))),
             usage: Mutex::default(),
+            gc: Mutex::default(),
         }
     }
 }
 
 impl Metrics {
+    /// Counts one garbage collection: `None` if it failed.
+    pub fn observe_gc(&self, run: Option<GcRun>) {
+        let mut g = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        g.runs += 1;
+        match run {
+            Some(r) => {
+                g.bytes_freed += r.bytes_freed;
+                g.blobs_removed += r.blobs_removed;
+                g.directories_removed += r.directories_removed;
+                g.seconds += r.seconds;
+                g.last_seconds = r.seconds;
+            }
+            None => g.failed += 1,
+        }
+    }
+
+    fn render_gc(&self, out: &mut String) {
+        let g = *self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        if g.runs == 0 {
+            return;
+        }
+        for (name, kind, help, value) in [
+            (
+                "gc_runs_total",
+                "counter",
+                "Garbage collections of the embedded store.",
+                g.runs as f64,
+            ),
+            (
+                "gc_failures_total",
+                "counter",
+                "Garbage collections that failed.",
+                g.failed as f64,
+            ),
+            (
+                "gc_bytes_freed_total",
+                "counter",
+                "Bytes of blobs the GC removed.",
+                g.bytes_freed as f64,
+            ),
+            (
+                "gc_blobs_removed_total",
+                "counter",
+                "Blobs the GC removed.",
+                g.blobs_removed as f64,
+            ),
+            (
+                "gc_directories_removed_total",
+                "counter",
+                "Directories the GC removed.",
+                g.directories_removed as f64,
+            ),
+            (
+                "gc_seconds_total",
+                "counter",
+                "Time spent in garbage collections.",
+                g.seconds,
+            ),
+            (
+                "gc_last_seconds",
+                "gauge",
+                "Duration of the last successful garbage collection.",
+                g.last_seconds,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP tvix_build_vm_{name} {help}");
+            let _ = writeln!(out, "# TYPE tvix_build_vm_{name} {kind}");
+            let _ = writeln!(out, "tvix_build_vm_{name} {value}");
+        }
+    }
+
     pub fn count(&self, result: BuildResult) {
         if let Some(i) = BuildResult::ALL.iter().position(|r| *r == result) {
             self.results[i].fetch_add(1, Ordering::Relaxed);
@@ -421,6 +515,8 @@ impl Metrics {
                 ("kind=\"output\"".to_owned(), &u.bytes[1]),
             ],
         );
+        drop(u);
+        self.render_gc(&mut out);
         out
     }
 }

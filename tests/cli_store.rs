@@ -9,28 +9,9 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
-use support::cli::bin;
+use support::cli::{bin, ok_stdout, store_run as run};
 use support::serve::{Listen, Serve};
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    bin()
-        .args(["store", "--store"])
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok_stdout(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
 
 fn make_tree(root: &Path) {
     std::fs::create_dir_all(root.join("sub/empty")).unwrap();

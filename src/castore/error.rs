@@ -110,6 +110,13 @@ impl Error {
         }
     }
 
+    /// Whether this is the directory database being held open by another process (redb
+    /// locks its file while it is open, e.g. by a running `serve`).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, Error::Database { source, .. }
+            if matches!(**source, redb::Error::DatabaseAlreadyOpen))
+    }
+
     pub(crate) fn remote(context: impl Into<String>, source: tonic::Status) -> Self {
         Error::Remote {
             context: context.into(),

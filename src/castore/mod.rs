@@ -19,6 +19,7 @@ pub mod directory;
 pub mod directory_service;
 pub mod error;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod objectstore;
 pub mod package;

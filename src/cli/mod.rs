@@ -14,6 +14,7 @@ pub mod serve;
 pub mod signing_args;
 pub mod store;
 pub mod store_args;
+pub mod store_gc;
 pub mod verify;
 
 #[derive(Debug, Parser)]
@@ -46,7 +47,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Run one build in a fresh microVM (see `build --help` for exit codes).
     Build(Box<build::BuildArgs>),
-    /// Work with the content-addressed store: import, ls, cat, export.
+    /// Work with the content-addressed store: import, ls, cat, export, gc, pin.
     Store(store::StoreCommand),
     /// Serve the castore (and later the build service) over gRPC.
     Serve(serve::ServeArgs),

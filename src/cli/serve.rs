@@ -117,7 +117,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         info!(tokens = %path.display(), require_auth = config.require_auth, "bearer tokens enabled (SIGHUP rereads the file)");
     }
     reload_on_sighup(Arc::clone(&auth))?;
-    let mut castore = args.store.castore().context("opening the store")?;
+    let (mut castore, embedded) = args.store.castore_embedded().context("opening the store")?;
     // The floor guards the disk of the embedded store; a remote store guards its own.
     let disk_floor = match (config.min_free_bytes, &args.store.blob_service_addr) {
         (0, _) | (_, Some(_)) => None,
@@ -134,6 +134,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.shares.clone(),
         Arc::clone(&metrics),
     ));
+    let records = embedded.as_ref().map(|e| e.dirs.clone());
+    let gc = match (embedded, config.gc_interval.is_zero()) {
+        (_, true) => None,
+        (Some(e), false) => {
+            info!(interval = ?config.gc_interval, grace = ?config.gc_grace, keep_for = ?config.keep_for, "collecting the embedded store's garbage periodically");
+            let options = crate::castore::gc::Options {
+                grace: config.gc_grace,
+                keep_for: config.keep_for,
+                dry_run: false,
+            };
+            Some(AbortOnDrop(server::gc_task::spawn(
+                e.blobs,
+                e.dirs,
+                config.gc_interval,
+                options,
+                Arc::clone(&metrics),
+            )))
+        }
+        (None, false) if gc_interval_set(&args)? => anyhow::bail!(
+            "--gc-interval (gc-interval) collects the embedded store only, not {} / {}: \
+             leave it unset or 0 (an object store's bucket has lifecycle rules for this)",
+            castore.blob_addr,
+            castore.dir_addr
+        ),
+        (None, false) => {
+            info!(blob = %castore.blob_addr, directory = %castore.dir_addr, "not the embedded store: no periodic garbage collection (--gc-interval applies to the embedded store only)");
+            None
+        }
+    };
 
     // Owns the runner's private castore socket: it lives until we return.
     let mut _assembled = None;
@@ -152,7 +181,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 )
                 .with_attestor(attestor)
                 .with_disk_floor(disk_floor)
-                .with_quota(Some(Arc::clone(&quota))),
+                .with_quota(Some(Arc::clone(&quota)))
+                .with_build_records(records),
             );
             _assembled = Some(assembled);
             info!(protocol = %config.protocol, max_vms = config.max_vms, pool_size = config.pool_size, max_queue = config.max_queue, "serving builds");
@@ -201,5 +231,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     .run(shutdown_signal())
     .await?;
+    drop(gc);
     Ok(())
+}
+
+/// Whether --gc-interval was asked for (flag, environment or config file), not defaulted.
+fn gc_interval_set(args: &ServeArgs) -> anyhow::Result<bool> {
+    let file = args.config.as_deref().map(ServeOptions::load).transpose()?;
+    let set = |o: &ServeOptions| o.gc_interval.as_deref().is_some_and(|v| v != "0");
+    Ok(set(&args.options) || file.as_ref().is_some_and(set))
+}
+
+/// Stops the periodic GC when serve returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

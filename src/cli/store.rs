@@ -50,10 +50,35 @@ pub enum StoreSubcommand {
         /// Destination path.
         dest: PathBuf,
     },
+    /// Remove what no root keeps from the embedded store: roots are pins, builds younger
+    /// than --keep-for, and uploads within --grace (see docs/serve.md).
+    Gc(super::store_gc::GcArgs),
+    /// Keep a node and its closure in the embedded store until unpinned.
+    Pin {
+        /// A castore Node as proto3 JSON (as printed by `store import`).
+        node_json: String,
+    },
+    /// Remove a pin made by `store pin`.
+    Unpin {
+        /// The Node JSON it was pinned with.
+        node_json: String,
+    },
+    /// List the pins: one JSON line each (node, pinned_at in seconds since the epoch, who).
+    Pins,
 }
 
 /// Runs a `store` subcommand.
 pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
+    use super::store_gc;
+    match cmd.command {
+        StoreSubcommand::Gc(args) => return store_gc::gc(&cmd.store, args).await,
+        StoreSubcommand::Pin { node_json } => return store_gc::pin(&cmd.store, &node_json).await,
+        StoreSubcommand::Unpin { node_json } => {
+            return store_gc::unpin(&cmd.store, &node_json).await
+        }
+        StoreSubcommand::Pins => return store_gc::pins(&cmd.store).await,
+        _ => {}
+    }
     let (blobs, directories) = cmd.store.open().context("opening the store")?;
     match cmd.command {
         StoreSubcommand::Import { paths } => import(blobs, directories, &paths).await,
@@ -65,6 +90,10 @@ pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("exporting to {}", dest.display()))
         }
+        StoreSubcommand::Gc(_)
+        | StoreSubcommand::Pin { .. }
+        | StoreSubcommand::Unpin { .. }
+        | StoreSubcommand::Pins => unreachable!("handled above"),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use crate::assembly::Castore;
 use crate::castore::addr::{blob_service_from_addr, directory_service_from_addr, AddrError};
+use crate::castore::blob::LocalBlobService;
+use crate::castore::directory_service::redb::RedbDirectoryService;
 use crate::castore::{BlobService, DirectoryService};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +68,17 @@ pub enum StoreArgsError {
     CacheDirRelative(PathBuf),
     #[error("opening the directory service")]
     Directories(#[source] AddrError),
+    #[error("making the store directory absolute")]
+    NoAbsolute(#[source] std::io::Error),
+    #[error("opening the embedded store")]
+    Embedded(#[source] crate::castore::Error),
+}
+
+/// The embedded store's services as themselves (for its garbage collection).
+#[derive(Clone)]
+pub struct Embedded {
+    pub blobs: LocalBlobService,
+    pub dirs: RedbDirectoryService,
 }
 
 fn absolute_env(name: &str) -> Option<PathBuf> {
@@ -151,6 +164,31 @@ impl StoreArgs {
     pub fn open(&self) -> Result<Services, StoreArgsError> {
         let c = self.castore()?;
         Ok((c.blobs, c.dirs))
+    }
+
+    /// Whether both services are the embedded store's (no address given for either).
+    pub fn is_embedded(&self) -> bool {
+        self.blob_service_addr.is_none() && self.directory_service_addr.is_none()
+    }
+
+    /// Like [`StoreArgs::castore`], and for the embedded store its services as themselves too.
+    pub fn castore_embedded(&self) -> Result<(Castore, Option<Embedded>), StoreArgsError> {
+        if !self.is_embedded() || self.cache_dir.is_some() {
+            return Ok((self.castore()?, None));
+        }
+        let (blob_addr, dir_addr) = self.addrs()?;
+        let dir = std::path::absolute(self.store_dir()?).map_err(StoreArgsError::NoAbsolute)?;
+        let blobs =
+            LocalBlobService::open(&dir.join(BLOBS_DIR)).map_err(StoreArgsError::Embedded)?;
+        let dirs = RedbDirectoryService::open(&dir.join(DIRECTORIES_DB))
+            .map_err(StoreArgsError::Embedded)?;
+        let castore = Castore {
+            blobs: Arc::new(blobs.clone()),
+            dirs: Arc::new(dirs.clone()),
+            blob_addr,
+            dir_addr,
+        };
+        Ok((castore, Some(Embedded { blobs, dirs })))
     }
 
     /// Opens both services, keeping their addresses (a runner's helper processes open the

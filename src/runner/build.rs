@@ -73,6 +73,10 @@ impl Runner {
         sink: &mut dyn LogSink,
     ) -> Result<BuildOutcome, RunError> {
         let started = Instant::now();
+        // No GC of the embedded store removes an input while this build may read it.
+        let _inputs_in_use = crate::castore::gc::in_use::hold(
+            req.inputs.values().filter_map(|n| n.digest().copied()),
+        );
         let config = self.config();
         let after = config.deadlines.castore;
         tokio::time::timeout(

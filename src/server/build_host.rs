@@ -15,8 +15,10 @@ use super::peer::Peer;
 use super::quota::UploadQuota;
 use super::status::BuildError;
 use super::tenant::Tenant;
-use crate::agent::LogChunk;
+use crate::agent::{LogChunk, LogRef};
 use crate::castore::blob::floor::DiskFloor;
+use crate::castore::directory_service::redb::RedbDirectoryService;
+use crate::castore::{B3Digest, Node};
 use crate::metrics::{BuildResult, Metrics, Phase};
 use crate::provenance::attest::{Attestor, Origin, Record};
 use crate::request::BuildRequest;
@@ -58,6 +60,8 @@ pub struct BuildHost {
     disk_floor: Option<Arc<DiskFloor>>,
     /// Charged with each successful build's output bytes, after the fact.
     quota: Option<Arc<UploadQuota>>,
+    /// The embedded store, where finished builds are recorded as GC roots.
+    records: Option<RedbDirectoryService>,
 }
 
 impl BuildHost {
@@ -71,6 +75,29 @@ impl BuildHost {
             attestor: None,
             disk_floor: None,
             quota: None,
+            records: None,
+        }
+    }
+
+    /// Records every finished build (inputs, outputs, log) in the embedded store, so its
+    /// GC keeps them for `keep-for` (see `castore::gc`).
+    pub fn with_build_records(mut self, dirs: Option<RedbDirectoryService>) -> Self {
+        self.records = dirs;
+        self
+    }
+
+    /// Records a finished build's roots; a failure to record is logged, not the build's.
+    async fn record(&self, id: &str, req: &BuildRequest, outputs: &[Node], log: Option<&LogRef>) {
+        let Some(dirs) = &self.records else { return };
+        let roots: Vec<B3Digest> = req
+            .inputs
+            .values()
+            .chain(outputs)
+            .filter_map(|n| n.digest().copied())
+            .chain(log.map(|l| l.digest))
+            .collect();
+        if let Err(e) = crate::castore::gc::records::record_build(dirs, id, &roots).await {
+            warn!(error = %crate::castore::error::error_chain(&e), "recording the build for the GC failed");
         }
     }
 
@@ -251,6 +278,11 @@ impl BuildHost {
         };
         let log = tee.finish().await;
         drop(slot);
+        let outputs: Vec<Node> = match &result {
+            Some(Ok(outcome)) => outcome.outputs.iter().map(|o| o.node.clone()).collect(),
+            _ => Vec::new(),
+        };
+        self.record(&id, &req, &outputs, log.as_ref()).await;
         match result {
             None => {
                 warn!("build cancelled by the shutdown");

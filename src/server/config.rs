@@ -148,6 +148,20 @@ pub struct ServeOptions {
     #[arg(long, env = "TVIX_BUILD_VM_MIN_FREE_SPACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_free_space: Option<String>,
+    /// How often the embedded store is garbage collected, e.g. 1h; 0 turns it off
+    /// [default: 1h] (see docs/serve.md, "Garbage collection").
+    #[arg(long, env = "TVIX_BUILD_VM_GC_INTERVAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_interval: Option<String>,
+    /// The GC keeps anything uploaded within this long [default: 1h].
+    #[arg(long, env = "TVIX_BUILD_VM_GC_GRACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_grace: Option<String>,
+    /// The GC keeps the inputs, outputs and logs of builds finished within this long
+    /// [default: 168h].
+    #[arg(long, env = "TVIX_BUILD_VM_KEEP_FOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_for: Option<String>,
     /// Largest gRPC message received or sent, e.g. 64M [default: 64M].
     #[arg(long, env = "TVIX_BUILD_VM_MAX_MESSAGE_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,6 +222,10 @@ pub struct ServeConfig {
     pub grace_period: Duration,
     /// Bytes the embedded store's filesystem keeps free (0: no floor).
     pub min_free_bytes: u64,
+    /// How often the embedded store is collected (zero: never).
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+    pub keep_for: Duration,
     pub max_message_bytes: usize,
     pub tls: Option<TlsFiles>,
     pub metrics_listen: Option<SocketAddr>,
@@ -250,6 +268,9 @@ impl ServeOptions {
             max_queue,
             grace_period,
             min_free_space,
+            gc_interval,
+            gc_grace,
+            keep_for,
             max_message_size,
             tls_cert,
             tls_key,
@@ -277,6 +298,12 @@ impl ServeOptions {
             .map_err(|e| invalid("grace-period", e))?;
         let min_free_bytes = parse_size(self.min_free_space.as_deref().unwrap_or("1G"))
             .map_err(|e| invalid("min-free-space", e))?;
+        let duration = |v: &Option<String>, default, key| {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|e| invalid(key, e))
+        };
+        let gc_interval = duration(&self.gc_interval, "1h", "gc-interval")?;
+        let gc_grace = duration(&self.gc_grace, "1h", "gc-grace")?;
+        let keep_for = duration(&self.keep_for, "168h", "keep-for")?;
         let max_message = parse_size(self.max_message_size.as_deref().unwrap_or("64M"))
             .map_err(|e| invalid("max-message-size", e))?;
         if !(MESSAGE_SIZE_RANGE.0..=MESSAGE_SIZE_RANGE.1).contains(&max_message) {
@@ -321,6 +348,9 @@ impl ServeOptions {
             max_queue,
             grace_period,
             min_free_bytes,
+            gc_interval,
+            gc_grace,
+            keep_for,
             max_message_bytes: usize::try_from(max_message)
                 .map_err(|_| invalid("max-message-size", "too large for this platform"))?,
             tls: match (self.tls_cert, self.tls_key) {
@@ -434,6 +464,9 @@ impl ServeConfig {
             max_queue: Some(self.max_queue),
             grace_period: Some(format!("{}s", self.grace_period.as_secs())),
             min_free_space: Some(self.min_free_bytes.to_string()),
+            gc_interval: Some(format!("{}ms", self.gc_interval.as_millis())),
+            gc_grace: Some(format!("{}ms", self.gc_grace.as_millis())),
+            keep_for: Some(format!("{}ms", self.keep_for.as_millis())),
             max_message_size: Some(self.max_message_bytes.to_string()),
             tls_cert,
             tls_key,

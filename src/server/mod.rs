@@ -12,6 +12,7 @@ pub mod build_host;
 pub mod build_service;
 pub mod config;
 pub mod directory;
+pub mod gc_task;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;

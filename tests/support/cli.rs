@@ -19,6 +19,43 @@ pub fn bin() -> Command {
     c
 }
 
+/// `tvix-build-vm store --store <store> <args>`, run to completion.
+pub fn store_run(store: &Path, args: &[&str]) -> Output {
+    bin()
+        .args(["store", "--store"])
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("running tvix-build-vm store")
+}
+
+/// The stdout of a command that must have succeeded (its stderr in the panic otherwise).
+pub fn ok_stdout(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("stdout is UTF-8")
+}
+
+/// The blob files of an embedded store on disk (their names: 64 hex digits), read straight
+/// from `<store>/blobs/`, independently of the store's code.
+pub fn blob_files(store: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for shard in std::fs::read_dir(store.join("blobs")).expect("blobs/") {
+        let shard = shard.expect("a shard");
+        if shard.file_name() == "tmp" {
+            continue;
+        }
+        for f in std::fs::read_dir(shard.path()).expect("a shard directory") {
+            let name = f.expect("a blob").file_name();
+            out.insert(name.into_string().expect("a hex name"));
+        }
+    }
+    out
+}
+
 /// One test's store and runtime directory.
 pub struct Env {
     pub store: tempfile::TempDir,

@@ -42,9 +42,21 @@ pub struct LocalBlobService {
     pending: Arc<Pending>,
 }
 
+/// When this process first opened a local blob store: a file in `tmp/` older than that was
+/// not left by a writer of this process (see [`LocalBlobService::first_opened`]).
+static FIRST_OPENED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
 impl LocalBlobService {
+    /// When this process first opened a local blob store. Files in `tmp/` last written
+    /// before it cannot belong to a live writer of this process (a writer that is quiet for
+    /// a while, like a build log during a long build, must not lose its file to the GC).
+    pub fn first_opened() -> std::time::SystemTime {
+        *FIRST_OPENED.get_or_init(std::time::SystemTime::now)
+    }
+
     /// Uses (and creates if needed) the directory `root`.
     pub fn open(root: &Path) -> Result<Self, Error> {
+        Self::first_opened();
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp)
             .map_err(|e| Error::io(format!("creating blob store {}", tmp.display()), e))?;
@@ -57,6 +69,11 @@ impl LocalBlobService {
     /// Where the blob with this digest lives (whether or not it is present).
     pub fn blob_path(&self, digest: &B3Digest) -> PathBuf {
         self.shard_dir(shard_of(digest)).join(digest.to_hex())
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The directory that holds blobs being written.
@@ -110,9 +127,11 @@ impl LocalBlobService {
             size += n as u64;
         }
         let digest = B3Digest::from(hasher.finalize());
-        if self.blob_path(&digest).is_file() {
+        crate::castore::gc::touch([&digest]);
+        if refresh_mtime(&self.blob_path(&digest)) {
             // Present already (maybe renamed by a sync still running: the next sync covers
             // its shard). The copy is dropped before its data ever needs to reach the disk.
+            // Its time is refreshed: this upload starts its grace period again.
             self.pending.mark_shard(shard_of(&digest));
         } else {
             // The next sync fsyncs it, then gives it its name.
@@ -125,6 +144,20 @@ impl LocalBlobService {
     /// to become durable and visible.
     pub fn unsynced(&self) -> usize {
         self.pending.queued()
+    }
+}
+
+/// Sets a present blob's mtime to now (the GC's grace period counts from it); false if the
+/// blob is absent. A blob that cannot be touched (read-only store) still counts as present.
+fn refresh_mtime(path: &Path) -> bool {
+    match std::fs::File::options().write(true).open(path) {
+        Ok(f) => {
+            // Best effort: a failure only shortens this blob's grace period.
+            let _ = f.set_modified(std::time::SystemTime::now());
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(_) => path.is_file(),
     }
 }
 
@@ -153,6 +186,7 @@ fn task_failed(e: tokio::task::JoinError) -> Error {
 #[async_trait::async_trait]
 impl BlobService for LocalBlobService {
     async fn has(&self, digest: &B3Digest) -> Result<bool, Error> {
+        crate::castore::gc::touch([digest]);
         let path = self.blob_path(digest);
         match tokio::fs::metadata(&path).await {
             Ok(m) if m.is_file() => {
@@ -178,6 +212,7 @@ impl BlobService for LocalBlobService {
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>, Error> {
+        crate::castore::gc::touch([digest]);
         let path = self.blob_path(digest);
         match tokio::fs::File::open(&path).await {
             Ok(f) => Ok(Some(Box::new(f))),
@@ -268,6 +303,7 @@ impl BlobWriter for LocalBlobWriter {
             return Err(Error::io("closing blob", closed()));
         };
         let digest = B3Digest::from(self.hasher.finalize());
+        crate::castore::gc::touch([&digest]);
         let ctx = || format!("storing blob {digest} from {}", temp_path.display());
         file.flush().await.map_err(|e| Error::io(ctx(), e))?;
         file.sync_all().await.map_err(|e| Error::io(ctx(), e))?;

@@ -3,6 +3,9 @@
 //! redb transactions are blocking, so every access runs on tokio's blocking pool. A closure
 //! upload is buffered and written in one transaction at `close`, so nothing of a refused or
 //! abandoned upload is ever stored.
+//!
+//! Two more tables serve garbage collection (`castore::gc`), in the same file so one lock
+//! covers everything: when each directory was last put (its grace period), and the pins.
 
 use super::closure::{check_stored_refs, PutValidator};
 use super::{bfs_stream, put_single, DirectoryPutter, DirectoryService};
@@ -16,6 +19,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const TABLE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("directories");
+/// When each directory was last put, in milliseconds since the epoch. A directory without an
+/// entry (stored before this table existed) counts as put long ago.
+pub(crate) const PUT_TIMES: TableDefinition<&[u8; 32], u64> =
+    TableDefinition::new("directory_put_times");
+/// Pins: key = the pinned node's proto encoding; value = (seconds since the epoch, who).
+pub(crate) const PINS: TableDefinition<&[u8], (u64, &str)> = TableDefinition::new("pins");
+/// Build records: key = build id; value = (finished, seconds since the epoch; the root
+/// digests, 32 bytes each).
+pub(crate) const BUILDS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("builds");
+
+/// The directories table (for the GC's walk).
+pub(crate) const DIRECTORIES: TableDefinition<&[u8; 32], &[u8]> = TABLE;
+
+/// Milliseconds since the epoch, now.
+pub(crate) fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Seconds since the epoch, now.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// The embedded default directory store.
 #[derive(Clone)]
@@ -32,6 +61,9 @@ impl RedbDirectoryService {
         // Create the table up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(|e| Error::db(ctx(), e))?;
         txn.open_table(TABLE).map_err(|e| Error::db(ctx(), e))?;
+        txn.open_table(PUT_TIMES).map_err(|e| Error::db(ctx(), e))?;
+        txn.open_table(PINS).map_err(|e| Error::db(ctx(), e))?;
+        txn.open_table(BUILDS).map_err(|e| Error::db(ctx(), e))?;
         txn.commit().map_err(|e| Error::db(ctx(), e))?;
         Ok(Self {
             db: Arc::new(db),
@@ -39,7 +71,17 @@ impl RedbDirectoryService {
         })
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// The database (for the GC, which walks and deletes in its own transactions).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database, &Path) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
@@ -87,6 +129,7 @@ fn read(db: &Database, path: &Path, digest: &B3Digest) -> Result<Option<Director
 impl DirectoryService for RedbDirectoryService {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, Error> {
         let digest = *digest;
+        crate::castore::gc::touch([&digest]);
         self.blocking(move |db, path| read(db, path, &digest)).await
     }
 
@@ -123,6 +166,10 @@ impl DirectoryPutter for RedbPutter {
             .validator
             .as_mut()
             .ok_or_else(|| Error::InvalidRequest("put after close".into()))?;
+        // Register with the GC barrier before checking that the children are present.
+        let mut touched = vec![directory.digest()];
+        touched.extend(directory.nodes().filter_map(|(_, n)| n.digest().copied()));
+        crate::castore::gc::touch(&touched);
         let refs = v.add(directory)?;
         let svc = &self.svc;
         check_stored_refs(refs, |d| async move { svc.get(&d).await }).await
@@ -140,9 +187,15 @@ impl DirectoryPutter for RedbPutter {
                 let txn = db.begin_write().map_err(|e| Error::db(ctx(), e))?;
                 {
                     let mut table = txn.open_table(TABLE).map_err(|e| Error::db(ctx(), e))?;
+                    let mut times = txn.open_table(PUT_TIMES).map_err(|e| Error::db(ctx(), e))?;
+                    let now = now_millis();
                     for (digest, dir) in dirs {
                         table
                             .insert(digest.as_bytes(), dir.encode().as_slice())
+                            .map_err(|e| Error::db(ctx(), e))?;
+                        // A re-put refreshes the time too: the uploader relies on it again.
+                        times
+                            .insert(digest.as_bytes(), now)
                             .map_err(|e| Error::db(ctx(), e))?;
                     }
                 }
