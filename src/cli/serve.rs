@@ -135,6 +135,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     ));
     let records = embedded.as_ref().map(|e| e.dirs.clone());
+    let pins = embedded.as_ref().map(|e| server::pins::PinStore {
+        blobs: e.blobs.clone(),
+        dirs: e.dirs.clone(),
+        shares: config.shares.clone(),
+    });
     let gc = match (embedded, config.gc_interval.is_zero()) {
         (_, true) => None,
         (Some(e), false) => {
@@ -202,6 +207,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             builds: host.clone().map(|h| (config.protocol, h)),
             auth: Some(auth),
             quota: Some(quota),
+            pins,
         },
         castore.blobs,
         castore.dirs,

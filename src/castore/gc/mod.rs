@@ -35,6 +35,7 @@
 
 pub mod barrier;
 pub mod in_use;
+pub mod presence;
 pub mod records;
 #[cfg(test)]
 mod tests;
