@@ -2,8 +2,9 @@
 //!
 //! **Roots**, each kept with its whole closure (directories, and the blobs their file nodes
 //! name): pins ([`records::pin`]); build records younger than `keep_for`
-//! ([`records::record_build`]); the inputs of builds running in this process
-//! ([`in_use::hold`]) and extra roots the caller passes; directories put within `grace`
+//! ([`records::record_build`]); what work in this process holds ([`in_use::hold`]: the
+//! inputs of builds serve accepted, queued or running; a node whose closure a pin is
+//! checking, [`presence`]) and extra roots the caller passes; directories put within `grace`
 //! (their put time in redb); blobs whose file was written or re-uploaded within `grace`
 //! (their mtime).
 //!
@@ -32,6 +33,12 @@
 //! the barrier recorded, renamed after), as long as its last write is younger than the
 //! grace period: a grace of zero is for a store nobody writes to. Another process cannot interleave:
 //! `directories.redb` is locked by whoever has the store open.
+//!
+//! **Not closed**: a client that learns a blob is present (`Stat`/`has`), waits past a GC
+//! that removes it, then puts a directory naming it gets that directory stored with a
+//! missing blob. Refusing such a directory (the putter checking its file nodes' blobs under
+//! a hold) would be sound, but the castore contract and its tests let a directory be put
+//! before or without its blobs.
 
 pub mod barrier;
 pub mod in_use;
