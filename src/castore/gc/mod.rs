@@ -34,11 +34,15 @@
 //! grace period: a grace of zero is for a store nobody writes to. Another process cannot interleave:
 //! `directories.redb` is locked by whoever has the store open.
 //!
-//! **Not closed**: a client that learns a blob is present (`Stat`/`has`), waits past a GC
-//! that removes it, then puts a directory naming it gets that directory stored with a
-//! missing blob. Refusing such a directory (the putter checking its file nodes' blobs under
-//! a hold) would be sound, but the castore contract and its tests let a directory be put
-//! before or without its blobs.
+//! **A blob checked, then named**: a client that learns a blob is present (`Stat`/`has`)
+//! and later puts a directory naming it would, if a GC removed the old blob in between, get
+//! a directory pointing at a missing blob. In serve, `has` refreshes the mtime of a blob
+//! older than half the grace period (`LocalBlobService::refresh_on_has`; touched first, so
+//! a GC running meanwhile keeps it, and if it went before, `has` says absent and the client
+//! uploads it again). So a directory put within half the grace period after the check finds
+//! its blobs. A client slower than that can still lose one: refusing directories that name
+//! absent blobs would close it fully, but the castore contract (and its tests) lets a
+//! directory be put before or without its blobs.
 
 pub mod barrier;
 pub mod in_use;

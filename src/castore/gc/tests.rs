@@ -387,3 +387,29 @@ async fn presence_names_the_first_missing_directory_or_blob() {
         Err(Incomplete::Directory(B3Digest::from([7; 32])))
     );
 }
+
+#[tokio::test]
+async fn has_refreshes_an_old_blob_so_a_directory_naming_it_after_a_gc_is_whole() {
+    let _serial = SERIAL.lock().await;
+    let s = store();
+    let grace = Duration::from_secs(60);
+    let refreshing = s.blobs.clone().refresh_on_has(grace / 2);
+    let checked = put_bytes(&s.blobs, b"checked").await.unwrap();
+    let unchecked = put_bytes(&s.blobs, b"not checked").await.unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    set_mtime(&s.blobs.blob_path(&checked), long_ago);
+    set_mtime(&s.blobs.blob_path(&unchecked), long_ago);
+    // What serve's Stat calls: the old blob's grace period starts again.
+    assert!(refreshing.has(&checked).await.unwrap());
+    let options = Options {
+        grace,
+        ..options(false)
+    };
+    let r = collect(&s.blobs, &s.dirs, options, vec![]).await.unwrap();
+    assert_eq!((r.blobs_kept, r.blobs_removed), (1, 1));
+    assert!(s.blobs.has(&checked).await.unwrap());
+    assert!(
+        !refreshing.has(&unchecked).await.unwrap(),
+        "gone, so absent"
+    );
+}
