@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "protos/snix/castore/protos/rpc_directory.proto",
     "protos/snix/build/protos/build.proto",
     "protos/snix/build/protos/rpc_build.proto",
+    "protos/tvixbuildvm/store/v1/rpc_pins.proto",
 ];
 
 /// The 2024 tvix layout: the same package and message names as the seed layout with other

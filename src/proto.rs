@@ -54,6 +54,15 @@ pub mod build_2024 {
         include_bytes!(concat!(env!("OUT_DIR"), "/tvix2024/descriptor.bin"));
 }
 
+/// This project's own store services (`tvixbuildvm.store.v1`: pins).
+pub mod tvixbuildvm {
+    pub mod store {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/tvixbuildvm.store.v1.rs"));
+        }
+    }
+}
+
 /// `snix.build.v1`
 pub use snix::build::v1 as snix_build;
 /// `snix.castore.v1`
@@ -64,6 +73,8 @@ pub use tvix::build::v1 as build;
 pub use tvix::build::vm::v1 as build_vm;
 /// `tvix.castore.v1`
 pub use tvix::castore::v1 as castore;
+/// `tvixbuildvm.store.v1`: pins on a running serve's embedded store.
+pub use tvixbuildvm::store::v1 as pins;
 
 /// The file descriptor set of every proto above, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

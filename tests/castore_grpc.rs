@@ -306,9 +306,16 @@ async fn health_and_reflection() {
             "tvix.castore.v1.DirectoryService",
             "snix.castore.v1.BlobService",
             "snix.castore.v1.DirectoryService",
+            "tvixbuildvm.store.v1.PinService",
         ],
     )
     .await;
+    // Listed always; without an embedded store (this one is in memory) it says why not.
+    use tvix_build_vm::proto::pins as pins_pb;
+    let mut pins = pins_pb::pin_service_client::PinServiceClient::new(f.channel.clone());
+    let e = pins.list(pins_pb::ListPinsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("embedded store"), "{e:?}");
 }
 
 #[tokio::test]

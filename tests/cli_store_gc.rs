@@ -9,34 +9,9 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
-use support::cli::{bin, blob_files, ok_stdout, store_run as run};
+use support::cli::{bin, blob_files, closure_blobs, kept_and_gone, ok_stdout, store_run as run};
 use support::serve::{Listen, Serve};
-use tvix_build_vm::castore::B3Digest;
-
-fn import(store: &Path, dir: &Path, files: &[(&str, &str)]) -> String {
-    std::fs::create_dir_all(dir.join("sub")).unwrap();
-    for (name, contents) in files {
-        std::fs::write(dir.join(name), contents).unwrap();
-    }
-    ok_stdout(run(store, &["import", dir.to_str().unwrap()]))
-        .trim()
-        .to_owned()
-}
-
-/// The blob digests (hex) a node's closure names, by `store ls` (digests printed as b3:).
-fn closure_blobs(store: &Path, node_json: &str) -> BTreeSet<String> {
-    ok_stdout(run(store, &["ls", node_json]))
-        .lines()
-        .filter(|l| l.starts_with("f ") || l.starts_with("x "))
-        .map(|l| {
-            let digest: B3Digest = l.split(' ').nth(2).unwrap().parse().unwrap();
-            digest.to_hex()
-        })
-        .collect()
-}
 
 /// `tvix-build-vm <args>` fails saying GC is for the embedded store, naming `memory:`.
 fn refused_naming_memory(args: &[&str]) {
@@ -53,16 +28,7 @@ fn refused_naming_memory(args: &[&str]) {
 fn gc_keeps_exactly_the_pinned_closure_and_dry_run_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
-    let kept = import(
-        &store,
-        &tmp.path().join("kept"),
-        &[("a", "kept a"), ("sub/b", "kept b"), ("shared", "both")],
-    );
-    let gone = import(
-        &store,
-        &tmp.path().join("gone"),
-        &[("a", "gone a"), ("sub/b", "gone b"), ("shared", "both")],
-    );
+    let (kept, gone) = kept_and_gone(&store, tmp.path());
     ok_stdout(run(&store, &["pin", &kept]));
     let pins = ok_stdout(run(&store, &["pins"]));
     assert_eq!(pins.lines().count(), 1, "{pins}");

@@ -21,6 +21,18 @@ fn hex(digest: &[u8]) -> String {
     B3Digest::try_from(digest).unwrap().to_hex()
 }
 
+/// A file input named `name` holding the blob `digest` of `size` bytes.
+fn file_input(name: &str, digest: &B3Digest, size: u64) -> cpb::Node {
+    cpb::Node {
+        node: Some(cpb::node::Node::File(cpb::FileNode {
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size,
+            executable: false,
+        })),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_keeps_its_old_input_through_gcs_and_its_record_keeps_exactly_its_closure() {
     let env = Env::new();
@@ -49,14 +61,7 @@ async fn a_build_keeps_its_old_input_through_gcs_and_its_record_keeps_exactly_it
          /nix/store/busybox cat /nix/store/old > /nix/store/out; echo more >> /nix/store/out",
         &["out"],
     );
-    req.inputs.push(cpb::Node {
-        node: Some(cpb::node::Node::File(cpb::FileNode {
-            name: "old".into(),
-            digest: Bytes::copy_from_slice(old.as_bytes()),
-            size: 37,
-            executable: false,
-        })),
-    });
+    req.inputs.push(file_input("old", &old, 37));
     // Several GCs run while the build sleeps; its input's grace period ends meanwhile.
     let build = BuildServiceClient::new(channel.clone())
         .do_build(req)
@@ -88,6 +93,56 @@ async fn a_build_keeps_its_old_input_through_gcs_and_its_record_keeps_exactly_it
     .into_iter()
     .collect();
     assert_eq!(blob_files(store), want, "{}", server.log());
+    assert!(server.log().contains("garbage collection done"));
+    drop(server);
+    env.assert_clean();
+}
+
+/// With one VM, a build queued behind a long one for longer than the grace period (several
+/// GCs meanwhile) still finds its input: the hold is taken at admission, not at the start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_build_keeps_its_input_while_it_waits() {
+    let env = Env::new();
+    let server = Serve::start(
+        &env,
+        &["--max-vms", "1", "--gc-interval", "1s", "--gc-grace", "1s"],
+    );
+    let channel = server.channel();
+    let blobs = GrpcBlobService::new(channel.clone());
+    let busybox = upload_busybox(channel.clone()).await;
+    let long = seed_request(
+        busybox.clone(),
+        "/nix/store/busybox sleep 6; echo long > /nix/store/out",
+        &["out"],
+    );
+    let mut first = BuildServiceClient::new(channel.clone());
+    let first = tokio::spawn(async move { first.do_build(long).await });
+    server.wait_for(|| server.log().contains("build started"), "the first build");
+
+    let text = b"the input of a queued build\n";
+    let input = put_bytes(&blobs, text).await.unwrap();
+    let mut queued = seed_request(
+        busybox,
+        "/nix/store/busybox cat /nix/store/q > /nix/store/out",
+        &["out"],
+    );
+    queued
+        .inputs
+        .push(file_input("q", &input, text.len() as u64));
+    let second = BuildServiceClient::new(channel.clone())
+        .do_build(queued)
+        .await
+        .unwrap()
+        .into_inner();
+    first.await.unwrap().unwrap();
+    let out = file_node(&second.outputs[0]);
+    let out_digest = B3Digest::try_from(&out.digest[..]).unwrap();
+    assert_eq!(
+        read_to_vec(&blobs, &out_digest).await.unwrap().unwrap(),
+        text,
+        "{}",
+        server.log()
+    );
     assert!(server.log().contains("garbage collection done"));
     drop(server);
     env.assert_clean();

@@ -15,6 +15,7 @@ pub mod signing_args;
 pub mod store;
 pub mod store_args;
 pub mod store_gc;
+pub mod store_pins_remote;
 pub mod verify;
 
 #[derive(Debug, Parser)]

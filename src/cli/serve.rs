@@ -117,7 +117,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         info!(tokens = %path.display(), require_auth = config.require_auth, "bearer tokens enabled (SIGHUP rereads the file)");
     }
     reload_on_sighup(Arc::clone(&auth))?;
-    let (mut castore, embedded) = args.store.castore_embedded().context("opening the store")?;
+    let (mut castore, mut embedded) = args.store.castore_embedded().context("opening the store")?;
+    if let Some(e) = &mut embedded {
+        // A client that checks a blob (Stat) and then names it in a directory within half
+        // the grace period finds it kept.
+        e.blobs = e.blobs.clone().refresh_on_has(config.gc_grace / 2);
+        castore.blobs = Arc::new(e.blobs.clone());
+    }
     // The floor guards the disk of the embedded store; a remote store guards its own.
     let disk_floor = match (config.min_free_bytes, &args.store.blob_service_addr) {
         (0, _) | (_, Some(_)) => None,
@@ -135,6 +141,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     ));
     let records = embedded.as_ref().map(|e| e.dirs.clone());
+    let pins = embedded.as_ref().map(|e| server::pins::PinStore {
+        blobs: e.blobs.clone(),
+        dirs: e.dirs.clone(),
+        shares: config.shares.clone(),
+    });
     let gc = match (embedded, config.gc_interval.is_zero()) {
         (_, true) => None,
         (Some(e), false) => {
@@ -202,6 +213,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             builds: host.clone().map(|h| (config.protocol, h)),
             auth: Some(auth),
             quota: Some(quota),
+            pins,
         },
         castore.blobs,
         castore.dirs,

@@ -57,26 +57,56 @@ pub enum StoreSubcommand {
     Pin {
         /// A castore Node as proto3 JSON (as printed by `store import`).
         node_json: String,
+        #[command(flatten)]
+        serve: ServeAddr,
     },
     /// Remove a pin made by `store pin`.
     Unpin {
         /// The Node JSON it was pinned with.
         node_json: String,
+        #[command(flatten)]
+        serve: ServeAddr,
     },
-    /// List the pins: one JSON line each (node, pinned_at in seconds since the epoch, who).
-    Pins,
+    /// List the pins: one JSON line each (node, pinned_at in seconds since the epoch, who;
+    /// through a serve, the caller's own pins only).
+    Pins {
+        #[command(flatten)]
+        serve: ServeAddr,
+    },
+}
+
+/// Where a running serve listens, for the pin commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeAddr {
+    /// Talk to the pin service of the serve at this address (grpc+unix:/abs/path.sock or
+    /// grpc+http://host:port) instead of opening the store, which serve holds locked.
+    #[arg(long, value_name = "ADDR")]
+    pub addr: Option<String>,
 }
 
 /// Runs a `store` subcommand.
 pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
-    use super::store_gc;
+    use super::{store_gc, store_pins_remote};
     match cmd.command {
         StoreSubcommand::Gc(args) => return store_gc::gc(&cmd.store, args).await,
-        StoreSubcommand::Pin { node_json } => return store_gc::pin(&cmd.store, &node_json).await,
-        StoreSubcommand::Unpin { node_json } => {
-            return store_gc::unpin(&cmd.store, &node_json).await
+        StoreSubcommand::Pin { node_json, serve } => {
+            return match serve.addr {
+                Some(addr) => store_pins_remote::pin(&addr, &node_json).await,
+                None => store_gc::pin(&cmd.store, &node_json).await,
+            }
         }
-        StoreSubcommand::Pins => return store_gc::pins(&cmd.store).await,
+        StoreSubcommand::Unpin { node_json, serve } => {
+            return match serve.addr {
+                Some(addr) => store_pins_remote::unpin(&addr, &node_json).await,
+                None => store_gc::unpin(&cmd.store, &node_json).await,
+            }
+        }
+        StoreSubcommand::Pins { serve } => {
+            return match serve.addr {
+                Some(addr) => store_pins_remote::pins(&addr).await,
+                None => store_gc::pins(&cmd.store).await,
+            }
+        }
         _ => {}
     }
     let (blobs, directories) = cmd.store.open().context("opening the store")?;
@@ -93,7 +123,7 @@ pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
         StoreSubcommand::Gc(_)
         | StoreSubcommand::Pin { .. }
         | StoreSubcommand::Unpin { .. }
-        | StoreSubcommand::Pins => unreachable!("handled above"),
+        | StoreSubcommand::Pins { .. } => unreachable!("handled above"),
     }
 }
 

@@ -42,7 +42,8 @@ fn open_embedded(store: &StoreArgs) -> anyhow::Result<(LocalBlobService, RedbDir
         Ok((_, Some(e))) => Ok((e.blobs, e.dirs)),
         Ok((_, None)) => bail!("garbage collection applies to the embedded store only"),
         Err(StoreArgsError::Embedded(e)) if e.is_locked() => bail!(
-            "the store {} is in use by another process (a running serve?): stop it first; \
+            "the store {} is in use by another process (a running serve?): stop it first, \
+             or pin through that serve with --addr grpc+unix:/path/to/serve.sock; \
              serve collects garbage itself (--gc-interval)",
             store.store_dir()?.display()
         ),
@@ -74,7 +75,7 @@ pub async fn gc(store: &StoreArgs, args: GcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_node(json: &str) -> anyhow::Result<pb::Node> {
+pub(super) fn parse_node(json: &str) -> anyhow::Result<pb::Node> {
     let node: pb::Node = serde_json::from_str(json).context("parsing the node JSON")?;
     // Validated like every node from outside: a pin names a real node or nothing.
     crate::castore::Node::from_proto(node.clone()).context("invalid node")?;
@@ -102,12 +103,24 @@ pub async fn unpin(store: &StoreArgs, node_json: &str) -> anyhow::Result<()> {
 
 pub async fn pins(store: &StoreArgs) -> anyhow::Result<()> {
     let (_, dirs) = open_embedded(store)?;
+    print_pins(
+        records::pins(&dirs)
+            .await?
+            .into_iter()
+            .map(|p| (p.node, p.pinned_at, p.who)),
+    )
+}
+
+/// One JSON line per pin: node, pinned_at, who.
+pub(super) fn print_pins(
+    pins: impl IntoIterator<Item = (pb::Node, u64, String)>,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    for p in records::pins(&dirs).await? {
+    for (node, pinned_at, who) in pins {
         let line = serde_json::json!({
-            "node": p.node,
-            "pinned_at": p.pinned_at,
-            "who": p.who,
+            "node": node,
+            "pinned_at": pinned_at,
+            "who": who,
         });
         writeln!(out, "{line}")?;
     }

@@ -53,7 +53,12 @@ pub struct TenantLimits {
     pub weight: u32,
     /// Bytes it may add to the store per hour ([`super::quota`]); `None`: no limit.
     pub upload_bytes_per_hour: Option<u64>,
+    /// Pins it may hold on the embedded store ([`super::pins`]).
+    pub max_pins: usize,
 }
+
+/// Pins a tenant may hold when nothing is configured.
+pub const DEFAULT_MAX_PINS: usize = 10_000;
 
 /// Limits per tenant: the configured ones by name, `default` for everyone else.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +76,7 @@ impl Shares {
                 max_queue: max_queued,
                 weight: 1,
                 upload_bytes_per_hour: None,
+                max_pins: DEFAULT_MAX_PINS,
             },
             tenants: BTreeMap::new(),
         }
@@ -497,6 +503,7 @@ mod tests {
                 max_queue: 100,
                 weight: 3,
                 upload_bytes_per_hour: None,
+                max_pins: DEFAULT_MAX_PINS,
             },
         );
         let a = Admission::with_shares(4, 100, shares);
@@ -528,6 +535,7 @@ mod tests {
                 max_queue: 1,
                 weight: 1,
                 upload_bytes_per_hour: None,
+                max_pins: DEFAULT_MAX_PINS,
             },
         );
         let adm = Admission::with_shares(3, 10, shares);

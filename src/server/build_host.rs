@@ -244,6 +244,11 @@ impl BuildHost {
     ) -> Result<Finished, BuildError> {
         let accepted = Instant::now();
         let accepted_at = SystemTime::now();
+        // Held from here, not only while the runner builds: a build queued for longer than
+        // the GC's grace period must not lose an input it was accepted with.
+        let _inputs_in_use = crate::castore::gc::in_use::hold(
+            req.inputs.values().filter_map(|n| n.digest().copied()),
+        );
         if self.draining.is_cancelled() {
             return Err(BuildError::ShuttingDown);
         }

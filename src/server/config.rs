@@ -69,6 +69,9 @@ pub struct TenantOptions {
     /// fact), e.g. "10G"; "unlimited" lifts a default [default: unlimited].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_bytes_per_hour: Option<String>,
+    /// Pins it may hold on the embedded store (`store pin --addr`) [default: 10000].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pins: Option<usize>,
 }
 
 /// The word that lifts an upload limit set in `[tenant-defaults]`.
@@ -91,6 +94,7 @@ impl TenantOptions {
             max_queue: self.max_queue.unwrap_or(lower.max_queue),
             weight: self.weight.unwrap_or(lower.weight),
             upload_bytes_per_hour,
+            max_pins: self.max_pins.unwrap_or(lower.max_pins),
         };
         if limits.max_vms == 0 {
             return Err(invalid(
@@ -497,6 +501,7 @@ fn limits_options(l: TenantLimits) -> TenantOptions {
             l.upload_bytes_per_hour
                 .map_or_else(|| UNLIMITED.to_owned(), |n| n.to_string()),
         ),
+        max_pins: Some(l.max_pins),
     }
 }
 
@@ -607,8 +612,10 @@ mod tests {
             [tenant-defaults]
             max-vms = 2
             upload-bytes-per-hour = "10G"
+            max-pins = 100
             [tenants.ci]
             weight = 3
+            max-pins = 5
             max-queue = 50
             upload-bytes-per-hour = "unlimited"
             [tenants.alice]
@@ -626,6 +633,7 @@ mod tests {
                 max_queue: 50,
                 weight: 3,
                 upload_bytes_per_hour: None,
+                max_pins: 5,
             }
         );
         assert_eq!(
@@ -635,6 +643,7 @@ mod tests {
                 max_queue: 20,
                 weight: 1,
                 upload_bytes_per_hour: Some(10 << 30),
+                max_pins: 100,
             }
         );
         assert_eq!(l("bob"), c.shares.default);

@@ -16,6 +16,7 @@ pub mod gc_task;
 pub mod log_store;
 pub mod metrics_http;
 pub mod peer;
+pub mod pins;
 pub mod quota;
 pub mod run;
 pub mod status;
@@ -122,6 +123,8 @@ pub struct RouterOptions {
     pub auth: Option<Arc<tenant::Authenticator>>,
     /// Charges castore uploads to their tenants; no quota without.
     pub quota: Option<Arc<quota::UploadQuota>>,
+    /// The embedded store the pin service works on; without, it answers FAILED_PRECONDITION.
+    pub pins: Option<pins::PinStore>,
 }
 
 /// Where to listen.
@@ -261,6 +264,9 @@ pub async fn router_with(
         .await;
     health_reporter.set_serving::<SnixBlobServer>().await;
     health_reporter.set_serving::<SnixDirectoryServer>().await;
+    health_reporter
+        .set_serving::<crate::proto::pins::pin_service_server::PinServiceServer<pins::PinServer>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(descriptors(options.builds.as_ref().map(|(p, _)| *p))?)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -294,7 +300,13 @@ pub async fn router_with(
         .add_service(SnixBlobServer::new(blob_server.clone()))
         .add_service(blob_server)
         .add_service(SnixDirectoryServer::new(directory_server.clone()))
-        .add_service(directory_server);
+        .add_service(directory_server)
+        .add_service(limited!(
+            crate::proto::pins::pin_service_server::PinServiceServer::new(pins::PinServer::new(
+                options.pins
+            )),
+            limit
+        ));
     // snix.build.v1 has its own package, so it is served beside either tvix layout.
     if let Some((_, host)) = &options.builds {
         use crate::proto::snix_build::build_service_server::BuildServiceServer;

@@ -19,6 +19,51 @@ pub fn bin() -> Command {
     c
 }
 
+/// Writes `files` (`(path, contents)`, paths under `dir`, `sub/` allowed) and imports `dir`
+/// into `store`; the root node's JSON.
+pub fn import_tree(store: &Path, dir: &Path, files: &[(&str, &str)]) -> String {
+    std::fs::create_dir_all(dir.join("sub")).expect("creating the tree");
+    for (name, contents) in files {
+        std::fs::write(dir.join(name), contents).expect("writing the tree");
+    }
+    let dir = dir.to_str().expect("a UTF-8 path");
+    ok_stdout(store_run(store, &["import", dir]))
+        .trim()
+        .to_owned()
+}
+
+/// Two trees imported into `store` (written under `tmp`), three blobs each, one shared:
+/// the one a test keeps, and the one it expects to go.
+pub fn kept_and_gone(store: &Path, tmp: &Path) -> (String, String) {
+    let kept = import_tree(
+        store,
+        &tmp.join("kept"),
+        &[("a", "kept a"), ("sub/b", "kept b"), ("shared", "both")],
+    );
+    let gone = import_tree(
+        store,
+        &tmp.join("gone"),
+        &[("a", "gone a"), ("sub/b", "gone b"), ("shared", "both")],
+    );
+    (kept, gone)
+}
+
+/// The blob digests (hex) a node's closure names, by `store ls` (digests printed as b3:).
+pub fn closure_blobs(store: &Path, node_json: &str) -> std::collections::BTreeSet<String> {
+    ok_stdout(store_run(store, &["ls", node_json]))
+        .lines()
+        .filter(|l| l.starts_with("f ") || l.starts_with("x "))
+        .map(|l| {
+            let digest: tvix_build_vm::castore::B3Digest = l
+                .split(' ')
+                .nth(2)
+                .and_then(|d| d.parse().ok())
+                .expect("a digest in store ls's third column");
+            digest.to_hex()
+        })
+        .collect()
+}
+
 /// `tvix-build-vm store --store <store> <args>`, run to completion.
 pub fn store_run(store: &Path, args: &[&str]) -> Output {
     bin()

@@ -40,6 +40,8 @@ const RAYON_MIN: usize = 128 << 10;
 pub struct LocalBlobService {
     root: PathBuf,
     pending: Arc<Pending>,
+    /// `has` refreshes the mtime of a blob older than this (see [`Self::refresh_on_has`]).
+    refresh_after: Option<std::time::Duration>,
 }
 
 /// When this process first opened a local blob store: a file in `tmp/` older than that was
@@ -63,7 +65,16 @@ impl LocalBlobService {
         Ok(Self {
             root: root.to_owned(),
             pending: Arc::default(),
+            refresh_after: None,
         })
+    }
+
+    /// `has` refreshes the mtime of a present blob older than `after` (serve passes half the
+    /// GC's grace period): a client that checks a blob and then puts a directory naming it
+    /// within `after` finds it kept (see `castore::gc`).
+    pub fn refresh_on_has(mut self, after: std::time::Duration) -> Self {
+        self.refresh_after = Some(after);
+        self
     }
 
     /// Where the blob with this digest lives (whether or not it is present).
@@ -193,6 +204,18 @@ impl BlobService for LocalBlobService {
                 // The caller may refer to it next, so the next sync must cover its name
                 // (another writer's rename may not be durable yet).
                 self.pending.mark_shard(shard_of(digest));
+                let old = |after| {
+                    m.modified()
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > after))
+                };
+                if self.refresh_after.is_some_and(old) {
+                    // Touched above, so a GC running now keeps it; absent now means it went
+                    // before that, and the caller must upload it again.
+                    let present = tokio::task::spawn_blocking(move || refresh_mtime(&path))
+                        .await
+                        .map_err(task_failed)?;
+                    return Ok(present);
+                }
                 Ok(true)
             }
             Ok(_) => Ok(false),

@@ -2,8 +2,9 @@
 //!
 //! **Roots**, each kept with its whole closure (directories, and the blobs their file nodes
 //! name): pins ([`records::pin`]); build records younger than `keep_for`
-//! ([`records::record_build`]); the inputs of builds running in this process
-//! ([`in_use::hold`]) and extra roots the caller passes; directories put within `grace`
+//! ([`records::record_build`]); what work in this process holds ([`in_use::hold`]: the
+//! inputs of builds serve accepted, queued or running; a node whose closure a pin is
+//! checking, [`presence`]) and extra roots the caller passes; directories put within `grace`
 //! (their put time in redb); blobs whose file was written or re-uploaded within `grace`
 //! (their mtime).
 //!
@@ -32,9 +33,20 @@
 //! the barrier recorded, renamed after), as long as its last write is younger than the
 //! grace period: a grace of zero is for a store nobody writes to. Another process cannot interleave:
 //! `directories.redb` is locked by whoever has the store open.
+//!
+//! **A blob checked, then named**: a client that learns a blob is present (`Stat`/`has`)
+//! and later puts a directory naming it would, if a GC removed the old blob in between, get
+//! a directory pointing at a missing blob. In serve, `has` refreshes the mtime of a blob
+//! older than half the grace period (`LocalBlobService::refresh_on_has`; touched first, so
+//! a GC running meanwhile keeps it, and if it went before, `has` says absent and the client
+//! uploads it again). So a directory put within half the grace period after the check finds
+//! its blobs. A client slower than that can still lose one: refusing directories that name
+//! absent blobs would close it fully, but the castore contract (and its tests) lets a
+//! directory be put before or without its blobs.
 
 pub mod barrier;
 pub mod in_use;
+pub mod presence;
 pub mod records;
 #[cfg(test)]
 mod tests;

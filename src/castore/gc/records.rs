@@ -59,6 +59,104 @@ pub async fn unpin(dirs: &RedbDirectoryService, node: &pb::Node) -> Result<bool,
     .await
 }
 
+/// What [`pin_owned`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// Pinned now.
+    Created,
+    /// The same owner had pinned it; its time is refreshed.
+    Refreshed,
+    /// Another owner holds the pin (named); nothing changed.
+    HeldBy(String),
+    /// The owner holds this many pins already; nothing changed.
+    LimitReached(usize),
+}
+
+/// Pins `node` for `who` unless another owner holds it or `who` already holds `max` pins
+/// (checked in the same write transaction as the insert, so concurrent pins cannot overshoot).
+pub async fn pin_owned(
+    dirs: &RedbDirectoryService,
+    node: &pb::Node,
+    who: &str,
+    max: usize,
+) -> Result<PinOutcome, Error> {
+    let key = node.encode_to_vec();
+    let who: String = who.chars().take(MAX_WHO).collect();
+    dirs.blocking(move |db, path| {
+        let ctx = || format!("pinning in {}", path.display());
+        let txn = db.begin_write().map_err(|e| Error::db(ctx(), e))?;
+        let outcome = {
+            let mut t = txn.open_table(PINS).map_err(|e| Error::db(ctx(), e))?;
+            let outcome = match owner(&t, &key).map_err(|e| Error::db(ctx(), e))? {
+                Some(other) if other != who => return Ok(PinOutcome::HeldBy(other)),
+                Some(_) => PinOutcome::Refreshed,
+                None => {
+                    let mut held = 0;
+                    for entry in t.iter().map_err(|e| Error::db(ctx(), e))? {
+                        let (_, v) = entry.map_err(|e| Error::db(ctx(), e))?;
+                        held += usize::from(v.value().1 == who);
+                    }
+                    if held >= max {
+                        return Ok(PinOutcome::LimitReached(held));
+                    }
+                    PinOutcome::Created
+                }
+            };
+            t.insert(key.as_slice(), (now_secs(), who.as_str()))
+                .map_err(|e| Error::db(ctx(), e))?;
+            outcome
+        };
+        txn.commit().map_err(|e| Error::db(ctx(), e))?;
+        Ok(outcome)
+    })
+    .await
+}
+
+/// What [`unpin_owned`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnpinOutcome {
+    Removed,
+    NotPinned,
+    /// Another owner holds the pin (named); nothing changed.
+    HeldBy(String),
+}
+
+/// Who holds the pin keyed `key`, if anyone.
+fn owner(
+    t: &impl ReadableTable<&'static [u8], (u64, &'static str)>,
+    key: &[u8],
+) -> Result<Option<String>, redb::StorageError> {
+    Ok(t.get(key)?.map(|v| v.value().1.to_owned()))
+}
+
+/// Removes the pin of `node` if `who` holds it.
+pub async fn unpin_owned(
+    dirs: &RedbDirectoryService,
+    node: &pb::Node,
+    who: &str,
+) -> Result<UnpinOutcome, Error> {
+    let key = node.encode_to_vec();
+    let who: String = who.chars().take(MAX_WHO).collect();
+    dirs.blocking(move |db, path| {
+        let ctx = || format!("unpinning in {}", path.display());
+        let txn = db.begin_write().map_err(|e| Error::db(ctx(), e))?;
+        let outcome = {
+            let mut t = txn.open_table(PINS).map_err(|e| Error::db(ctx(), e))?;
+            match owner(&t, &key).map_err(|e| Error::db(ctx(), e))? {
+                None => return Ok(UnpinOutcome::NotPinned),
+                Some(other) if other != who => return Ok(UnpinOutcome::HeldBy(other)),
+                Some(_) => {
+                    t.remove(key.as_slice()).map_err(|e| Error::db(ctx(), e))?;
+                    UnpinOutcome::Removed
+                }
+            }
+        };
+        txn.commit().map_err(|e| Error::db(ctx(), e))?;
+        Ok(outcome)
+    })
+    .await
+}
+
 /// Every pin.
 pub async fn pins(dirs: &RedbDirectoryService) -> Result<Vec<Pin>, Error> {
     dirs.blocking(|db, path| {

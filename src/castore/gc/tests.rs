@@ -1,4 +1,6 @@
-use super::records::{pin, pins, record_build, unpin};
+use super::records::{
+    pin, pin_owned, pins, record_build, unpin, unpin_owned, PinOutcome, UnpinOutcome,
+};
 use super::*;
 use crate::castore::blob::put_bytes;
 use crate::castore::{BlobService, Directory, DirectoryService, Node, PathComponent};
@@ -316,4 +318,98 @@ async fn uploads_during_a_gc_succeed_and_stay_complete() {
             .unwrap_or_else(|| panic!("{d} was uploaded during the GC and is gone"));
         assert_eq!(B3Digest::of(&bytes), *d);
     }
+}
+
+#[tokio::test]
+async fn owned_pins_keep_owners_apart_and_count_per_owner() {
+    let s = store();
+    let (a, _) = tree(&s, b"a", None).await;
+    let (b, _) = tree(&s, b"b", None).await;
+    let a = a.as_node().to_proto(Bytes::from_static(b"a"));
+    let b = b.as_node().to_proto(Bytes::from_static(b"b"));
+    assert_eq!(
+        pin_owned(&s.dirs, &a, "alice", 1).await.unwrap(),
+        PinOutcome::Created
+    );
+    assert_eq!(
+        pin_owned(&s.dirs, &a, "alice", 1).await.unwrap(),
+        PinOutcome::Refreshed
+    );
+    assert_eq!(
+        pin_owned(&s.dirs, &b, "alice", 1).await.unwrap(),
+        PinOutcome::LimitReached(1)
+    );
+    assert_eq!(
+        pin_owned(&s.dirs, &a, "bob", 1).await.unwrap(),
+        PinOutcome::HeldBy("alice".into())
+    );
+    assert_eq!(
+        pin_owned(&s.dirs, &b, "bob", 1).await.unwrap(),
+        PinOutcome::Created
+    );
+    assert_eq!(
+        unpin_owned(&s.dirs, &a, "bob").await.unwrap(),
+        UnpinOutcome::HeldBy("alice".into())
+    );
+    assert_eq!(
+        unpin_owned(&s.dirs, &a, "alice").await.unwrap(),
+        UnpinOutcome::Removed
+    );
+    assert_eq!(
+        unpin_owned(&s.dirs, &a, "alice").await.unwrap(),
+        UnpinOutcome::NotPinned
+    );
+    let left = pins(&s.dirs).await.unwrap();
+    assert_eq!((left.len(), left[0].who.as_str()), (1, "bob"));
+}
+
+#[tokio::test]
+async fn presence_names_the_first_missing_directory_or_blob() {
+    use super::presence::{check, Incomplete};
+    let s = store();
+    let (leaf, leaf_blob) = tree(&s, b"leaf", None).await;
+    let (top, _) = tree(&s, b"top", Some(&leaf)).await;
+    assert_eq!(
+        check(&s.blobs, &s.dirs, &top.as_node()).await.unwrap(),
+        Ok(())
+    );
+    std::fs::remove_file(s.blobs.blob_path(&leaf_blob)).unwrap();
+    assert_eq!(
+        check(&s.blobs, &s.dirs, &top.as_node()).await.unwrap(),
+        Err(Incomplete::Blob(leaf_blob))
+    );
+    let absent = Node::Directory {
+        digest: B3Digest::from([7; 32]),
+        size: 1,
+    };
+    assert_eq!(
+        check(&s.blobs, &s.dirs, &absent).await.unwrap(),
+        Err(Incomplete::Directory(B3Digest::from([7; 32])))
+    );
+}
+
+#[tokio::test]
+async fn has_refreshes_an_old_blob_so_a_directory_naming_it_after_a_gc_is_whole() {
+    let _serial = SERIAL.lock().await;
+    let s = store();
+    let grace = Duration::from_secs(60);
+    let refreshing = s.blobs.clone().refresh_on_has(grace / 2);
+    let checked = put_bytes(&s.blobs, b"checked").await.unwrap();
+    let unchecked = put_bytes(&s.blobs, b"not checked").await.unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    set_mtime(&s.blobs.blob_path(&checked), long_ago);
+    set_mtime(&s.blobs.blob_path(&unchecked), long_ago);
+    // What serve's Stat calls: the old blob's grace period starts again.
+    assert!(refreshing.has(&checked).await.unwrap());
+    let options = Options {
+        grace,
+        ..options(false)
+    };
+    let r = collect(&s.blobs, &s.dirs, options, vec![]).await.unwrap();
+    assert_eq!((r.blobs_kept, r.blobs_removed), (1, 1));
+    assert!(s.blobs.has(&checked).await.unwrap());
+    assert!(
+        !refreshing.has(&unchecked).await.unwrap(),
+        "gone, so absent"
+    );
 }
