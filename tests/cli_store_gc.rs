@@ -32,7 +32,8 @@ fn gc_keeps_exactly_the_pinned_closure_and_dry_run_changes_nothing() {
     ok_stdout(run(&store, &["pin", &kept]));
     let pins = ok_stdout(run(&store, &["pins"]));
     assert_eq!(pins.lines().count(), 1, "{pins}");
-    assert!(pins.contains("\"who\":\"uid "), "{pins}");
+    let uid = nix::unistd::getuid();
+    assert!(pins.contains(&format!("\"who\":\"uid-{uid}\"")), "{pins}");
     std::thread::sleep(Duration::from_millis(50));
 
     // Within the grace period nothing goes.

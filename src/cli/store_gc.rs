@@ -85,7 +85,9 @@ pub(super) fn parse_node(json: &str) -> anyhow::Result<pb::Node> {
 pub async fn pin(store: &StoreArgs, node_json: &str) -> anyhow::Result<()> {
     let node = parse_node(node_json)?;
     let (_, dirs) = open_embedded(store)?;
-    let who = format!("uid {}", nix::unistd::getuid());
+    // Named as serve names a unix peer of this uid, so serve can unpin it for its owner.
+    let who =
+        crate::server::tenant_name::Tenant::of_uid(nix::unistd::getuid().as_raw()).to_string();
     if !records::pin(&dirs, &node, &who).await? {
         eprintln!("already pinned (who and when updated)");
     }
