@@ -207,6 +207,37 @@ pub(crate) mod tests {
     use crate::request::RelativePath;
     use crate::runner::{Accounting, Output, Timings};
 
+    /// A 2024-layout request using every field but inputs (the snix and BuildPaths layouts
+    /// are checked against it byte for byte).
+    pub(crate) fn full_2024_request() -> crate::proto::build_2024::BuildRequest {
+        use crate::proto::build_2024::build_request as r;
+        use bytes::Bytes;
+        crate::proto::build_2024::BuildRequest {
+            command_args: vec!["/bin/sh".into(), "-c".into(), "echo hi > $out".into()],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            outputs: vec!["nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello".into()],
+            environment_vars: vec![r::EnvVar {
+                key: "out".into(),
+                value: Bytes::from_static(b"/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"),
+            }],
+            constraints: Some(r::BuildConstraints {
+                system: "x86_64-linux".into(),
+                min_memory: 1 << 30,
+                available_ro_paths: vec!["/etc/ssl".into()],
+                network_access: true,
+                provide_bin_sh: true,
+            }),
+            additional_files: vec![r::AdditionalFile {
+                path: "build/.attrs.json".into(),
+                contents: Bytes::from_static(b"{}"),
+            }],
+            refscan_needles: vec!["mjs27ix6ig2bkbi3s3sm470vrv4lf7ic".into()],
+            inputs: vec![],
+        }
+    }
+
     /// A finished build with three outputs, in request order: `nix/store/b-out` (a file
     /// holding needle 1), `nix/store/a-out` (a symlink holding none), `nix/store/c-out`.
     pub(crate) fn finished() -> Finished {

@@ -38,35 +38,11 @@ pub fn encode(f: &Finished) -> pb::PathsBuild {
 mod tests {
     use super::*;
     use crate::proto::build_2024 as pb2024;
-    use bytes::Bytes;
     use prost::Message;
 
     #[test]
     fn the_request_is_wire_identical_to_the_2024_layout() {
-        let tvix = pb2024::BuildRequest {
-            command_args: vec!["/bin/sh".into(), "-c".into(), "echo hi > $out".into()],
-            working_dir: "build".into(),
-            scratch_paths: vec!["build".into(), "nix/store".into()],
-            inputs_dir: "nix/store".into(),
-            outputs: vec!["nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello".into()],
-            environment_vars: vec![pb2024::build_request::EnvVar {
-                key: "out".into(),
-                value: Bytes::from_static(b"/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"),
-            }],
-            constraints: Some(pb2024::build_request::BuildConstraints {
-                system: "x86_64-linux".into(),
-                min_memory: 1 << 30,
-                available_ro_paths: vec!["/etc/ssl".into()],
-                network_access: true,
-                provide_bin_sh: true,
-            }),
-            additional_files: vec![pb2024::build_request::AdditionalFile {
-                path: "build/.attrs.json".into(),
-                contents: Bytes::from_static(b"{}"),
-            }],
-            refscan_needles: vec!["mjs27ix6ig2bkbi3s3sm470vrv4lf7ic".into()],
-            inputs: vec![],
-        };
+        let tvix = crate::wire::tests::full_2024_request();
         let bytes = tvix.encode_to_vec();
         let ours = pb::PathsBuildRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(ours.encode_to_vec(), bytes);

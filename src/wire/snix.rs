@@ -142,30 +142,9 @@ mod tests {
     /// A snix request, sent as bytes, is the 2024 request: the same model after validation.
     #[test]
     fn the_request_is_the_2024_layouts() {
-        let snix = pb::BuildRequest {
-            inputs: vec![entries().swap_remove(1)],
-            command_args: vec!["/bin/sh".into(), "-c".into(), "echo hi > $out".into()],
-            working_dir: "build".into(),
-            scratch_paths: vec!["build".into(), "nix/store".into()],
-            inputs_dir: "nix/store".into(),
-            outputs: vec!["nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello".into()],
-            environment_vars: vec![pb::build_request::EnvVar {
-                key: "out".into(),
-                value: Bytes::from_static(b"/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello"),
-            }],
-            constraints: Some(pb::build_request::BuildConstraints {
-                system: "x86_64-linux".into(),
-                min_memory: 1 << 30,
-                available_ro_paths: vec!["/etc/ssl".into()],
-                network_access: true,
-                provide_bin_sh: true,
-            }),
-            additional_files: vec![pb::build_request::AdditionalFile {
-                path: "build/.attrs.json".into(),
-                contents: Bytes::from_static(b"{}"),
-            }],
-            refscan_needles: vec!["mjs27ix6ig2bkbi3s3sm470vrv4lf7ic".into()],
-        };
+        let full = crate::wire::tests::full_2024_request().encode_to_vec();
+        let mut snix = pb::BuildRequest::decode(full.as_slice()).unwrap();
+        snix.inputs = vec![entries().swap_remove(1)];
         let bytes = snix.encode_to_vec();
         let tvix = pb2024::BuildRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(tvix.encode_to_vec(), bytes);
